@@ -1,0 +1,146 @@
+"""Projected gradient descent (Madry et al.) that can record the path it takes.
+
+The attack already runs a forward pass at every iterate x_0 … x_{T−1} to get its gradient; with
+``record=True`` the same pass also yields ψ, κ, the loss and the prediction at that iterate, so
+recording the path costs one extra forward pass (at x_T) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import find_last_linear, forward_features, psi, sharpness_from_psi
+
+__all__ = ["PGDResult", "pgd"]
+
+_NORMS = ("linf", "l2")
+
+
+@dataclass
+class PGDResult:
+    """The adversarial batch and, per example, the path x_0 (clean) … x_T.
+
+    Path tensors have the step as their second axis: ``sharpness``, ``loss`` and ``predictions``
+    are ``[N, T+1]``, ``psi`` is ``[N, T+1, k]``.
+    """
+
+    x_adv: torch.Tensor
+    sharpness: torch.Tensor
+    loss: torch.Tensor
+    predictions: torch.Tensor
+    psi: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def success(self) -> torch.Tensor:
+        """Whether the final iterate is misclassified (prediction differs from the true label)."""
+        return self.predictions[:, -1] != self.labels
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    scale = (eps / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x)
+        return (2 * noise - 1) * eps
+    direction = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+    direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+    radius = torch.rand((x.shape[0],), generator=generator, device="cpu").to(x)
+    return direction * eps * radius.view(-1, *([1] * (x.ndim - 1)))
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    random_start: bool = False,
+    record: bool = False,
+    *,
+    layer: str | None = None,
+    seed: int | None = None,
+) -> torch.Tensor | PGDResult:
+    """Untargeted PGD on the cross-entropy of the true labels ``y``, for pixels in [0, 1].
+
+    Every step is projected onto the ε-ball around ``x`` (L∞ or L2) and onto [0, 1].  The model
+    runs in eval mode (its previous mode is restored afterwards) and gradients are taken with
+    respect to the input only, so nothing accumulates in its parameters.
+
+    Returns the adversarial batch, or with ``record=True`` a :class:`PGDResult` holding the
+    path.  ``layer`` names the output layer for ψ/κ when it is not the last ``nn.Linear``.
+    """
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    if eps < 0 or alpha <= 0 or steps < 0:
+        raise ValueError("need eps >= 0, alpha > 0 and steps >= 0")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    x0 = x.detach()
+    y = y.to(x0.device)
+    weight = find_last_linear(model, layer).weight if record else None
+    path: dict[str, list[torch.Tensor]] = {"sharpness": [], "loss": [], "predictions": [], "psi": []}
+
+    def record_step(logits: torch.Tensor, phi: torch.Tensor, loss: torch.Tensor) -> None:
+        values = psi(logits.detach(), phi.detach())
+        path["psi"].append(values)
+        path["sharpness"].append(sharpness_from_psi(values, weight))
+        path["loss"].append(loss.detach().to(values.dtype))
+        path["predictions"].append(logits.detach().argmax(dim=1))
+
+    was_training = model.training
+    model.eval()
+    try:
+        x_adv = x0.clone()
+        if random_start and eps > 0:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            x_adv = (x0 + _random_start(x0, eps, norm, generator)).clamp(0.0, 1.0)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                if record:
+                    logits, phi = forward_features(model, x_adv, layer)
+                else:
+                    logits, phi = model(x_adv), None
+                losses = F.cross_entropy(logits.float(), y, reduction="none")
+                (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+            if record:
+                record_step(logits, phi, losses)
+            with torch.no_grad():
+                if norm == "linf":
+                    step = alpha * grad.sign()
+                else:
+                    step = alpha * grad / _per_example_norm(grad).clamp_min(1e-12)
+                delta = _project(x_adv.detach() + step - x0, eps, norm)
+                x_adv = (x0 + delta).clamp(0.0, 1.0)
+        x_adv = x_adv.detach()
+        if not record:
+            return x_adv
+        with torch.no_grad():
+            logits, phi = forward_features(model, x_adv, layer)
+            record_step(logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
+    finally:
+        model.train(was_training)
+    return PGDResult(
+        x_adv=x_adv,
+        sharpness=torch.stack(path["sharpness"], dim=1),
+        loss=torch.stack(path["loss"], dim=1),
+        predictions=torch.stack(path["predictions"], dim=1),
+        psi=torch.stack(path["psi"], dim=1),
+        labels=y,
+    )

@@ -1,0 +1,229 @@
+"""Image datasets as [0, 1] float images with integer labels and class names.
+
+``load_dataset(spec, train=...)`` understands:
+
+- ``digits``: scikit-learn's bundled 8×8 handwritten digits (the embedded default, no download);
+- ``cifar10`` / ``cifar100``: through torchvision, from ``root`` (``download=True`` fetches them);
+- ``npz:PATH``: a folder with ``*train*.npz`` and ``*test*.npz`` (uint8 ``x`` N×H×W[×C], int ``y``),
+  or a single ``.npz`` holding ``x_train``/``y_train``/``x_test``/``y_test``;
+- ``folder:PATH``: torchvision's ImageFolder layout, ``PATH/train/<class>/…`` and
+  ``PATH/test/<class>/…`` (or one ``PATH/<class>/…`` tree, split deterministically).
+
+Images are kept as uint8 ``[N, C, H, W]`` and converted to float per batch, so the 50,000 CIFAR
+training images take 150 MB, not 600.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .images import to_model_array
+
+__all__ = ["CIFAR10_CLASSES", "DatasetNotFoundError", "ImageDataset", "load_dataset", "DATASET_KINDS"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+DATASET_KINDS = ("digits", "cifar10", "cifar100", "npz:PATH", "folder:PATH")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they were looked for; the message says where to put them."""
+
+
+class ImageDataset(Dataset):
+    """uint8 images ``[N, C, H, W]``, int64 labels ``[N]`` and class names.
+
+    Indexing yields ``(float image in [0, 1], int label)`` as torchvision datasets do;
+    :meth:`batch` converts many at once.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], name: str = ""):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+        self.name = name
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float().div_(255), int(self.labels[index])
+
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images and labels for an index (slice, list or tensor)."""
+        return self.images[index].float().div_(255), self.labels[index]
+
+    def subset(self, index) -> "ImageDataset":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)``."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the [0, 1] pixels (for the model's normalisation)."""
+        x = self.images.float().div_(255).transpose(0, 1).reshape(self.images.shape[1], -1)
+        return x.mean(dim=1).tolist(), x.std(dim=1).clamp_min(1e-6).tolist()
+
+
+def _from_hwc(x: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W or N×H×W×C → uint8 tensor [N, C, H, W]."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be N×H×W or N×H×W×C, got shape {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _digits(train: bool, test_fraction: float = 0.25, seed: int = 0) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scale to the 0..255 of an 8-bit image, as an uploaded PNG would be.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_test = int(round(len(images) * test_fraction))
+    idx = order[n_test:] if train else order[:n_test]
+    return ImageDataset(_from_hwc(images[idx]), torch.from_numpy(bunch.target[idx]),
+                        [str(c) for c in bunch.target_names], "digits")
+
+
+def _torchvision_cifar(kind: str, root: str, train: bool, download: bool) -> ImageDataset:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+    try:
+        data = cls(root=root, train=train, download=download)
+    except RuntimeError as exc:
+        raise DatasetNotFoundError(
+            f"{kind} not found under {os.path.abspath(root)!r}: torchvision expects the folder "
+            f"{cls.base_folder!r} there (from {cls.url}, unpacked). Pass --download when online, "
+            f"or use an offline copy, e.g. --data npz:PATH. ({exc})"
+        ) from exc
+    except OSError as exc:  # URLError and socket errors while downloading
+        raise DatasetNotFoundError(
+            f"could not download {kind} from {cls.url} into {os.path.abspath(root)!r}: {exc}. "
+            f"Offline, put the unpacked {cls.base_folder!r} folder there yourself."
+        ) from exc
+    return ImageDataset(_from_hwc(data.data), torch.as_tensor(data.targets), data.classes, kind)
+
+
+def _npz_classes(path: Path, x_files: Sequence[Path], arrays, num_classes: int) -> list[str]:
+    if "classes" in arrays:
+        return [str(c) for c in arrays["classes"]]
+    txt = path / "classes.txt" if path.is_dir() else path.with_name("classes.txt")
+    if txt.is_file():
+        return [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    if num_classes == 10 and all(f.name.startswith("cifar10_") for f in x_files):
+        return list(CIFAR10_CLASSES)
+    return [str(i) for i in range(num_classes)]
+
+
+def _npz(path_str: str, train: bool) -> ImageDataset:
+    path = Path(path_str).expanduser()
+    split = "train" if train else "test"
+    if path.is_dir():
+        matches = sorted(path.glob(f"*{split}*.npz"))
+        if len(matches) != 1:
+            raise DatasetNotFoundError(
+                f"expected exactly one *{split}*.npz in {str(path)!r}, found {[m.name for m in matches]}"
+            )
+        with np.load(matches[0], allow_pickle=False) as arrays:
+            for key in ("x", "y"):
+                if key not in arrays:
+                    raise ValueError(f"{matches[0]} has no array {key!r} (it has {list(arrays.keys())})")
+            x, y = arrays["x"], arrays["y"]
+            classes_src = {k: arrays[k] for k in arrays.keys() if k == "classes"}
+        files = matches
+    elif path.is_file():
+        with np.load(path, allow_pickle=False) as arrays:
+            keys = (f"x_{split}", f"y_{split}")
+            for key in keys:
+                if key not in arrays:
+                    raise ValueError(f"{path} has no array {key!r} (it has {list(arrays.keys())})")
+            x, y = arrays[keys[0]], arrays[keys[1]]
+            classes_src = {k: arrays[k] for k in arrays.keys() if k == "classes"}
+        files = [path]
+    else:
+        raise DatasetNotFoundError(f"no npz file or folder at {str(path)!r}")
+    y = np.asarray(y).astype(np.int64)
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    classes = _npz_classes(path, files, classes_src, num_classes)
+    if len(classes) < num_classes:
+        raise ValueError(f"{len(classes)} class names for labels up to {num_classes - 1}")
+    return ImageDataset(_from_hwc(x), torch.from_numpy(y), classes, f"npz:{path}")
+
+
+def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    path = Path(path_str).expanduser()
+    split = path / ("train" if train else "test")
+    split_given = (path / "train").is_dir() and (path / "test").is_dir()
+    root = split if split_given else path
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"no image folder at {str(root)!r}")
+    try:
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DatasetNotFoundError(f"{str(root)!r} is not an ImageFolder tree (<class>/<image>): {exc}") from exc
+    samples = folder.samples
+    if not split_given:
+        order = np.random.default_rng(seed).permutation(len(samples))
+        n_test = int(round(len(samples) * test_fraction))
+        keep = order[n_test:] if train else order[:n_test]
+        samples = [samples[i] for i in sorted(keep)]
+    arrays, labels, size, channels = [], [], None, None
+    for file, label in samples:
+        with Image.open(file) as im:
+            # The first image fixes the shape: grey trees stay grey, the rest become RGB.
+            if channels is None:
+                channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
+                size = (im.height, im.width)
+            arrays.append(to_model_array(im, channels, size))
+        labels.append(label)
+    if not arrays:
+        raise DatasetNotFoundError(f"no images found under {str(root)!r}")
+    return ImageDataset(_from_hwc(np.stack(arrays)), torch.tensor(labels), folder.classes, f"folder:{path}")
+
+
+def load_dataset(
+    spec: str,
+    train: bool = True,
+    root: str | os.PathLike = "data",
+    download: bool = False,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load the train or test split of ``spec`` (see the module docstring for the kinds)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return _digits(train, seed=seed)
+    if kind in ("cifar10", "cifar100") and not arg:
+        return _torchvision_cifar(kind, str(root), train, download)
+    if kind == "npz" and arg:
+        return _npz(arg, train)
+    if kind == "folder" and arg:
+        return _folder(arg, train, seed=seed)
+    raise ValueError(f"unknown dataset {spec!r}; expected one of {', '.join(DATASET_KINDS)}")
