@@ -110,6 +110,7 @@ def pgd(
         if random_start and eps > 0:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             x_adv = (x0 + _random_start(x0, eps, norm, generator)).clamp(0.0, 1.0)
+            x_adv = x0 + _project(x_adv - x0, eps, norm)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
@@ -126,8 +127,10 @@ def pgd(
                     step = alpha * grad.sign()
                 else:
                     step = alpha * grad / _per_example_norm(grad).clamp_min(1e-12)
-                delta = _project(x_adv.detach() + step - x0, eps, norm)
-                x_adv = (x0 + delta).clamp(0.0, 1.0)
+                # Clip to [0, 1], then project onto the ball: the result is a convex combination
+                # of x0 and a point in [0, 1], so it lies in both sets (for L∞ the order is moot).
+                delta = _project((x_adv.detach() + step).clamp(0.0, 1.0) - x0, eps, norm)
+                x_adv = (x0 + delta).clamp(0.0, 1.0)  # guards against rounding only
         x_adv = x_adv.detach()
         if not record:
             return x_adv

@@ -195,7 +195,7 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"bundle file {CONFIG} is malformed: {exc}") from exc
     try:
-        model = build_classifier(architecture, len(classes), spec.channels, spec.mean, spec.std, **model_config)
+        model = build_classifier(architecture, len(classes), spec.channels, spec.mean, spec.std, model_config)
     except (ValueError, TypeError) as exc:
         raise BundleError(f"bundle file {CONFIG}: cannot build architecture {architecture!r}: {exc}") from exc
     try:

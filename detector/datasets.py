@@ -195,13 +195,15 @@ def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 
         n_test = int(round(len(samples) * test_fraction))
         keep = order[n_test:] if train else order[:n_test]
         samples = [samples[i] for i in sorted(keep)]
-    arrays, labels, size, channels = [], [], None, None
+    # Both splits take their shape from the first training image: grey trees stay grey, others
+    # become RGB, and images of another size are resized to it.
+    reference = ImageFolder(str(path / "train")).samples[0][0] if split_given else folder.samples[0][0]
+    with Image.open(reference) as im:
+        channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
+        size = (im.height, im.width)
+    arrays, labels = [], []
     for file, label in samples:
         with Image.open(file) as im:
-            # The first image fixes the shape: grey trees stay grey, the rest become RGB.
-            if channels is None:
-                channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
-                size = (im.height, im.width)
             arrays.append(to_model_array(im, channels, size))
         labels.append(label)
     if not arrays:

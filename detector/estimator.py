@@ -101,7 +101,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
 
     def detect(self, psi, kappa) -> Detection:
         """Adversarial flag, score, κ and uncanny-valley flag for a batch."""
-        check_is_fitted(self, "valley_threshold_")
+        if not hasattr(self, "valley_threshold_"):
+            raise ValueError("the uncanny-valley threshold is not calibrated: fit with kappa=… or call calibrate()")
         score = self.adversarial_score(psi)
         kappa = np.asarray(kappa, dtype=np.float64).ravel()
         if kappa.shape != score.shape:

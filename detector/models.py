@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -204,13 +205,16 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_network(arch: str, num_classes: int, in_channels: int = 3, **config) -> nn.Module:
+def build_network(arch: str, num_classes: int, in_channels: int = 3,
+                  config: dict[str, Any] | None = None) -> nn.Module:
     """The bare network (no normalisation).
 
-    ``arch`` is a registered name (``num_classes`` and ``in_channels`` are passed with
-    ``config``) or ``package.module:callable``, called with ``config`` alone: a user's factory
-    already knows its own classes and channels.
+    ``arch`` is a registered name (called with ``num_classes``, ``in_channels`` and ``config``)
+    or ``package.module:callable``, called with ``config`` alone: a user's factory already knows
+    its own classes and channels, and ``config`` may hold any keyword it takes (even
+    ``num_classes``).
     """
+    config = dict(config or {})
     if arch in MODELS:
         return MODELS[arch](num_classes=num_classes, in_channels=in_channels, **config)
     net = import_factory(arch)(**config)
@@ -225,9 +229,9 @@ def build_classifier(
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    **config,
+    config: dict[str, Any] | None = None,
 ) -> ImageClassifier:
     """A network wrapped in :class:`ImageClassifier`; mean 0 and std 1 when not given."""
     mean = [0.0] * in_channels if mean is None else list(mean)
     std = [1.0] * in_channels if std is None else list(std)
-    return ImageClassifier(build_network(arch, num_classes, in_channels, **config), mean, std)
+    return ImageClassifier(build_network(arch, num_classes, in_channels, config), mean, std)
