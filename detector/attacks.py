@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import find_last_linear, forward_features, psi, sharpness_from_psi
+from .features import _forward_at, find_last_linear, psi, sharpness_from_psi
 
 __all__ = ["PGDResult", "pgd"]
 
@@ -93,7 +93,8 @@ def pgd(
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     x0 = x.detach()
     y = y.to(x0.device)
-    weight = find_last_linear(model, layer).weight if record else None
+    linear = find_last_linear(model, layer) if record else None  # looked up once, not per step
+    weight = linear.weight if record else None
     path: dict[str, list[torch.Tensor]] = {"sharpness": [], "loss": [], "predictions": [], "psi": []}
 
     def record_step(logits: torch.Tensor, phi: torch.Tensor, loss: torch.Tensor) -> None:
@@ -115,7 +116,7 @@ def pgd(
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 if record:
-                    logits, phi = forward_features(model, x_adv, layer)
+                    logits, phi = _forward_at(model, linear, x_adv)
                 else:
                     logits, phi = model(x_adv), None
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
@@ -135,7 +136,7 @@ def pgd(
         if not record:
             return x_adv
         with torch.no_grad():
-            logits, phi = forward_features(model, x_adv, layer)
+            logits, phi = _forward_at(model, linear, x_adv)
             record_step(logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
     finally:
         model.train(was_training)

@@ -81,14 +81,26 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
 
     def _check_psi(self, psi) -> np.ndarray:
         check_is_fitted(self, "estimator_")
-        X = check_array(psi, dtype=np.float64)
+        if (isinstance(psi, np.ndarray) and psi.ndim == 2 and psi.dtype.kind == "f" and psi.shape[0] > 0
+                and np.isfinite(psi).all()):
+            # Fast path (every batch the service scores): a non-empty, finite 2-D float array needs
+            # none of check_array's conversions, which cost ~0.1 ms per call, more than the tree.
+            X = psi.astype(np.float64, copy=False)
+        else:
+            X = check_array(psi, dtype=np.float64)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"ψ has {X.shape[1]} features, the detector was fitted on {self.n_features_in_}")
         return X
 
     def predict_proba(self, psi) -> np.ndarray:
         """``[N, 2]``: P(clean), P(adversarial)."""
-        proba = self.estimator_.predict_proba(self._check_psi(psi))
+        X = self._check_psi(psi)
+        if type(self.estimator_) is DecisionTreeClassifier and self.estimator_.n_outputs_ == 1:
+            # X is already checked (2-D, finite, n_features_in_ wide); the tree's own check would
+            # only repeat that and cast to float32, which is done here: same answers, ~0.1 ms less.
+            proba = self.estimator_.predict_proba(np.ascontiguousarray(X, dtype=np.float32), check_input=False)
+        else:
+            proba = self.estimator_.predict_proba(X)
         # A fitted estimator always saw both classes (fit checks), so columns are [0, 1].
         return proba
 

@@ -54,7 +54,11 @@ def forward_features(
     ``nn.Module`` works unchanged.  It is flattened to ``[N, d]``.  Gradients flow through both
     outputs (the attack needs the logits' graph); detach them where they are only read.
     """
-    linear = find_last_linear(model, layer)
+    return _forward_at(model, find_last_linear(model, layer), x)
+
+
+def _forward_at(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_features` with the output layer already looked up (callers that run many passes)."""
     captured: list[torch.Tensor] = []
 
     def hook(_module, inputs):
@@ -90,8 +94,13 @@ def psi(logits: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """ψ[n, j] = ŷ_j(1 − ŷ_j)·‖φ_n‖², shape ``[N, k]``, in float32 or float64."""
     dtype = _stat_dtype(logits, phi)
     probs = torch.softmax(logits.to(dtype), dim=1)
+    # 1 − ŷ_j cancels catastrophically for a confident class (ŷ_top rounds to 1 in float32 once its
+    # logit leads by ~17, which would zero its share of the trace); for that class take the sum
+    # of the other probabilities instead, which is exact to rounding.  Other classes have ŷ ≤ 0.5.
+    top = probs.argmax(dim=1, keepdim=True)
+    complement = (1.0 - probs).scatter(1, top, probs.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
     phi_sq = phi.reshape(phi.shape[0], -1).to(dtype).pow(2).sum(dim=1, keepdim=True)
-    return probs * (1.0 - probs) * phi_sq
+    return probs * complement * phi_sq
 
 
 def relative_sharpness(
@@ -128,8 +137,9 @@ def analyze(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> Anal
     The model may run in reduced precision (e.g. under autocast); ψ and κ are still computed
     in float32.
     """
-    logits, phi = forward_features(model, x, layer)
+    linear = find_last_linear(model, layer)
+    logits, phi = _forward_at(model, linear, x)
     values = psi(logits, phi)
-    kappa = sharpness_from_psi(values, find_last_linear(model, layer).weight)
+    kappa = sharpness_from_psi(values, linear.weight)
     logits = logits.to(values.dtype)
     return Analysis(logits, torch.softmax(logits, dim=1), values, kappa)

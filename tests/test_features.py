@@ -26,8 +26,11 @@ def test_psi_is_per_class_trace_of_exact_hessian(k, d, seed):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(k, d, generator=gen, dtype=torch.float64)
     bias = torch.randn(k, generator=gen, dtype=torch.float64)
-    phi = torch.randn(4, d, generator=gen, dtype=torch.float64) * 3
+    phi = torch.randn(4, d, generator=gen, dtype=torch.float64)
     logits = phi @ weight.T + bias
+    # The autograd reference forms ŷ_j − ŷ_j² and so loses digits as 1 − ŷ_max → 0 (relative error
+    # ≈ 1e-16 / (1 − ŷ_max)); keep it well conditioned. The confident regime is tested below.
+    assert float(torch.softmax(logits, 1).max()) < 1 - 1e-6
     values = psi(logits, phi)
     kappa = relative_sharpness(logits, phi, weight)
     assert values.dtype == torch.float64 and values.shape == (4, k)
@@ -120,3 +123,21 @@ def test_analyze_agrees_with_the_functions_it_composes():
     assert torch.allclose(result.sharpness, relative_sharpness(logits, phi, model.fc.weight))
     assert torch.allclose(result.probabilities.sum(1), torch.ones(6))
     assert torch.equal(result.predictions, logits.argmax(1))
+
+
+@pytest.mark.parametrize("gap", [5.0, 20.0, 40.0, 80.0])
+def test_confident_inputs_keep_their_top_class_share_in_float32(gap):
+    """ŷ_top rounds to 1.0 in float32 for large logit gaps; ψ_top must not collapse to 0."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    logits[:, 3] += gap
+    phi = torch.randn(8, 32, generator=gen, dtype=torch.float64)
+    # Reference in float64 with the complement written as the sum of the other classes.
+    p = torch.softmax(logits, dim=1)
+    expected_top = p[:, 3] * (p[:, :3].sum(1) + p[:, 4:].sum(1)) * phi.pow(2).sum(1)
+    got = psi(logits.float(), phi.float())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got[:, 3].double(), expected_top, rtol=1e-4, atol=0)
+    # The top class carries half the trace when all others are tiny: Σ_{j≠top} ψ_j ≈ ψ_top.
+    if gap >= 20:
+        assert torch.allclose(got.sum(1).double(), 2 * expected_top, rtol=1e-3)
