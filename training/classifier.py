@@ -49,8 +49,11 @@ def train_classifier(
         augment = min(data.input_shape[1:]) >= 32
     steps_per_epoch = math.ceil(len(data) / batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=max(epochs, 1),
-                                                   steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    if max(epochs, 1) * steps_per_epoch >= 8:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=max(epochs, 1),
+                                                       steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    else:  # too few steps for a warm-up and a decay (OneCycleLR divides by zero at 4 steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     images = data.images.to(device)
     labels = data.labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -60,6 +63,8 @@ def train_classifier(
         total, correct, loss_sum = 0, 0, 0.0
         for start in range(0, len(data), batch_size):
             idx = order[start:start + batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a lone example (a last batch of one)
+                continue
             x = images[idx].float().div_(255)
             y = labels[idx]
             if augment:
@@ -74,7 +79,8 @@ def train_classifier(
             total += len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
-        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+        if total:
+            bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
     model.eval()
     return model
 

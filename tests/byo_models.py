@@ -1,0 +1,38 @@
+"""A classifier the project does not ship, for the bring-your-own-model tests.
+
+It is written the way a user's research code often is: it expects inputs normalised with its own
+mean/std, its output layer is called ``classifier`` and an auxiliary head registered AFTER it is the
+model's last ``nn.Linear`` (so ψ needs ``--layer classifier``), and its factory takes its own
+keyword arguments.  Nothing in it knows about the detector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DigitsNet(nn.Module):
+    def __init__(self, hidden: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, hidden),
+            nn.Tanh(),
+        )
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.confidence = nn.Linear(hidden, 1)  # an auxiliary head, not the classifier's output
+        self.last_confidence: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        self.last_confidence = torch.sigmoid(self.confidence(h)).detach()
+        return self.classifier(h)
+
+
+def make_digits_net(hidden: int = 64, num_classes: int = 10) -> DigitsNet:
+    return DigitsNet(hidden, num_classes)

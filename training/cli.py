@@ -1,0 +1,220 @@
+"""Command lines: ``detector-train`` (the whole pipeline) and ``detector-trajectory`` (path only).
+
+With no arguments ``detector-train`` runs the embedded default: a small CNN on scikit-learn's
+digits, PGD-10 at ε = 0.3, a decision tree, written to ``artifacts/default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from fractions import Fraction
+
+from detector.datasets import DATASET_KINDS, DatasetNotFoundError
+from detector.models import MODELS
+
+from .pipeline import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions, run
+
+__all__ = ["build_parser", "main", "options_from_args", "trajectory_main"]
+
+
+def _number(text: str) -> float:
+    """A float, also written as a fraction: ``8/255``."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+def _floats(values: list[str] | None) -> list[float] | None:
+    """``--mean 0.49 0.48 0.45`` or ``--mean 0.49,0.48,0.45``."""
+    if values is None:
+        return None
+    return [_number(v) for item in values for v in item.split(",") if v.strip()]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, {}) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
+    defaults = TrainOptions()
+    if trajectory:
+        prog, description = "detector-trajectory", (
+            "Follow PGD step by step and measure the relative sharpness κ and the loss at every "
+            "step (the paper's Figure 1), for a built-in or your own model. Writes "
+            "figure1_trajectory.png, trajectory.csv, trajectory_per_example.csv, trajectory.json.")
+    else:
+        prog, description = "detector-train", (
+            "Train (or load) a classifier, attack it with PGD recording the path, fit the "
+            "uncanny-valley detector on ψ and write the artifact bundle with report.json, "
+            "report.md and plots. With no arguments: small CNN on digits, about a minute on a CPU.")
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=_HelpFormatter)
+    g = p.add_argument_group("classifier")
+    g.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help=f"built-in architecture (default {defaults.model})")
+    g.add_argument("--depth", type=int, help="WideResNet depth, 6n+4 (default 28)")
+    g.add_argument("--width", type=int, help="WideResNet widen factor (default 4) or cnn width (default 32)")
+    g.add_argument("--arch", metavar="PACKAGE.MODULE:CALLABLE",
+                   help="bring your own classifier: a factory returning an nn.Module (importable "
+                        "from the current directory or the Python path)")
+    g.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="keyword arguments for the --arch factory, e.g. '{\"num_classes\": 10}'")
+    g.add_argument("--weights", metavar="FILE",
+                   help="state_dict or checkpoint dict holding one (weights_only=True; 'module.' "
+                        "prefixes stripped)")
+    g.add_argument("--mean", nargs="+", metavar="M",
+                   help="per-channel mean the model expects its input normalised with")
+    g.add_argument("--std", nargs="+", metavar="S", help="per-channel std, with --mean")
+    g.add_argument("--layer", metavar="NAME",
+                   help="the output nn.Linear when it is not the model's last nn.Linear")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=defaults.data, metavar="SPEC",
+                   help=f"one of {', '.join(DATASET_KINDS)}")
+    g.add_argument("--data-dir", default=defaults.data_dir,
+                   help="where cifar10/cifar100 live (torchvision format, or <kind>_train.npz and "
+                        "<kind>_test.npz)")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    g.add_argument("--train-samples", type=int, metavar="N",
+                   help="train on a random subset of N training images")
+    g.add_argument("--test-samples", type=int, metavar="N",
+                   help="use a random subset of N test images (clean accuracy and the detector set)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int,
+                   help=f"epochs to train the classifier (default: 0 with --weights, 10 on digits, "
+                        f"else {DEFAULT_EPOCHS_OTHER}); 0 uses --weights as they are")
+    g.add_argument("--lr", type=_number, default=defaults.lr, help="peak learning rate (one-cycle)")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="batch size for training and for the attack")
+    g = p.add_argument_group("attack (PGD)")
+    g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.3 on digits); '8/255' works")
+    g.add_argument("--alpha", type=_number,
+                   help="step size (default 2/255; 0.075 on digits; eps/4 when --eps is given)")
+    g.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    g.add_argument("--norm", choices=("linf", "l2"), default=defaults.norm, help="the ball: L∞ or L2")
+    g.add_argument("--random-start", action="store_true", help="start from a random point in the ball")
+    g = p.add_argument_group("detector" if not trajectory else "inputs")
+    g.add_argument("--max-samples", type=int, default=500 if trajectory else defaults.max_samples,
+                   help="correctly classified clean test images to attack")
+    if not trajectory:
+        g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
+                       help="share of the attacked images held out for evaluation")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seeds the model's initialisation, training order, sampling and split")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device,
+                   help="auto: CUDA when torch sees a GPU")
+    g.add_argument("--out", default="artifacts/trajectory" if trajectory else defaults.out,
+                   help="output directory" + ("" if trajectory else " (the bundle)"))
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
+    if args.arch is not None and args.model is not None:
+        raise PipelineError("give either --model (built in) or --arch (your own), not both")
+    return TrainOptions(
+        model=args.model or TrainOptions.model,
+        arch=args.arch,
+        arch_kwargs=args.arch_kwargs,
+        weights=args.weights,
+        depth=args.depth,
+        width=args.width,
+        mean=_floats(args.mean),
+        std=_floats(args.std),
+        layer=args.layer,
+        data=args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        train_samples=args.train_samples,
+        test_samples=args.test_samples,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eps=args.eps,
+        alpha=args.alpha,
+        steps=args.steps,
+        norm=args.norm,
+        random_start=args.random_start,
+        max_samples=args.max_samples,
+        test_fraction=getattr(args, "test_fraction", TrainOptions.test_fraction),
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        progress=not args.no_progress,
+        command=command,
+    )
+
+
+def _command(prog: str, argv: list[str]) -> str:
+    return " ".join([prog, *map(shlex.quote, argv)])
+
+
+def _entry(argv: list[str] | None, trajectory: bool) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(trajectory)
+    args = parser.parse_args(argv)
+    # Console scripts do not put the working directory on sys.path; `python -m` would. A user's
+    # --arch module next to them must import either way.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        options = options_from_args(args, _command(parser.prog, argv))
+        if trajectory:
+            from .trajectory import run_trajectory
+
+            result = run_trajectory(options)
+        else:
+            result = run(options)
+    except (PipelineError, DatasetNotFoundError, ValueError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    if trajectory:
+        tr, a = result["trajectory"], result["attack"]
+        print(f"clean accuracy {result['classifier']['clean_accuracy']:.1%}; PGD-{a['steps']} success "
+              f"{a['success_rate']:.1%} of {a['n_attacked']}")
+        print("step  mean kappa  median kappa  mean loss  misclassified")
+        for t in tr["step"]:
+            print(f"{t:4d}  {tr['mean_sharpness'][t]:10.4g}  {tr['median_sharpness'][t]:12.4g}  "
+                  f"{tr['mean_loss'][t]:9.4g}  {tr['misclassified_fraction'][t]:13.1%}")
+        print(f"peak at step {tr['peak_step']} ({tr['rise']:.2f}x clean), final {tr['fall']:.2f}x peak")
+        print(f"written to {options.out}/")
+    else:
+        from .report import summary_text
+
+        print(summary_text(result, options.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``detector-train``."""
+    return _entry(argv, trajectory=False)
+
+
+def trajectory_main(argv: list[str] | None = None) -> int:
+    """``detector-trajectory``."""
+    return _entry(argv, trajectory=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

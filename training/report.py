@@ -1,0 +1,316 @@
+"""Plots (PNG), ``report.md`` and the one-screen terminal summary of a training run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = [
+    "FIGURE1",
+    "plot_trajectory",
+    "summary_text",
+    "write_markdown",
+    "write_plots",
+    "write_trajectory_csv",
+]
+
+FIGURE1 = "figure1_trajectory.png"
+ROC = "roc.png"
+DISTRIBUTIONS = "distributions.png"
+
+CSV_COLUMNS = (
+    "step", "mean_sharpness", "std_sharpness", "q10_sharpness", "q25_sharpness", "median_sharpness",
+    "q75_sharpness", "q90_sharpness", "mean_loss", "std_loss", "q25_loss", "median_loss", "q75_loss",
+    "misclassified_fraction",
+)
+
+
+def _band(ax, steps, stats: dict, name: str, color: str, label: str) -> None:
+    ax.fill_between(steps, stats[f"q10_{name}"], stats[f"q90_{name}"], color=color, alpha=0.12,
+                    linewidth=0, label="10–90% of inputs")
+    ax.fill_between(steps, stats[f"q25_{name}"], stats[f"q75_{name}"], color=color, alpha=0.25,
+                    linewidth=0, label="25–75% of inputs")
+    ax.plot(steps, stats[f"median_{name}"], color=color, linestyle="--", linewidth=1.2, label="median")
+    ax.plot(steps, stats[f"mean_{name}"], color=color, marker="o", markersize=3.5, linewidth=2, label=label)
+
+
+def plot_trajectory(path: Path, stats: dict[str, Any], *, title: str,
+                    detection_rate: list[float] | None = None) -> None:
+    """The paper's Figure 1: κ and the loss along the PGD path (mean, median and spread over the
+    attacked inputs), with the share of misclassified (and detector-flagged) inputs per step."""
+    steps = np.asarray(stats["step"])
+    panels = 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 4.0))
+    ax = axes[0]
+    _band(ax, steps, stats, "sharpness", "tab:red", "mean κ")
+    ax.set_xlabel("PGD step t")
+    ax.set_ylabel("relative sharpness κ = ‖W‖_F · Tr H")
+    ax.set_title("sharpness along the attack")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    _band(ax, steps, stats, "loss", "tab:blue", "mean loss")
+    ax.set_xlabel("PGD step t")
+    ax.set_ylabel("cross-entropy loss (true label)")
+    ax.set_title("loss along the attack")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.plot(steps, stats["misclassified_fraction"], color="black", marker="o", markersize=3.5,
+            label="misclassified")
+    if detection_rate is not None:
+        ax.plot(steps, detection_rate, color="tab:green", marker="s", markersize=3.5,
+                label="flagged by the detector (held out)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("PGD step t")
+    ax.set_ylabel("share of inputs")
+    ax.set_title("label flips and detection")
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(steps if len(steps) <= 21 else np.linspace(steps[0], steps[-1], 11).round())
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_roc(path: Path, report: dict, curves: dict) -> None:
+    fpr, tpr = curves["roc"]
+    k_fpr, k_tpr = curves["kappa_roc"]
+    det = report["detection"]
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot(fpr, tpr, color="tab:green", linewidth=2, label=f"decision tree on ψ (AUROC {det['auroc']:.3f})")
+    ax.plot(k_fpr, k_tpr, color="tab:red", linewidth=1.2, linestyle="--",
+            label=f"κ alone as the score (AUROC {det['kappa_auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":", label="chance")
+    ax.axvline(0.05, color="grey", linewidth=0.8)
+    ax.scatter([0.05], [det["tpr_at_5_fpr"]], color="tab:green", zorder=3,
+               label=f"TPR at 5% FPR = {det['tpr_at_5_fpr']:.3f}")
+    ax.set_xlabel("false positive rate (clean flagged)")
+    ax.set_ylabel("true positive rate (adversarial flagged)")
+    ax.set_title(f"held-out ROC, n = {det['n_test']}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _log10(values: np.ndarray) -> np.ndarray:
+    return np.log10(np.clip(values, 1e-12, None))
+
+
+def _plot_distributions(path: Path, report: dict, held_out) -> None:
+    clean = held_out.is_adv == 0
+    adv = ~clean
+    tau = report["valley"]["threshold"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+    ax = axes[0]
+    k = _log10(held_out.kappa)
+    bins = np.linspace(k.min(), k.max(), 40)
+    ax.hist(k[clean], bins=bins, alpha=0.6, color="tab:blue", label="clean")
+    ax.hist(k[adv], bins=bins, alpha=0.6, color="tab:red", label="adversarial")
+    ax.axvline(np.log10(max(tau, 1e-12)), color="black", linestyle="--", label=f"valley threshold τ = {tau:.3g}")
+    ax.set_xlabel("log10 κ")
+    ax.set_ylabel("held-out inputs")
+    ax.set_title("relative sharpness κ")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    m = _log10(held_out.psi.max(axis=1))
+    bins = np.linspace(m.min(), m.max(), 40)
+    ax.hist(m[clean], bins=bins, alpha=0.6, color="tab:blue", label="clean")
+    ax.hist(m[adv], bins=bins, alpha=0.6, color="tab:red", label="adversarial")
+    ax.set_xlabel("log10 max_j ψ_j")
+    ax.set_title("largest component of ψ")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ranks = np.arange(1, held_out.psi.shape[1] + 1)
+    for rows, color, label in ((clean, "tab:blue", "clean"), (adv, "tab:red", "adversarial")):
+        ordered = _log10(-np.sort(-held_out.psi[rows], axis=1))
+        q25, med, q75 = np.quantile(ordered, [0.25, 0.5, 0.75], axis=0)
+        ax.fill_between(ranks, q25, q75, color=color, alpha=0.2, linewidth=0)
+        ax.plot(ranks, med, color=color, marker="o", markersize=3, label=f"{label} (median, 25–75%)")
+    ax.set_xlabel("rank of ψ_j (largest first)")
+    ax.set_ylabel("log10 ψ_j")
+    ax.set_title("shape of ψ, components sorted")
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"held-out ψ and κ, clean vs adversarial ({int(clean.sum())} + {int(adv.sum())})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_title(report: dict) -> str:
+    c, a = report["classifier"], report["attack"]
+    norm = "L∞" if a["norm"] == "linf" else "L2"
+    return (f"{c['architecture']} on {report['data']['spec']} (clean acc {c['clean_accuracy']:.1%}); "
+            f"PGD-{a['steps']} {norm} ε={pixel_value(a['eps'])} α={pixel_value(a['alpha'])}, "
+            f"{a['n_attacked']} inputs, success {a['success_rate']:.1%}")
+
+
+def write_plots(out: Path, report: dict, *, attacked, held_out, curves: dict) -> dict[str, str]:
+    """Figure 1, the ROC curve and the ψ/κ distributions; returns ``{plot: file name}``."""
+    plot_trajectory(out / FIGURE1, report["trajectory"], title=figure_title(report),
+                    detection_rate=report["trajectory"]["detection_rate"])
+    _plot_roc(out / ROC, report, curves)
+    _plot_distributions(out / DISTRIBUTIONS, report, held_out)
+    write_trajectory_csv(out / "trajectory.csv", report["trajectory"])
+    return {"figure1": FIGURE1, "roc": ROC, "distributions": DISTRIBUTIONS, "trajectory_csv": "trajectory.csv"}
+
+
+def write_trajectory_csv(path: Path, stats: dict[str, Any], extra: dict[str, list[float]] | None = None) -> None:
+    """One row per PGD step: κ and loss statistics, misclassified share (and ``extra`` columns)."""
+    extra = {k: v for k, v in (extra or {}).items() if v is not None}
+    columns = list(CSV_COLUMNS) + list(extra)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for t in range(len(stats["step"])):
+            row = [stats[c][t] if c in stats else extra[c][t] for c in columns]
+            writer.writerow([v if isinstance(v, int) else f"{v:.6g}" for v in row])
+
+
+def pixel_value(value: float) -> str:
+    """ε or α as people write them: ``8/255`` when it is a whole number of 8-bit levels."""
+    levels = value * 255
+    if abs(levels - round(levels)) < 1e-6 and round(levels) > 0:
+        return f"{round(levels)}/255"
+    return f"{value:.4g}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    """A human-readable report: settings, figures, the per-step table, timing, machine."""
+    d, c, a = report["data"], report["classifier"], report["attack"]
+    det, v, tr, m = report["detection"], report["valley"], report["trajectory"], report["machine"]
+    seconds = report["timing"]["seconds"]
+    norm = "L∞" if a["norm"] == "linf" else "L2"
+    lines = [
+        "# Uncanny-valley detector: training report",
+        "",
+        f"Command: `{report['command']}`" if report.get("command") else "Run through `training.pipeline.run`.",
+        "",
+        f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} CPUs, device `{m['device']}`"
+        + (f" ({m['gpu']})" if m.get("gpu") else "") + f"; torch {m['torch']}, Python {m['python']}.",
+        "",
+        "## Classifier",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| data | `{d['spec']}`: {d['source']}; {d['n_train']} train / {d['n_test']} test images "
+        f"{'×'.join(map(str, d['input_shape']))}, {d['num_classes']} classes |",
+        f"| architecture | `{c['architecture']}` {c['model_config'] or ''} ({c['parameters']:,} parameters)"
+        f"{' — bring your own' if c['byo'] else ''} |",
+        f"| weights | {c['weights'] or 'trained here'}; {c['epochs']} epochs"
+        f"{' (' + c['recipe'] + ')' if c['recipe'] else ''} |",
+        f"| normalisation | {c['normalisation']}: mean {[round(x, 4) for x in c['mean']]}, "
+        f"std {[round(x, 4) for x in c['std']]} |",
+        f"| output layer | {c['layer'] or 'last nn.Linear'} |",
+        f"| **clean accuracy (test)** | **{_pct(c['clean_accuracy'])}** (train {_pct(c['train_accuracy'])}) |",
+        "",
+        "## Attack",
+        "",
+        f"PGD, {norm}, ε = {pixel_value(a['eps'])}, α = {pixel_value(a['alpha'])}, {a['steps']} steps, "
+        f"random start {'on' if a['random_start'] else 'off'} (defaults: {a['defaults']}). "
+        f"Attacked {a['n_attacked']} images ({a['attacked_from']}); **success rate {_pct(a['success_rate'])}** "
+        f"({a['n_successful']}). Largest L∞ perturbation {_num(a['max_linf'])}, mean L2 {_num(a['mean_l2'])}.",
+        "",
+        "## Detection (held out)",
+        "",
+        f"Decision tree on ψ, fitted on {det['n_fit']} vectors ({det['n_fit_adversarial']} adversarial) from "
+        f"{det['n_fit_images']} images, evaluated on {det['n_test']} vectors ({det['n_test_adversarial']} "
+        f"adversarial) from {det['n_test_images']} other images; split {det['split']}. "
+        f"Tree depth {det['tree_depth']}, {det['tree_leaves']} leaves.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | **{_pct(det['accuracy'])}** |",
+        f"| balanced accuracy | {_pct(det['balanced_accuracy'])} |",
+        f"| AUROC | {_num(det['auroc'])} |",
+        f"| TPR at 5% FPR | {_pct(det['tpr_at_5_fpr'])} |",
+        f"| TNR at 95% TPR | {_pct(det['tnr_at_95_tpr'])} |",
+        f"| TPR / FPR at threshold {det['threshold']} | {_pct(det['tpr'])} / {_pct(det['fpr'])} |",
+        f"| AUROC of κ alone (< 0.5: adversarials flatter) | {_num(det['kappa_auroc'])} |",
+        "",
+        "## Uncanny valley",
+        "",
+        f"Threshold τ = {_num(v['threshold'])} (quantile {v['quantile']} of {v['calibrated_on']}). "
+        f"Held-out adversarials flagged and at least as flat as τ (in the valley): **{_pct(v['fraction'])}**; "
+        f"adversarials with κ ≤ τ regardless of the flag: {_pct(v['fraction_flat'])} "
+        f"(clean: {_pct(v['clean_fraction_flat'])}). Median κ clean {_num(v['median_kappa_clean'])}, "
+        f"adversarial {_num(v['median_kappa_adversarial'])}.",
+        "",
+        f"Along the path (mean over {tr['over']}): κ peaks at step {tr['peak_step']}, "
+        f"{_num(tr['rise'], 3)}× its clean value, and ends at {_num(tr['fall'], 3)}× the peak "
+        f"({_num(tr['final_over_clean'], 3)}× clean).",
+        "",
+        f"![Figure 1]({report['files']['figure1']})",
+        "",
+        "| step | mean κ | median κ | mean loss | misclassified | flagged (held out, successful) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in tr["step"]:
+        lines.append(f"| {t} | {_num(tr['mean_sharpness'][t])} | {_num(tr['median_sharpness'][t])} | "
+                     f"{_num(tr['mean_loss'][t])} | {_pct(tr['misclassified_fraction'][t])} | "
+                     f"{_pct(tr['detection_rate'][t])} |")
+    lines += [
+        "",
+        f"![ROC]({report['files']['roc']})",
+        "",
+        f"![distributions]({report['files']['distributions']})",
+        "",
+        "## Timing (seconds)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *[f"| {k} | {s:.1f} |" for k, s in seconds.items()],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def summary_text(report: dict, out: str | Path | None = None) -> str:
+    """The one-screen summary printed at the end of ``detector-train``."""
+    c, a, det, v, tr = (report["classifier"], report["attack"], report["detection"], report["valley"],
+                        report["trajectory"])
+    seconds = report["timing"]["seconds"]
+    norm = "Linf" if a["norm"] == "linf" else "L2"
+    kappa = " ".join(f"{x:.3g}" for x in tr["mean_sharpness"])
+    lines = [
+        "=" * 72,
+        f"classifier   {c['architecture']} on {report['data']['spec']}  ({c['epochs']} epochs, "
+        f"{report['machine']['device']})",
+        f"             clean accuracy {_pct(c['clean_accuracy'])} on {report['data']['n_test']} test images",
+        f"attack       PGD-{a['steps']} {norm} eps={pixel_value(a['eps'])} alpha={pixel_value(a['alpha'])}: "
+        f"success {_pct(a['success_rate'])} of {a['n_attacked']}",
+        f"detection    accuracy {_pct(det['accuracy'])}  balanced {_pct(det['balanced_accuracy'])}  "
+        f"AUROC {det['auroc']:.3f}",
+        f"             TPR@5%FPR {_pct(det['tpr_at_5_fpr'])}  TNR@95%TPR {_pct(det['tnr_at_95_tpr'])}  "
+        f"(held out n={det['n_test']})",
+        f"valley       tau={v['threshold']:.4g}  held-out adversarials in the valley {_pct(v['fraction'])}",
+        f"kappa path   {kappa}",
+        f"             peak at step {tr['peak_step']} ({tr['rise']:.2f}x clean), "
+        f"final {tr['fall']:.2f}x peak",
+        "flagged      " + " ".join(f"{x:.2f}" for x in tr["detection_rate"]),
+        "time         " + ", ".join(f"{k} {s:.1f}s" for k, s in seconds.items()),
+    ]
+    if out is not None:
+        lines.append(f"written      {out}/ (bundle, report.json, report.md, plots)")
+    lines.append("=" * 72)
+    return "\n".join(lines)
