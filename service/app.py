@@ -1,0 +1,388 @@
+"""The FastAPI application: ``create_app(settings) -> FastAPI``.
+
+Start-up (the lifespan) resolves the device, verifies every file of the bundle against its
+manifest and loads it; any failure there stops start-up with a message naming the file.  The
+warm-up inference then runs in the background: ``/health/ready`` answers 503 until it has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, File, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from detector import BundleError
+
+from .batching import MicroBatcher, Overloaded
+from .engine import Engine, ImageResult
+from .images import ALLOWED_FORMATS, ImageRejected, decode_image
+from .limits import BodyLimitMiddleware
+from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from .schemas import (
+    BatchUpload,
+    ErrorResponse,
+    InputSpecModel,
+    Liveness,
+    ModelMetadata,
+    ModelRef,
+    Prediction,
+    Readiness,
+    ServiceLimits,
+    SingleUpload,
+)
+from .settings import DeviceError, Settings, resolve_device
+
+__all__ = ["ApiError", "Service", "StartupError", "create_app", "get_ready_service", "get_service", "get_settings"]
+
+log = logging.getLogger("service")
+
+PREDICT = "/predict"
+PREDICT_BATCH = "/predict/batch"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (broken bundle, missing device); the message says why."""
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, a stable ``code`` and a ``detail`` for humans."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+class Service:
+    """Everything a request needs: settings, metrics, and once loaded the engine and the batcher."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.batcher: MicroBatcher | None = None
+        self.status = "loading"
+        self.detail: str | None = "the bundle is not loaded yet"
+        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
+        self._warmup: asyncio.Task | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Verify and load the bundle (raising :class:`StartupError`), start batching, begin warm-up."""
+        s = self.settings
+        path = Path(s.bundle_dir)
+        try:
+            device = resolve_device(s.device)
+        except DeviceError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            # load_bundle checks every file against the manifest before deserialising anything.
+            self.engine = await anyio.to_thread.run_sync(Engine.load, path, device)
+        except BundleError as exc:
+            raise StartupError(f"cannot serve bundle {str(path)!r}: {exc}") from exc
+        except Exception as exc:  # e.g. out of device memory
+            raise StartupError(f"cannot load bundle {str(path)!r} onto {device}: {type(exc).__name__}: {exc}") from exc
+        log.info("bundle %s verified (sha256 %s) and loaded: %s, %d classes, input %d×%d×%d, on %s", path,
+                 self.engine.sha256, self.engine.name, len(self.engine.bundle.classes), self.engine.channels,
+                 *self.engine.size, device)
+        self.batcher = MicroBatcher(
+            self.engine.infer, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000.0,
+            max_queue=s.max_queue, on_batch=self.metrics.observe_batch,
+        )
+        self.batcher.start()
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+            await self.batcher.run_in_worker(torch.set_num_threads, s.torch_threads)  # OpenMP: per thread
+        self.status, self.detail = "loading", "warming up"
+        self._warmup = asyncio.create_task(self._warm_up(), name="warm-up")
+
+    async def _warm_up(self) -> None:
+        engine, s = self.engine, self.settings
+        sizes = tuple(sorted({1, min(s.max_batch_size, 256)}))
+        try:
+            # In the batcher's inference thread, like every later forward pass.
+            await self.batcher.run_in_worker(engine.warm_up, sizes, s.warmup_iterations)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.status, self.detail = "failed", f"warm-up inference failed: {type(exc).__name__}: {exc}"
+            log.error("%s; the service stays unready", self.detail, exc_info=exc)
+            return
+        self.status, self.detail = "ready", None
+        self.metrics.ready.set(1)
+        log.info("ready: warm-up inference passed at batch sizes %s", list(sizes))
+
+    async def stop(self) -> None:
+        task = self._warmup
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.metrics.ready.set(0)
+
+    # -- requests --------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef(name=self.engine.name, sha256=self.engine.sha256)
+
+    async def decode(self, upload, where: str):
+        data = await upload.read()
+        try:
+            return await anyio.to_thread.run_sync(
+                partial(decode_image, data, upload.content_type, channels=self.engine.channels,
+                        size=self.engine.size, max_pixels=self.settings.max_pixels),
+                limiter=self.decode_limiter,
+            )
+        except ImageRejected as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            raise ApiError(exc.status, exc.code, f"{where}: {exc.message}") from exc
+
+    async def classify(self, arrays) -> list[Prediction]:
+        try:
+            results: list[ImageResult] = await self.batcher.submit_many(arrays)
+        except Overloaded as exc:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise ApiError(503, "overloaded", f"the service is overloaded: {exc}; retry shortly",
+                           headers={"Retry-After": "1"}) from exc
+        self.metrics.observe_results(results)
+        ref = self.model_ref()
+        tau = self.engine.valley_threshold
+        return [Prediction(**asdict(r), valley_threshold=tau, model=ref) for r in results]
+
+
+# -- dependencies --------------------------------------------------------------------------------
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.service.settings
+
+
+def get_ready_service(service: Annotated[Service, Depends(get_service)]) -> Service:
+    if not service.ready:
+        raise ApiError(503, "not_ready", f"the model is not ready: {service.detail}", headers={"Retry-After": "1"})
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+ReadyServiceDep = Annotated[Service, Depends(get_ready_service)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Corrupt or truncated image, zero dimensions, bad multipart, too many files."},
+    413: {"model": ErrorResponse, "description": "Body over the byte cap, or image over the pixel cap."},
+    415: {"model": ErrorResponse, "description": "Not an image, unsupported format, or a content type that does not match the data."},
+    422: {"model": ErrorResponse, "description": "Missing or malformed form field."},
+    503: {"model": ErrorResponse, "description": "Not ready yet (warming up) or overloaded; retry."},
+}
+
+
+def _where(upload, index: int | None) -> str:
+    name = f" {upload.filename!r}" if upload.filename else ""
+    return f"file{name}" if index is None else f"files[{index}]{name}"
+
+
+# -- error handlers ------------------------------------------------------------------------------
+def _error(status: int, code: str, detail: str, headers=None, errors=None) -> JSONResponse:
+    body = ErrorResponse(code=code, detail=detail, errors=errors).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+                 415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        detail = str(exc.detail)
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        if detail.startswith("Too many files"):
+            code = "too_many_files"
+            limit = settings.max_batch_files if request.url.path == PREDICT_BATCH else 1
+            detail = (f"too many files in one request: at most {limit} "
+                      + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or request.url.path == PREDICT_BATCH
+                         else "per /predict request; use /predict/batch for several"))
+        elif exc.status_code == 400 and request.url.path in (PREDICT, PREDICT_BATCH):
+            code = "bad_multipart"
+            detail = f"the multipart/form-data body cannot be parsed: {detail}"
+        return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        field = "files" if request.url.path == PREDICT_BATCH else "file"
+        if request.url.path in (PREDICT, PREDICT_BATCH) and not ctype.lower().startswith("multipart/form-data"):
+            shown = ctype or "none"
+            return _error(415, "unsupported_media_type",
+                          f"expected a multipart/form-data body with the image(s) in field {field!r} "
+                          f"(content type was {shown})")
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        parts = []
+        for e in errors:
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msg = e.get("msg", "invalid")
+            if e.get("type") == "missing":
+                msg = "is required (a file upload)" if loc in ("file", "files") else "is required"
+            elif "UploadFile" in msg:
+                msg = "must be a file upload, not a text field"
+            parts.append(f"field {loc!r} {msg}" if loc else msg)
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request", errors=errors)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+# -- the app -------------------------------------------------------------------------------------
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("service")
+    logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service for ``settings`` (default: from the ``DETECTOR_*`` environment).
+
+    Works as a uvicorn factory: ``uvicorn --factory service.app:create_app``.
+    """
+    settings = settings if settings is not None else Settings()
+    _configure_logging(settings.log_level)
+    # PIL's own decompression-bomb guard, as a second line behind the explicit pixel cap.
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            await service.start()
+        except StartupError as exc:
+            log.error("start-up failed: %s", exc)
+            raise
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="Uncanny-valley adversarial-example detector",
+        version="0.1.0",
+        description=(
+            "Classifies images and flags adversarial inputs from the loss curvature of the last layer "
+            "(ψ_j = ŷ_j(1 − ŷ_j)‖φ‖², κ = ‖W‖_F Σ ψ_j), all from the prediction's own forward pass. "
+            "Errors are JSON `{code, detail}`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    _install_error_handlers(app, settings)
+
+    def limit_for(path: str) -> int:
+        return settings.max_batch_upload_bytes if path == PREDICT_BATCH else settings.max_upload_bytes
+
+    def setting_for(path: str) -> str:
+        return "DETECTOR_MAX_BATCH_UPLOAD_BYTES" if path == PREDICT_BATCH else "DETECTOR_MAX_UPLOAD_BYTES"
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+
+    @app.post(PREDICT, response_model=Prediction, responses=_ERRORS, tags=["predict"],
+              form_limits={"max_files": 1, "max_fields": 16}, summary="Classify one image and check it")
+    async def predict(upload: Annotated[SingleUpload, File()], svc: ReadyServiceDep) -> Prediction:
+        """One image (field `file`) → prediction, ψ, κ and the detector's verdict."""
+        array = await svc.decode(upload.file, _where(upload.file, None))
+        (prediction,) = await svc.classify([array])
+        return prediction
+
+    @app.post(PREDICT_BATCH, response_model=list[Prediction], responses=_ERRORS, tags=["predict"],
+              form_limits={"max_files": settings.max_batch_files, "max_fields": 16},
+              summary="Classify several images and check them")
+    async def predict_batch(upload: Annotated[BatchUpload, File()], svc: ReadyServiceDep) -> list[Prediction]:
+        """Several images (field `files`, repeated) → one answer each, in order."""
+        files = upload.files
+        if len(files) > settings.max_batch_files:
+            raise ApiError(400, "too_many_files", f"{len(files)} files in one request; at most "
+                                                  f"{settings.max_batch_files} (DETECTOR_MAX_BATCH_FILES)")
+        arrays = await asyncio.gather(*(svc.decode(f, _where(f, i)) for i, f in enumerate(files)))
+        return await svc.classify(list(arrays))
+
+    @app.get("/health/live", response_model=Liveness, tags=["health"], summary="The process is up")
+    async def live() -> Liveness:
+        return Liveness()
+
+    @app.get("/health/ready", response_model=Readiness, tags=["health"],
+             responses={503: {"model": Readiness, "description": "Loading, warming up, or failed."}},
+             summary="The model is loaded and a warm-up inference has passed")
+    async def ready(svc: ServiceDep, response: Response) -> Readiness:
+        model = svc.model_ref() if svc.engine is not None else None
+        if not svc.ready:
+            response.status_code = 503
+        return Readiness(status=svc.status, detail=svc.detail, model=model)
+
+    @app.get("/model", response_model=ModelMetadata, tags=["model"],
+             responses={503: {"model": ErrorResponse}}, summary="The bundle's metadata and metrics")
+    async def model(svc: ServiceDep) -> ModelMetadata:
+        engine = svc.engine
+        if engine is None:
+            raise ApiError(503, "not_ready", "the bundle is not loaded yet")
+        bundle = engine.bundle
+        report = bundle.report or {}
+        metrics = None
+        if report:
+            metrics = {key: report[key] for key in ("detection", "valley", "attack") if key in report}
+            classifier = report.get("classifier")
+            if isinstance(classifier, dict) and "clean_accuracy" in classifier:
+                metrics["clean_accuracy"] = classifier["clean_accuracy"]
+        s = svc.settings
+        return ModelMetadata(
+            name=engine.name, sha256=engine.sha256, architecture=bundle.architecture, layer=bundle.layer,
+            classes=bundle.classes, input_spec=InputSpecModel(**bundle.input_spec.to_dict()),
+            thresholds=bundle.thresholds, detection_metrics=metrics, device=str(engine.device),
+            limits=ServiceLimits(
+                max_upload_bytes=s.max_upload_bytes, max_batch_upload_bytes=s.max_batch_upload_bytes,
+                max_pixels=s.max_pixels, max_batch_files=s.max_batch_files, max_batch_size=s.max_batch_size,
+                max_wait_ms=s.max_wait_ms, formats=[f.lower() for f in ALLOWED_FORMATS],
+            ),
+        )
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
+             response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format."}})
+    async def metrics(svc: ServiceDep) -> Response:
+        if svc.batcher is not None:
+            svc.metrics.queue.set(svc.batcher.queued)
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,134 @@
+"""``detector-serve``: run the service with uvicorn.
+
+With no bundle given it serves the embedded default (cnn on digits) from
+``DETECTOR_DEFAULT_BUNDLE_DIR`` (``artifacts/default``), training it there first if it is missing.
+Flags override ``DETECTOR_*`` environment variables; the resolved settings reach the uvicorn
+worker(s) through the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .settings import ENV_PREFIX, DeviceError, Settings, resolve_device
+
+__all__ = ["build_parser", "ensure_default_bundle", "main", "settings_from_args"]
+
+log = logging.getLogger("service.cli")
+
+_FLAGS = {
+    # flag: (settings field, type, help)
+    "--bundle": ("bundle", str, "bundle directory (default: the embedded default, trained if missing)"),
+    "--default-bundle-dir": ("default_bundle_dir", str, "where the embedded default bundle lives"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps (default auto: cuda when available)"),
+    "--max-batch-size": ("max_batch_size", int, "largest micro-batch (1 = no batching; default 32)"),
+    "--max-wait-ms": ("max_wait_ms", float, "longest wait for a micro-batch to fill (default 5)"),
+    "--max-queue": ("max_queue", int, "queued images beyond which requests get 503 (default 4096)"),
+    "--max-upload-bytes": ("max_upload_bytes", int, "byte cap of a /predict body (default 10 MiB)"),
+    "--max-batch-upload-bytes": ("max_batch_upload_bytes", int,
+                                 "byte cap of a /predict/batch body (default 4 × max upload bytes)"),
+    "--max-pixels": ("max_pixels", int, "pixel cap (width × height) checked before decoding (default 40e6)"),
+    "--max-batch-files": ("max_batch_files", int, "most files per /predict/batch (default 64)"),
+    "--decode-threads": ("decode_threads", int, "images decoded at once"),
+    "--torch-threads": ("torch_threads", int, "PyTorch CPU threads (default 0: PyTorch's choice, one per core)"),
+    "--warmup-iterations": ("warmup_iterations", int, "warm-up inferences before readiness (default 1)"),
+    "--host": ("host", str, "interface to bind (default 127.0.0.1)"),
+    "--port": ("port", int, "port (default 8000)"),
+    "--workers": ("workers", int, "uvicorn worker processes, each with its own model (default 1)"),
+    "--log-level": ("log_level", str, "critical | error | warning | info | debug | trace"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detector-serve",
+        description="Serve an uncanny-valley detector bundle over HTTP (FastAPI + uvicorn). "
+                    f"Every flag has an environment variable {ENV_PREFIX}<FLAG> (e.g. --max-wait-ms: "
+                    f"{ENV_PREFIX}MAX_WAIT_MS); flags win.",
+    )
+    for flag, (field, kind, help_text) in _FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    parser.add_argument("--no-train", dest="train_default", action="store_false",
+                        help="do not train the embedded default bundle when it is missing; fail instead")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment first, then the flags that were given."""
+    overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values() if getattr(args, field) is not None}
+    return Settings(**overrides)
+
+
+def ensure_default_bundle(directory: Path) -> None:
+    """Train the embedded default bundle into ``directory`` when it has no manifest.json yet."""
+    if (directory / "manifest.json").is_file():
+        return
+    if directory.is_dir() and any(directory.iterdir()):
+        raise SystemExit(
+            f"detector-serve: error: {str(directory)!r} exists but holds no bundle (no manifest.json); "
+            "remove it to have the embedded default trained there, or pass --bundle")
+    from training.pipeline import TrainOptions, run
+
+    print(f"detector-serve: no bundle at {str(directory)!r}: training the embedded default "
+          "(cnn on digits, about a minute on a CPU)…", file=sys.stderr, flush=True)
+    report = run(TrainOptions(out=str(directory), command="detector-serve (embedded default)"))
+    detection = report.get("detection", {})
+    print(f"detector-serve: default bundle written to {str(directory)!r} "
+          f"(detection accuracy {detection.get('accuracy', float('nan')):.3f})", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"detector-serve: error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        resolve_device(settings.device)
+    except DeviceError as exc:
+        print(f"detector-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    if settings.uses_default_bundle and args.train_default:
+        ensure_default_bundle(Path(settings.default_bundle_dir))
+    from detector import BundleError, verify_bundle
+
+    try:
+        verify_bundle(settings.bundle_dir)  # fail fast and clearly, before uvicorn starts
+    except BundleError as exc:
+        print(f"detector-serve: error: cannot serve bundle {str(settings.bundle_dir)!r}: {exc}", file=sys.stderr)
+        return 2
+
+    os.environ.update(settings.to_env())
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics then aggregates every worker (each has its own model and counters).
+        metrics_dir = tempfile.mkdtemp(prefix="detector-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

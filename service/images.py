@@ -1,0 +1,253 @@
+"""Checking and decoding untrusted image uploads.
+
+Order of checks, cheapest first, so that nothing expensive happens to a hostile file:
+
+1. empty file;
+2. format sniffed from the magic bytes, against the allowlist (PNG, JPEG, BMP, WebP, GIF);
+3. the part's declared content type, which must agree with the sniffed format when it names one;
+4. the dimensions the header announces, read by :func:`header_dimensions` before PIL sees the
+   file: zero sizes, and width × height against the pixel cap; checked again on what PIL's lazy
+   ``open`` (header only) reports, with PIL's own decompression-bomb guard as a last line;
+5. decoding (first frame only), where truncated or corrupt data fails;
+6. conversion to the model's input spec by :func:`detector.images.to_model_array`.
+
+Every failure raises :class:`ImageRejected` carrying the HTTP status and a message that says what
+was wrong; the caller turns it into a 4xx JSON answer.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from detector.images import to_model_array
+
+__all__ = ["ALLOWED_FORMATS", "ImageRejected", "check_format", "decode_image", "header_dimensions", "sniff_format"]
+
+# PIL format name → content types that declare it.
+ALLOWED_FORMATS: dict[str, tuple[str, ...]] = {
+    "PNG": ("image/png", "image/x-png", "image/apng"),
+    "JPEG": ("image/jpeg", "image/jpg", "image/pjpeg"),
+    "BMP": ("image/bmp", "image/x-bmp", "image/x-ms-bmp"),
+    "WEBP": ("image/webp",),
+    "GIF": ("image/gif",),
+}
+# Content types that make no claim about the format.
+_NEUTRAL_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/x-www-form-urlencoded"}
+
+
+# Between Image.MAX_IMAGE_PIXELS and twice that PIL only warns (above, it raises); the explicit cap
+# in decode_image decides, so the warning is noise.  (A process-wide filter: catch_warnings is not
+# thread-safe and decoding runs in threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageRejected(ValueError):
+    """An upload that cannot be served; ``status`` is the HTTP status, ``code`` a stable keyword."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format the first bytes announce (PIL's name), or ``None`` when unrecognised.
+
+    Allowed formats and a few common others (so that the error can name them) are recognised.
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1"):
+            return "HEIF"
+        return "ISO media (video or HEIF)"
+    if head.startswith(b"\x00\x00\x01\x00"):
+        return "ICO"
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    if head.startswith((b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")):
+        return "JPEG 2000"
+    if head.startswith(b"qoif"):
+        return "QOI"
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")):
+        return "JPEG XL"
+    return None
+
+
+def header_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """``(width, height)`` as the file's own header announces them, read without PIL.
+
+    ``None`` when the header is too short or malformed to say (PIL then gets to reject it).
+    For WebP this is the canvas, for GIF the logical screen, for JPEG the first SOF frame.
+    """
+    try:
+        if fmt == "PNG":
+            if data[12:16] != b"IHDR":
+                return None
+            return struct.unpack(">II", data[16:24])
+        if fmt == "GIF":
+            return struct.unpack("<HH", data[6:10])
+        if fmt == "BMP":
+            (dib_size,) = struct.unpack("<I", data[14:18])
+            if dib_size == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack("<HH", data[18:22])
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)  # negative height: top-down rows
+        if fmt == "WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                width, height = struct.unpack("<HH", data[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L" and data[20:21] == b"\x2f":
+                (bits,) = struct.unpack("<I", data[21:25])
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
+            return None
+        if fmt == "JPEG":
+            i = 2
+            while i + 4 <= len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+                    i += 2
+                    continue
+                (length,) = struct.unpack(">H", data[i + 2:i + 4])
+                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                    height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                    return width, height
+                if marker == 0xDA or length < 2:  # start of scan before any frame header
+                    return None
+                i += 2 + length
+            return None
+    except struct.error:
+        return None
+    return None
+
+
+def _check_dimensions(fmt: str, width: int, height: int, max_pixels: int, source: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageRejected(400, "invalid_dimensions",
+                            f"the {fmt} {source} announces {width}×{height} pixels: an image needs both "
+                            "dimensions above zero")
+    if width * height > max_pixels:
+        raise ImageRejected(
+            413, "image_too_large",
+            f"the {fmt} {source} announces {width}×{height} = {width * height:,} pixels, over the limit "
+            f"of {max_pixels:,} (DETECTOR_MAX_PIXELS); it was not decoded",
+        )
+
+
+def _declared_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _describe(head: bytes) -> str:
+    text = head[:16]
+    if text and all(32 <= b < 127 or b in (9, 10, 13) for b in text):
+        return f"it starts with text {text.decode('ascii')!r}"
+    return f"its first bytes are {text.hex(' ')}"
+
+
+def check_format(data: bytes, content_type: str | None) -> str:
+    """Steps 1 to 3: the sniffed, allowed format, or :class:`ImageRejected`."""
+    if not data:
+        raise ImageRejected(400, "empty_file", "the uploaded file is empty")
+    fmt = sniff_format(data[:32])
+    allowed = ", ".join(name if name != "WEBP" else "WebP" for name in ALLOWED_FORMATS)
+    if fmt is None:
+        raise ImageRejected(415, "not_an_image",
+                            f"the upload is not a recognised image ({_describe(data)}); send one of {allowed}")
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageRejected(415, "unsupported_format", f"{fmt} images are not supported; send one of {allowed}")
+    declared = _declared_type(content_type)
+    if declared not in _NEUTRAL_TYPES and declared not in ALLOWED_FORMATS[fmt]:
+        raise ImageRejected(
+            415, "content_type_mismatch",
+            f"the part's declared content type is {declared!r} but the data is a {fmt} image "
+            f"(declare {ALLOWED_FORMATS[fmt][0]!r} or application/octet-stream)",
+        )
+    return fmt
+
+
+def decode_image(
+    data: bytes,
+    content_type: str | None,
+    *,
+    channels: int,
+    size: tuple[int, int],
+    max_pixels: int,
+) -> np.ndarray:
+    """Check and decode one upload to the uint8 ``H×W×C`` array the model's input spec asks for.
+
+    ``size`` is ``(height, width)``.  Raises :class:`ImageRejected` for anything unservable.
+    """
+    fmt = check_format(data, content_type)
+    announced = header_dimensions(data, fmt)
+    if announced is not None:  # the pixel cap, before PIL touches the file
+        _check_dimensions(fmt, *announced, max_pixels, "header")
+    try:
+        im = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(413, "image_too_large", f"the {fmt} image is too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageRejected(400, "corrupt_image",
+                            f"the data starts like a {fmt} image but its header is invalid") from exc
+    except Exception as exc:  # SyntaxError, struct.error, OSError… on a broken header
+        raise ImageRejected(400, "corrupt_image", f"the {fmt} header cannot be read: {_reason(exc)}") from exc
+    try:
+        # Again as PIL read it (GIF frames may enlarge the screen; a header we could not parse).
+        _check_dimensions(fmt, *im.size, max_pixels, "image")
+        try:
+            if fmt == "JPEG":
+                # Let the JPEG decoder downscale by up to 8 in the DCT domain when the image is far
+                # larger than the model's input: less work and memory, same result after resizing.
+                im.draft("L" if channels == 1 else "RGB", (size[1], size[0]))
+            im.seek(0)  # the first frame of an animation
+            im.load()
+        except ImageRejected:
+            raise
+        except Exception as exc:  # OSError (truncated), SyntaxError, zlib.error, EOFError…
+            raise ImageRejected(400, "corrupt_image",
+                                f"the {fmt} image is truncated or corrupt: {_reason(exc)}") from exc
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 -- a malformed EXIF block does not make the pixels unusable
+            oriented = im
+        try:
+            return to_model_array(oriented, channels, size)
+        except Exception as exc:
+            raise ImageRejected(400, "unsupported_mode",
+                                f"the {fmt} image's mode {im.mode!r} cannot be converted: {_reason(exc)}") from exc
+    finally:
+        im.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

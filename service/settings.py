@@ -1,0 +1,128 @@
+"""Service configuration: environment variables with the ``DETECTOR_`` prefix, overridable by flags.
+
+Every field reads ``DETECTOR_<FIELD NAME IN CAPITALS>``; ``detector-serve`` flags take precedence
+(they are passed as init arguments, which pydantic-settings ranks above the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "DeviceError", "MiB", "Settings", "resolve_device"]
+
+ENV_PREFIX = "DETECTOR_"
+MiB = 1 << 20
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class DeviceError(RuntimeError):
+    """The configured device does not exist on this machine."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    bundle: Path | None = Field(
+        None, description="Bundle directory. Empty or unset: the embedded default (default_bundle_dir)."
+    )
+    default_bundle_dir: Path = Field(
+        Path("artifacts/default"),
+        description="Where the embedded default bundle (digits) lives; detector-serve trains it there if missing.",
+    )
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Largest micro-batch; 1 turns batching off.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest a request waits for others to fill its micro-batch."
+    )
+    max_queue: int = Field(
+        4096, ge=1, description="Images waiting for the model beyond which requests get 503 (overload)."
+    )
+    max_upload_bytes: int = Field(10 * MiB, ge=1, description="Byte cap of a /predict request body.")
+    max_batch_upload_bytes: int | None = Field(
+        None, ge=1, description="Byte cap of a /predict/batch request body; unset: 4 × max_upload_bytes."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest width × height accepted, checked from the header before decoding."
+    )
+    max_batch_files: int = Field(64, ge=1, description="Most files in one /predict/batch request.")
+    decode_threads: int = Field(
+        max(2, min(4, os.cpu_count() or 1)), ge=1, description="Images decoded at once (bounds decoder memory)."
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="PyTorch intra-op threads for CPU inference; 0 keeps PyTorch's default (one per core).")
+    warmup_iterations: int = Field(
+        1, ge=1, description="Warm-up inferences (at batch size 1 and max_batch_size) before readiness."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the model).")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _empty_bundle_is_default(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_batch_upload_cap(self) -> Settings:
+        if self.max_batch_upload_bytes is None:
+            self.max_batch_upload_bytes = 4 * self.max_upload_bytes
+        return self
+
+    @property
+    def bundle_dir(self) -> Path:
+        """The bundle to serve: ``bundle`` if given, else the embedded default's directory."""
+        return self.bundle if self.bundle is not None else self.default_bundle_dir
+
+    @property
+    def uses_default_bundle(self) -> bool:
+        return self.bundle is None
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``DETECTOR_*`` variables (how detector-serve hands them to workers)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            env[f"{ENV_PREFIX}{name.upper()}"] = "" if value is None else str(value)
+        return env
+
+
+def resolve_device(spec: str):
+    """The torch device for ``spec``; ``auto`` is cuda when available, else cpu.
+
+    Raises :class:`DeviceError` when an explicit device is not there.
+    """
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec!r} requested (DETECTOR_DEVICE / --device) but CUDA is not available")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {spec!r} requested but MPS is not available")
+    return device

@@ -1,0 +1,347 @@
+"""The service's parts in-process (fast): micro-batcher, settings and flags, upload checks, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from images_util import (
+    bmp_header,
+    encode,
+    gif_header,
+    jpeg_with_size,
+    png_header,
+    webp_header,
+)
+from PIL import Image
+
+from service.batching import MicroBatcher, Overloaded
+from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
+from service.images import ImageRejected, decode_image, header_dimensions, sniff_format
+from service.settings import DeviceError, Settings, resolve_device
+
+
+@pytest.fixture(autouse=True)
+def _no_detector_environment(monkeypatch):
+    """Defaults are asserted below: a DETECTOR_* variable of the caller's shell must not leak in."""
+    for key in list(os.environ):
+        if key.startswith("DETECTOR_"):
+            monkeypatch.delenv(key)
+
+
+# -- micro-batcher -------------------------------------------------------------------------------
+class Recorder:
+    def __init__(self, delay: float = 0.0, fail: bool = False):
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail = fail
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return [i * 10 for i in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_submits_share_batches_up_to_the_maximum():
+    async def scenario():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_s=0.2)
+        b.start()
+        try:
+            results = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        finally:
+            await b.stop()
+        return rec, results
+
+    rec, results = run(scenario())
+    assert results == [i * 10 for i in range(10)]
+    assert [len(x) for x in rec.batches] == [4, 4, 2]
+    assert sorted(i for batch in rec.batches for i in batch) == list(range(10))
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    async def scenario():
+        b = MicroBatcher(Recorder(), max_batch_size=32, max_wait_s=0.05)
+        b.start()
+        try:
+            start = time.perf_counter()
+            await b.submit(1)
+            return time.perf_counter() - start
+        finally:
+            await b.stop()
+
+    elapsed = run(scenario())
+    assert 0.045 <= elapsed < 0.05 + 0.1
+
+
+def test_batch_size_one_turns_batching_off():
+    async def scenario():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_s=1.0)
+        b.start()
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(b.submit(i) for i in range(5)))
+            return rec, time.perf_counter() - start
+        finally:
+            await b.stop()
+
+    rec, elapsed = run(scenario())
+    assert [len(x) for x in rec.batches] == [1] * 5
+    assert elapsed < 0.5  # a full batch never waits
+
+
+def test_items_queued_during_a_batch_form_the_next_one():
+    async def scenario():
+        rec = Recorder(delay=0.1)
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_s=0.0)
+        b.start()
+        try:
+            first = asyncio.create_task(b.submit(0))
+            await asyncio.sleep(0.02)  # batch [0] is running now
+            rest = await asyncio.gather(*(b.submit(i) for i in range(1, 6)))
+            return rec, [await first] + rest
+        finally:
+            await b.stop()
+
+    rec, results = run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert rec.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_submit_many_keeps_order_across_batches():
+    async def scenario():
+        b = MicroBatcher(Recorder(), max_batch_size=3, max_wait_s=0.01)
+        b.start()
+        try:
+            return await b.submit_many(list(range(8)))
+        finally:
+            await b.stop()
+
+    assert run(scenario()) == [i * 10 for i in range(8)]
+
+
+def test_a_failing_model_fails_its_batch_and_the_worker_goes_on():
+    async def scenario():
+        rec = Recorder(fail=True)
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_s=0.01)
+        b.start()
+        try:
+            with pytest.raises(RuntimeError, match="exploded"):
+                await b.submit(1)
+            rec.fail = False
+            return await b.submit(2)
+        finally:
+            await b.stop()
+
+    assert run(scenario()) == 20
+
+
+def test_full_queue_is_overloaded():
+    async def scenario():
+        b = MicroBatcher(Recorder(delay=0.2), max_batch_size=1, max_wait_s=0.0, max_queue=2)
+        b.start()
+        try:
+            running = asyncio.create_task(b.submit_many([1, 2]))
+            await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded):
+                await b.submit_many([3, 4])
+            return await running
+        finally:
+            await b.stop()
+
+    assert run(scenario()) == [10, 20]
+
+
+def test_cancelled_requests_are_skipped():
+    async def scenario():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_s=0.05)
+        b.start()
+        try:
+            gone = asyncio.create_task(b.submit(99))
+            await asyncio.sleep(0.005)
+            gone.cancel()
+            assert await b.submit(1) == 10
+        finally:
+            await b.stop()
+        return rec
+
+    rec = run(scenario())
+    assert all(99 not in batch for batch in rec.batches)
+
+
+# -- settings and flags ------------------------------------------------------------------------
+def test_settings_read_the_detector_prefix(monkeypatch):
+    monkeypatch.setenv("DETECTOR_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("DETECTOR_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("DETECTOR_DEVICE", "CPU")
+    monkeypatch.setenv("DETECTOR_BUNDLE", "")
+    monkeypatch.setenv("DETECTOR_MAX_UPLOAD_BYTES", "1000")
+    s = Settings()
+    assert (s.max_batch_size, s.max_wait_ms, s.device) == (7, 2.5, "cpu")
+    assert s.bundle is None and s.uses_default_bundle and s.bundle_dir == Path("artifacts/default")
+    assert s.max_batch_upload_bytes == 4000
+    for key in ("DETECTOR_MAX_BATCH_SIZE", "DETECTOR_MAX_WAIT_MS", "DETECTOR_DEVICE", "DETECTOR_BUNDLE",
+                "DETECTOR_MAX_UPLOAD_BYTES"):
+        monkeypatch.delenv(key)
+    defaults = Settings()
+    assert (defaults.max_batch_size, defaults.max_wait_ms, defaults.device) == (32, 5.0, "auto")
+    assert defaults.max_upload_bytes == 10 * 2**20 and defaults.max_batch_files == 64
+    assert defaults.port == 8000 and defaults.host == "127.0.0.1" and defaults.workers == 1
+
+
+def test_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("DETECTOR_PORT", "9000")
+    monkeypatch.setenv("DETECTOR_MAX_PIXELS", "123")
+    monkeypatch.setenv("DETECTOR_BUNDLE", "/from/env")
+    args = build_parser().parse_args(["--port", "9100", "--bundle", "/from/flag", "--max-batch-size", "1",
+                                      "--workers", "2", "--host", "0.0.0.0", "--max-batch-files", "5"])
+    s = settings_from_args(args)
+    assert s.port == 9100 and s.max_pixels == 123 and s.bundle == Path("/from/flag")
+    assert (s.max_batch_size, s.workers, s.host, s.max_batch_files) == (1, 2, "0.0.0.0", 5)
+    env = s.to_env()
+    assert env["DETECTOR_PORT"] == "9100" and env["DETECTOR_BUNDLE"] == "/from/flag"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == s  # what the workers rebuild from the environment
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"device": "tpu"}, {"max_wait_ms": -1}, {"port": 70000}])
+def test_invalid_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        Settings(**bad)
+
+
+def test_cli_reports_invalid_values(capsys):
+    assert main(["--max-batch-size", "0", "--bundle", "x"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+# -- the CLI's bundle handling -------------------------------------------------------------------
+def test_cli_refuses_a_broken_bundle_naming_the_file(default_bundle, tmp_path, capsys):
+    broken = tmp_path / "b"
+    shutil.copytree(default_bundle, broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
+    assert main(["--bundle", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "SHA-256" in err
+    (broken / "manifest.json").unlink()
+    assert main(["--bundle", str(broken)]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_explicit_bundle_is_never_trained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("training.pipeline.run", lambda options: pytest.fail("trained an explicit bundle"))
+    assert main(["--bundle", str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_default_bundle_is_trained_only_when_missing(default_bundle, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(options):
+        calls.append(options)
+        shutil.copytree(default_bundle, options.out)
+        return {"detection": {"accuracy": 0.9}}
+
+    monkeypatch.setattr("training.pipeline.run", fake_run)
+    target = tmp_path / "artifacts" / "default"
+    ensure_default_bundle(target)
+    assert len(calls) == 1 and calls[0].out == str(target)
+    assert (calls[0].model, calls[0].data) == ("cnn", "digits")  # the embedded default's options
+    assert (target / "manifest.json").is_file()
+    ensure_default_bundle(target)  # present now: not trained again
+    assert len(calls) == 1
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds no bundle"):
+        ensure_default_bundle(stray)
+    assert (stray / "notes.txt").is_file()
+
+
+# -- upload checks ---------------------------------------------------------------------------------
+def test_sniffing():
+    digit = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    for fmt in ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "ICO"):
+        assert sniff_format(encode(Image.fromarray(digit).convert("RGB"), fmt)[:32]) == fmt
+    assert sniff_format(b"hello") is None
+    assert sniff_format(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 20) == "AVIF"
+
+
+@pytest.mark.parametrize("make,fmt", [(png_header, "PNG"), (gif_header, "GIF"), (bmp_header, "BMP"),
+                                      (webp_header, "WEBP")])
+def test_header_dimensions_are_read_without_pil(make, fmt):
+    assert header_dimensions(make(1234, 567), fmt) == (1234, 567)
+
+
+def test_header_dimensions_of_real_files():
+    im = Image.new("RGB", (37, 21))
+    for fmt in ("PNG", "JPEG", "BMP", "WEBP", "GIF"):
+        assert header_dimensions(encode(im, fmt), fmt) == (37, 21), fmt
+    assert header_dimensions(encode(im, "WEBP", lossless=False), "WEBP") == (37, 21)
+    assert header_dimensions(encode(im.convert("RGBA"), "WEBP", exif=b"Exif\x00\x00"), "WEBP") == (37, 21)
+    jpeg = encode(im, "JPEG", progressive=True)
+    assert header_dimensions(jpeg, "JPEG") == (37, 21)
+    assert header_dimensions(jpeg_with_size(jpeg, 9, 4), "JPEG") == (9, 4)
+    assert header_dimensions(b"\x89PNG\r\n\x1a\n", "PNG") is None
+
+
+def test_decode_checks_pixels_before_decoding():
+    with pytest.raises(ImageRejected) as info:
+        decode_image(png_header(5000, 5000), "image/png", channels=1, size=(8, 8), max_pixels=1_000_000)
+    assert (info.value.status, info.value.code) == (413, "image_too_large")
+    assert "5000×5000" in info.value.message
+
+
+def test_decode_converts_to_the_input_spec():
+    rgba = Image.new("RGBA", (40, 30), (200, 100, 50, 128))
+    arr = decode_image(encode(rgba, "PNG"), None, channels=3, size=(32, 32), max_pixels=10_000)
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    assert tuple(arr[0, 0]) == (200, 100, 50)
+    grey = decode_image(encode(rgba, "PNG"), "image/png; charset=binary", channels=1, size=(8, 8), max_pixels=10_000)
+    assert grey.shape == (8, 8, 1)
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("L", (20, 10), 0)
+    im.paste(255, (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(im, "JPEG", exif=exif.tobytes(), quality=100)
+    arr = decode_image(data, "image/jpeg", channels=1, size=(20, 10), max_pixels=10_000)[..., 0]
+    assert arr[:10].mean() > 200 and arr[10:].mean() < 50  # upright: the white half is now on top
+
+
+def test_jpeg_draft_decoding_matches_full_decoding_closely():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+    big = Image.fromarray(small).resize((800, 800), Image.NEAREST)
+    data = encode(big, "JPEG", quality=95)
+    fast = decode_image(data, None, channels=1, size=(8, 8), max_pixels=10**6)[..., 0].astype(int)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("L").resize((8, 8), Image.BILINEAR)).astype(int)
+    assert np.abs(fast - full).max() <= 12
