@@ -1,7 +1,7 @@
 """Command lines: ``detector-train`` (the whole pipeline) and ``detector-trajectory`` (path only).
 
 With no arguments ``detector-train`` runs the embedded default: a small CNN on scikit-learn's
-digits, PGD-10 at ε = 0.3, a decision tree, written to ``artifacts/default``.
+digits, PGD-10 at ε = 0.2, a decision tree, written to ``artifacts/default``.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="batch size for training and for the attack")
     g = p.add_argument_group("attack (PGD)")
-    g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.3 on digits); '8/255' works")
+    g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.2 on digits); '8/255' works")
     g.add_argument("--alpha", type=_number,
-                   help="step size (default 2/255; 0.075 on digits; eps/4 when --eps is given)")
+                   help="step size (default 2/255; 0.05 on digits; eps/4 when --eps is given)")
     g.add_argument("--steps", type=int, help="PGD steps (default 10)")
     g.add_argument("--norm", choices=("linf", "l2"), default=defaults.norm, help="the ball: L∞ or L2")
     g.add_argument("--random-start", action="store_true", help="start from a random point in the ball")
