@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 # CIFAR-10 channel statistics: the big models get CIFAR-shaped inputs and normalisation.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -97,7 +98,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Stats":
+    def of(cls, values: Sequence[float]) -> Stats:
         values = [float(v) for v in values]
         if not values:
             raise ValueError("no values")
@@ -277,7 +278,7 @@ class CpuSnapshot:
     own: float
 
     @classmethod
-    def take(cls) -> "CpuSnapshot":
+    def take(cls) -> CpuSnapshot:
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
             busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
@@ -324,7 +325,8 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
+                              check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 

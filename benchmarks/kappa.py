@@ -31,9 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from detector import find_last_linear, forward_features, pgd, psi, relative_sharpness, sharpness_from_psi
+from detector import (
+    find_last_linear,
+    forward_features,
+    pgd,
+    psi,
+    relative_sharpness,
+    sharpness_from_psi,
+)
 
 from .common import (
+    CPU,
     Section,
     Stats,
     Table,
@@ -149,7 +157,7 @@ def _cases(quick: bool, device: torch.device) -> list[dict[str, Any]]:
     ]
 
 
-def run(device: torch.device = torch.device("cpu"), quick: bool = False, repeats: int | None = None,
+def run(device: torch.device = CPU, quick: bool = False, repeats: int | None = None,
         cases: list[dict[str, Any]] | None = None, log=print) -> Section:
     started = time.perf_counter()
     load_before = load_average()
@@ -190,7 +198,7 @@ def run(device: torch.device = torch.device("cpu"), quick: bool = False, repeats
             model = cifar_model(case["model"], device)
             x, y = cifar_batch(case["n"], device)
         log(f"  kappa: {case['name']}: path of {case['n']} × {case['attack']['steps'] + 1} images …")
-        path, result = capture_path(model, x, y, **case["attack"])
+        path, _ = capture_path(model, x, y, **case["attack"])
         n, steps1 = path.shape[:2]
         flat = path.reshape(n * steps1, *path.shape[2:])
         flat_labels = y.repeat_interleave(steps1)

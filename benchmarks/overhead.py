@@ -27,9 +27,16 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.validation import check_array
 
-from detector import analyze, find_last_linear, forward_features, psi, sharpness_from_psi
+from detector import (
+    analyze,
+    find_last_linear,
+    forward_features,
+    psi,
+    sharpness_from_psi,
+)
 
 from .common import (
+    CPU,
     Section,
     Stats,
     Table,
@@ -123,16 +130,16 @@ def _plan(arch: str, batch: int, quick: bool, device: torch.device) -> tuple[int
     if device.type == "cuda":
         return 20, 0.2, 2
     if arch == "cnn":
-        return 12, 0.2, 1
+        return 10, 0.2, 1
     if batch >= 256:
         return 3, 0.0, 0  # ≈ 4 s per forward: kernels are warm from the smaller batches; median of 3 rounds
     if batch >= 32:
         return 6, 0.0, 1
-    return 12, 0.2, 1
+    return 10, 0.2, 1
 
 
 def run(
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     archs: tuple[str, ...] = ("cnn", "wrn"),
     batch_sizes: tuple[int, ...] = (1, 32, 256),
     amps: tuple[str, ...] = ("none",),
@@ -179,7 +186,7 @@ def run(
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
         for amp in amps:
-            amp_ctx = lambda amp=amp: autocast(device, amp)  # noqa: E731
+            amp_ctx = lambda amp=amp: autocast(device, amp)
             squeeze = FeatureSqueezingStyle(model, amp_ctx)
             maha = MahalanobisStyle(model, amp_ctx, 10, dim, device)
             for batch in batch_sizes:

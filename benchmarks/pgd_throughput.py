@@ -23,6 +23,7 @@ import torch
 from detector import pgd
 
 from .common import (
+    CPU,
     Section,
     Stats,
     Table,
@@ -73,7 +74,7 @@ def _cases(quick: bool, device: torch.device) -> list[dict[str, Any]]:
     ]
 
 
-def run(device: torch.device = torch.device("cpu"), quick: bool = False,
+def run(device: torch.device = CPU, quick: bool = False,
         cases: list[dict[str, Any]] | None = None, log=print) -> Section:
     started = time.perf_counter()
     load_before = load_average()
