@@ -82,7 +82,7 @@ def _forward_at(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> tuple[t
             f"the last nn.Linear has {linear.out_features} outputs but the model returns "
             f"{logits.shape[1]} logits: pass layer=<name> of the output layer"
         )
-    return logits, phi.reshape(phi.shape[0], -1)
+    return logits, phi.flatten(1)
 
 
 def _stat_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -99,7 +99,7 @@ def psi(logits: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     # of the other probabilities instead, which is exact to rounding.  Other classes have ŷ ≤ 0.5.
     top = probs.argmax(dim=1, keepdim=True)
     complement = (1.0 - probs).scatter(1, top, probs.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
-    phi_sq = phi.reshape(phi.shape[0], -1).to(dtype).pow(2).sum(dim=1, keepdim=True)
+    phi_sq = phi.flatten(1).to(dtype).pow(2).sum(dim=1, keepdim=True)
     return probs * complement * phi_sq
 
 

@@ -141,3 +141,9 @@ def test_confident_inputs_keep_their_top_class_share_in_float32(gap):
     # The top class carries half the trace when all others are tiny: Σ_{j≠top} ψ_j ≈ ψ_top.
     if gap >= 20:
         assert torch.allclose(got.sum(1).double(), 2 * expected_top, rtol=1e-3)
+
+
+def test_empty_batch():
+    logits, phi = torch.empty(0, 10), torch.empty(0, 32)
+    assert psi(logits, phi).shape == (0, 10)
+    assert relative_sharpness(logits, phi, torch.ones(10, 32)).shape == (0,)
