@@ -93,13 +93,17 @@ def _stat_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def psi(logits: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """ψ[n, j] = ŷ_j(1 − ŷ_j)·‖φ_n‖², shape ``[N, k]``, in float32 or float64."""
     dtype = _stat_dtype(logits, phi)
-    probs = torch.softmax(logits.to(dtype), dim=1)
+    return _psi_from_probabilities(torch.softmax(logits.to(dtype), dim=1), phi)
+
+
+def _psi_from_probabilities(probs: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """:func:`psi` from the softmax already taken (in the statistics' dtype)."""
     # 1 − ŷ_j cancels catastrophically for a confident class (ŷ_top rounds to 1 in float32 once its
     # logit leads by ~17, which would zero its share of the trace); for that class take the sum
     # of the other probabilities instead, which is exact to rounding.  Other classes have ŷ ≤ 0.5.
     top = probs.argmax(dim=1, keepdim=True)
     complement = (1.0 - probs).scatter(1, top, probs.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
-    phi_sq = phi.flatten(1).to(dtype).pow(2).sum(dim=1, keepdim=True)
+    phi_sq = phi.flatten(1).to(probs.dtype).pow(2).sum(dim=1, keepdim=True)
     return probs * complement * phi_sq
 
 
@@ -139,7 +143,9 @@ def analyze(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> Anal
     """
     linear = find_last_linear(model, layer)
     logits, phi = _forward_at(model, linear, x)
-    values = psi(logits, phi)
+    # One softmax serves both the answer and ψ.
+    logits = logits.to(_stat_dtype(logits, phi))
+    probabilities = torch.softmax(logits, dim=1)
+    values = _psi_from_probabilities(probabilities, phi)
     kappa = sharpness_from_psi(values, linear.weight)
-    logits = logits.to(values.dtype)
-    return Analysis(logits, torch.softmax(logits, dim=1), values, kappa)
+    return Analysis(logits, probabilities, values, kappa)
