@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +25,7 @@ from detector import BundleError
 
 from .batching import MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
-from .images import ALLOWED_FORMATS, ImageRejected, decode_image
+from .images import ALLOWED_FORMATS, ImageRejected, decode_image, is_small_image
 from .limits import BodyLimitMiddleware
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .schemas import (
@@ -149,12 +148,12 @@ class Service:
 
     async def decode(self, upload, where: str):
         data = await upload.read()
+        decode = partial(decode_image, data, upload.content_type, channels=self.engine.channels,
+                         size=self.engine.size, max_pixels=self.settings.max_pixels)
         try:
-            return await anyio.to_thread.run_sync(
-                partial(decode_image, data, upload.content_type, channels=self.engine.channels,
-                        size=self.engine.size, max_pixels=self.settings.max_pixels),
-                limiter=self.decode_limiter,
-            )
+            if is_small_image(data):  # cheaper here than a hop to a decode thread and back
+                return decode()
+            return await anyio.to_thread.run_sync(decode, limiter=self.decode_limiter)
         except ImageRejected as exc:
             self.metrics.rejected.labels(exc.code).inc()
             raise ApiError(exc.status, exc.code, f"{where}: {exc.message}") from exc
@@ -169,19 +168,22 @@ class Service:
         self.metrics.observe_results(results)
         ref = self.model_ref()
         tau = self.engine.valley_threshold
-        return [Prediction(**asdict(r), valley_threshold=tau, model=ref) for r in results]
+        # vars(), not dataclasses.asdict: the fields are already plain values, no deep copy needed.
+        return [Prediction(**vars(r), valley_threshold=tau, model=ref) for r in results]
 
 
 # -- dependencies --------------------------------------------------------------------------------
-def get_service(request: Request) -> Service:
+# ``async def`` although they do not await: FastAPI runs a plain ``def`` dependency in its threadpool,
+# a thread hop per request for a dictionary lookup.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.service.settings
 
 
-def get_ready_service(service: Annotated[Service, Depends(get_service)]) -> Service:
+async def get_ready_service(service: Annotated[Service, Depends(get_service)]) -> Service:
     if not service.ready:
         raise ApiError(503, "not_ready", f"the model is not ready: {service.detail}", headers={"Retry-After": "1"})
     return service

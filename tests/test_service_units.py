@@ -23,7 +23,7 @@ from PIL import Image
 
 from service.batching import MicroBatcher, Overloaded
 from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
-from service.images import ImageRejected, decode_image, header_dimensions, sniff_format
+from service.images import INLINE_DECODE_PIXELS, ImageRejected, decode_image, header_dimensions, is_small_image, sniff_format
 from service.settings import DeviceError, Settings, resolve_device
 
 
@@ -309,6 +309,18 @@ def test_header_dimensions_of_real_files():
     assert header_dimensions(jpeg, "JPEG") == (37, 21)
     assert header_dimensions(jpeg_with_size(jpeg, 9, 4), "JPEG") == (9, 4)
     assert header_dimensions(b"\x89PNG\r\n\x1a\n", "PNG") is None
+
+
+def test_only_small_images_are_decoded_inline():
+    side = int(INLINE_DECODE_PIXELS ** 0.5)
+    for fmt in ("PNG", "JPEG", "BMP", "WEBP", "GIF"):
+        assert is_small_image(encode(Image.new("RGB", (side, side)), fmt)), fmt
+        assert not is_small_image(encode(Image.new("RGB", (side + 1, side)), fmt)), fmt
+    # What the header claims decides, not the file's size; unknown or unreadable headers go to a thread.
+    assert not is_small_image(png_header(5000, 5000))
+    assert not is_small_image(b"hello")
+    assert not is_small_image(b"\x89PNG\r\n\x1a\n")
+    assert not is_small_image(encode(Image.new("RGB", (8, 8)), "PNG") + b"\0" * (1 << 17))  # a long tail
 
 
 def test_decode_checks_pixels_before_decoding():
