@@ -123,9 +123,13 @@ def test_service_load_smallest_mode(tmp_path):
     from benchmarks import service_load
 
     section = service_load.run(quick=True, workdir=str(tmp_path), concurrency=4, duration_s=1.0, warmup_s=0.3,
-                               light_s=0.0, modes=("on",), log=lambda *a: None)
+                               light_s=0.0, modes=("on", "batch"), log=lambda *a: None)
     (entry,) = section.raw["bundles"]
-    (mode,) = entry["modes"]
-    assert mode["requests_ok"] > 0 and mode["errors"] == {}
-    assert mode["rss_start"] and mode["rss_end"]
+    single, batch = entry["modes"]
+    for mode in (single, batch):
+        assert mode["requests_ok"] > 0 and mode["errors"] == {}
+        assert mode["rss_start"] and mode["rss_end"]
+    # /predict/batch answers k images per request, each checked by the load generator.
+    assert batch["images_per_request"] == service_load.BATCH_UPLOAD > 1
+    assert batch["images_per_s"] == pytest.approx(batch["req_per_s"] * service_load.BATCH_UPLOAD)
     assert entry["ceiling"]["with_decode"]["median"] > 0
