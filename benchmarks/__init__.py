@@ -2,7 +2,7 @@
 
 Run them all and write ``docs/BENCHMARKS.md`` with one command::
 
-    python -m benchmarks            # full run (about 15 minutes on 2 CPU cores)
+    python -m benchmarks            # full run (about 20 minutes on 2 CPU cores)
     python -m benchmarks --quick    # smoke mode (about a minute)
 
 Every module exposes ``run(...) -> Section``; :mod:`benchmarks.run_all` renders the sections.

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m benchmarks                     # the full CPU suite (≈ 15 min on 2 cores), writes the doc
+    python -m benchmarks                     # the full CPU suite (≈ 20 min on 2 cores), writes the doc
     python -m benchmarks --quick             # smoke mode (≈ 1 min); writes under $TMPDIR/detector-benchmarks-quick/
     python -m benchmarks --device cuda       # the GPU suite (batch sizes up to 1024, fp32/bf16/fp16 autocast)
 
@@ -144,7 +144,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         "This document is **generated** by the benchmark suite; do not edit it by hand, re-run it:\n\n"
         "```bash\n"
         "pip install -e '.[test]'          # ART and httpx are test extras\n"
-        f"{COMMAND}                 # full CPU suite, ≈ 15 min on 2 cores; writes this file\n"
+        f"{COMMAND}                 # full CPU suite, ≈ 20 min on 2 cores; writes this file\n"
         f"{COMMAND} --quick         # smoke mode, ≈ 1 min (writes to $TMPDIR/detector-benchmarks-quick/)\n"
         f"{COMMAND} --device cuda   # GPU suite: batch sizes up to 1024, fp32 + bf16/fp16 autocast\n"
         "```\n\n"
