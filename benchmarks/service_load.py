@@ -592,7 +592,7 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
                         "decode + analyze + detect, before / after the server runs", "analyze + detect only", "decoder",
                         "CPU per image (decode + model)", "GET /health/live req/s (same clients)"])
     raw: list[dict[str, Any]] = []
-    targets_share, targets_errors, targets_mem = [], [], []
+    targets_errors, targets_mem = [], []
     for name, path in _bundles(quick, bundle, workdir_path, log):
         files = png_images(path, 256)
 
@@ -657,10 +657,7 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
             entry["modes"].append(m_raw)
             targets_errors.append(n_err)
             if mode == "on":
-                targets_share.append((name, share, {}))
                 targets_mem.append((name, grow, m["rss_slope_mib_per_min"], m["memory_window_s"]))
-            elif mode in ("on-2w", "batch") and targets_share and targets_share[-1][0] == name:
-                targets_share[-1][2][mode] = share
         floors = [m["http_floor_req_per_s"] for m in entry["modes"] if m.get("http_floor_req_per_s")]
         ceil_table.add(name, max_batch, f"{fmt_rate(c['with_decode'].median)} ({fmt_rate(c['with_decode'].q1)}–"
                        f"{fmt_rate(c['with_decode'].q3)})",
@@ -673,12 +670,7 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
         raw.append(entry)
     section.tables = [table, ceil_table]
     section.notes += _notes(raw)
-    others = {"on-2w": "2 workers", "batch": f"/predict/batch × {BATCH_UPLOAD}"}
-    section.targets = [
-        Target(f"Service with batching: share of the ceiling at saturation ({n})", f"≥ {TARGET_SHARE:.0%}",
-               f"{s:.0%}" + (" (" + ", ".join(f"{others[m]}: {v:.0%}" for m, v in alt.items()) + ")" if alt else ""),
-               s >= TARGET_SHARE) for n, s, alt in targets_share
-    ] + [
+    section.targets = [_share_target(entry) for entry in raw if any(m["mode"] == "on" for m in entry["modes"])] + [
         Target("Service: errors under load (all runs)", "0", str(sum(targets_errors)), sum(targets_errors) == 0),
     ] + [
         Target(f"Service: server memory flat under load, batching on ({n})",
@@ -693,6 +685,17 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
     section.seconds = time.perf_counter() - started
     section.load_after = load_average()
     return section
+
+
+def _share_target(entry: dict[str, Any]) -> Target:
+    """The ≥ 70 % target, judged on batching on with one worker; what 2 workers and /predict/batch reach beside it."""
+    shares = {m["mode"]: m["share_of_ceiling"] for m in entry["modes"]}
+    others = [f"{label}: {shares[mode]:.0%}" for mode, label in
+              (("on-2w", "2 workers"), ("batch", f"/predict/batch × {BATCH_UPLOAD}")) if mode in shares]
+    share = shares["on"]
+    return Target(f"Service with batching: share of the ceiling at saturation ({entry['bundle']})",
+                  f"≥ {TARGET_SHARE:.0%}", f"{share:.0%}" + (f" ({', '.join(others)})" if others else ""),
+                  share >= TARGET_SHARE)
 
 
 def _notes(raw: list[dict[str, Any]]) -> list[str]:
