@@ -1,4 +1,4 @@
-"""Projected gradient descent (Madry et al.) that can record the path it takes.
+"""Projected gradient descent (Madry et al., 2018) that can record the path it takes, and FGSM.
 
 The attack already runs a forward pass at every iterate x_0 … x_{T−1} to get its gradient; with
 ``record=True`` the same pass also yields ψ, κ, the loss and the prediction at that iterate, so
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import _forward_at, find_last_linear, psi, sharpness_from_psi
+from ..features import _forward_at, find_last_linear, psi, sharpness_from_psi
+from ._base import check_batch, eval_mode, per_example_norm
 
-__all__ = ["PGDResult", "pgd"]
+__all__ = ["PGDResult", "fgsm", "pgd"]
 
 _NORMS = ("linf", "l2")
 
@@ -24,8 +25,9 @@ _NORMS = ("linf", "l2")
 class PGDResult:
     """The adversarial batch and, per example, the path x_0 (clean) … x_T.
 
-    Path tensors have the step as their second axis: ``sharpness``, ``loss`` and ``predictions``
-    are ``[N, T+1]``, ``psi`` is ``[N, T+1, k]``.
+    Path tensors have the step as their second axis: ``sharpness``, ``loss``, ``phi_sq`` (‖φ‖²)
+    and ``predictions`` are ``[N, T+1]``, ``psi`` and ``logits`` are ``[N, T+1, k]``.  With
+    ``keep_iterates=True`` ``iterates`` holds every x_t, ``[N, T+1, C, H, W]``.
     """
 
     x_adv: torch.Tensor
@@ -34,6 +36,9 @@ class PGDResult:
     predictions: torch.Tensor
     psi: torch.Tensor
     labels: torch.Tensor
+    logits: torch.Tensor
+    phi_sq: torch.Tensor
+    iterates: torch.Tensor | None = None
 
     @property
     def success(self) -> torch.Tensor:
@@ -41,14 +46,10 @@ class PGDResult:
         return self.predictions[:, -1] != self.labels
 
 
-def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *([1] * (t.ndim - 1)))
-
-
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    scale = (eps / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    scale = (eps / per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
     return delta * scale
 
 
@@ -57,7 +58,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Te
         noise = torch.rand(x.shape, generator=generator, device="cpu").to(x)
         return (2 * noise - 1) * eps
     direction = torch.randn(x.shape, generator=generator, device="cpu").to(x)
-    direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+    direction = direction / per_example_norm(direction).clamp_min(1e-12)
     radius = torch.rand((x.shape[0],), generator=generator, device="cpu").to(x)
     return direction * eps * radius.view(-1, *([1] * (x.ndim - 1)))
 
@@ -73,6 +74,8 @@ def pgd(
     random_start: bool = False,
     record: bool = False,
     *,
+    early_stop: bool = False,
+    keep_iterates: bool = False,
     layer: str | None = None,
     seed: int | None = None,
 ) -> torch.Tensor | PGDResult:
@@ -82,31 +85,39 @@ def pgd(
     runs in eval mode (its previous mode is restored afterwards) and gradients are taken with
     respect to the input only, so nothing accumulates in its parameters.
 
-    Returns the adversarial batch, or with ``record=True`` a :class:`PGDResult` holding the
-    path.  ``layer`` names the output layer for ψ/κ when it is not the last ``nn.Linear``.
+    ``early_stop=True`` freezes each example at the first iterate the model misclassifies: the
+    minimal-effort variant, which stops near the decision boundary instead of overshooting.
+
+    Returns the adversarial batch ``[N, C, H, W]``, or with ``record=True`` a :class:`PGDResult`
+    holding the path (``keep_iterates=True`` keeps every x_t too).  ``layer`` names the output
+    layer for ψ/κ when it is not the last ``nn.Linear``.
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if eps < 0 or alpha <= 0 or steps < 0:
-        raise ValueError("need eps >= 0, alpha > 0 and steps >= 0")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+        raise ValueError(f"need eps >= 0, alpha > 0 and steps >= 0 (got {eps}, {alpha}, {steps})")
+    if keep_iterates and not record:
+        raise ValueError("keep_iterates=True needs record=True")
+    check_batch(x, y)
     x0 = x.detach()
     y = y.to(x0.device)
     linear = find_last_linear(model, layer) if record else None  # looked up once, not per step
     weight = linear.weight if record else None
-    path: dict[str, list[torch.Tensor]] = {"sharpness": [], "loss": [], "predictions": [], "psi": []}
+    path: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "sharpness", "loss", "predictions", "psi", "logits", "phi_sq", "iterates")}
 
-    def record_step(logits: torch.Tensor, phi: torch.Tensor, loss: torch.Tensor) -> None:
+    def record_step(x_t: torch.Tensor, logits: torch.Tensor, phi: torch.Tensor, loss: torch.Tensor) -> None:
         values = psi(logits.detach(), phi.detach())
         path["psi"].append(values)
         path["sharpness"].append(sharpness_from_psi(values, weight))
         path["loss"].append(loss.detach().to(values.dtype))
         path["predictions"].append(logits.detach().argmax(dim=1))
+        path["logits"].append(logits.detach().to(values.dtype))
+        path["phi_sq"].append(phi.detach().to(values.dtype).pow(2).sum(dim=1))
+        if keep_iterates:
+            path["iterates"].append(x_t.detach().clone())
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x_adv = x0.clone()
         if random_start and eps > 0:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -122,12 +133,14 @@ def pgd(
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
                 (grad,) = torch.autograd.grad(losses.sum(), x_adv)
             if record:
-                record_step(logits, phi, losses)
+                record_step(x_adv, logits, phi, losses)
             with torch.no_grad():
                 if norm == "linf":
                     step = alpha * grad.sign()
                 else:
-                    step = alpha * grad / _per_example_norm(grad).clamp_min(1e-12)
+                    step = alpha * grad / per_example_norm(grad).clamp_min(1e-12)
+                if early_stop:  # misclassified examples stay where they are
+                    step = step * (logits.detach().argmax(dim=1) == y).view(-1, *([1] * (x0.ndim - 1)))
                 # Clip to [0, 1], then project onto the ball: the result is a convex combination
                 # of x0 and a point in [0, 1], so it lies in both sets (for L∞ the order is moot).
                 delta = _project((x_adv.detach() + step).clamp(0.0, 1.0) - x0, eps, norm)
@@ -137,9 +150,7 @@ def pgd(
             return x_adv
         with torch.no_grad():
             logits, phi = _forward_at(model, linear, x_adv)
-            record_step(logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
-    finally:
-        model.train(was_training)
+            record_step(x_adv, logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
     return PGDResult(
         x_adv=x_adv,
         sharpness=torch.stack(path["sharpness"], dim=1),
@@ -147,4 +158,15 @@ def pgd(
         predictions=torch.stack(path["predictions"], dim=1),
         psi=torch.stack(path["psi"], dim=1),
         labels=y,
+        logits=torch.stack(path["logits"], dim=1),
+        phi_sq=torch.stack(path["phi_sq"], dim=1),
+        iterates=torch.stack(path["iterates"], dim=1) if keep_iterates else None,
     )
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015): one L∞ step of size ε, clipped to [0, 1].
+
+    Exactly PGD with one step of size ε and no random start.
+    """
+    return pgd(model, x, y, eps=eps, alpha=max(eps, 1e-12), steps=1)

@@ -1,0 +1,117 @@
+"""White-box attacks that know the detector and try to slip past it.
+
+Each keeps the ε-ball and [0, 1] of :func:`~detector.attacks.pgd.pgd` and differs in what it
+optimises or which iterate it returns:
+
+- :func:`margin_capped_pgd` stops pushing once the wrong class leads by a clean-like logit margin,
+  so the adversarial stays as (un)sure as clean inputs instead of overshooting into the valley;
+- :func:`backoff_pgd` walks back along the recorded PGD path to the first misclassified iterate the
+  detector does not flag;
+- :func:`feature_matching_pgd` adds λ·(distance of the detector's features to clean ones) to the
+  loss and keeps, per input, its misclassified iterate with the lowest detector score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..features import _forward_at, find_last_linear
+from ._base import check_batch, eval_mode
+from .pgd import _project, pgd
+
+__all__ = ["backoff_pgd", "feature_matching_pgd", "margin_capped_pgd"]
+
+#: ``flagged(x) -> bool [N]`` / ``score(x) -> float [N]``: the detector as the attacker queries it.
+Oracle = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _linf_step(x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    delta = _project((x_adv.detach() + alpha * grad.sign()).clamp(0.0, 1.0) - x0, eps, "linf")
+    return (x0 + delta).clamp(0.0, 1.0)
+
+
+def margin_capped_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                      steps: int, margin: float) -> torch.Tensor:
+    """L∞ PGD on the logit margin ``max_{j≠y} z_j − z_y``, capped at ``margin``.
+
+    Once the wrong class leads by ``margin`` logits the loss is flat and the input stays put: a
+    misclassification with the confidence of a typical clean input (pass the clean median margin).
+    """
+    if eps < 0 or alpha <= 0 or steps < 0 or margin <= 0:
+        raise ValueError(f"need eps >= 0, alpha > 0, steps >= 0 and margin > 0 (got {eps}, {alpha}, {steps}, {margin})")
+    check_batch(x, y)
+    x0, y = x.detach(), y.to(x.device)
+    with eval_mode(model):
+        x_adv = x0.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                z = model(x_adv).float()
+                true = z.gather(1, y[:, None]).squeeze(1)
+                other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+                (grad,) = torch.autograd.grad((other - true).clamp(max=margin).sum(), x_adv)
+            with torch.no_grad():
+                x_adv = _linf_step(x_adv, x0, grad, eps, alpha)
+    return x_adv.detach()
+
+
+def backoff_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+                flagged: Oracle, layer: str | None = None) -> torch.Tensor:
+    """L∞ PGD whose answer is, per input, the first misclassified iterate ``flagged`` lets through
+    (the final iterate when there is none)."""
+    check_batch(x, y)
+    path = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, record=True, keep_iterates=True, layer=layer)
+    iterates = path.iterates  # [N, T+1, C, H, W]
+    n, t1 = iterates.shape[:2]
+    with torch.no_grad():
+        passed = ~flagged(iterates.flatten(0, 1)).to(torch.bool).view(n, t1).to(x.device)
+    usable = passed & (path.predictions != y.to(path.predictions.device)[:, None]).to(x.device)
+    usable[:, 0] = False  # x_0 is the clean input itself
+    first = torch.where(usable.any(dim=1), usable.int().argmax(dim=1), torch.full_like(y, t1 - 1).to(x.device))
+    return iterates[torch.arange(n, device=x.device), first].detach()
+
+
+def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                         steps: int, features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         target: torch.Tensor, scale: torch.Tensor, lam: float, score: Oracle,
+                         layer: str | None = None) -> torch.Tensor:
+    """L∞ PGD on ``CE(y) − lam · mean(((features − target) / scale)²)``.
+
+    ``features(logits, phi_sq)`` must be differentiable (the detector's feature set); ``target``
+    and ``scale`` are the clean features' mean and spread.  Per input the answer is the
+    misclassified iterate with the lowest ``score`` seen (the final iterate when none was
+    misclassified).
+    """
+    if eps < 0 or alpha <= 0 or steps < 1 or lam < 0:
+        raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1 and lam >= 0 (got {eps}, {alpha}, {steps}, {lam})")
+    check_batch(x, y)
+    x0, y = x.detach(), y.to(x.device)
+    linear = find_last_linear(model, layer)
+    target, scale = target.to(x.device), scale.to(x.device).clamp_min(1e-6)
+    best = x0.clone()
+    best_score = torch.full((x0.shape[0],), float("inf"), device=x.device)
+    with eval_mode(model):
+        x_adv = x0.clone()
+        for t in range(steps + 1):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                logits, phi = _forward_at(model, linear, x_adv)
+                distance = ((features(logits, phi.float().pow(2).sum(dim=1)) - target) / scale).pow(2).mean(dim=1)
+                loss = F.cross_entropy(logits.float(), y, reduction="none") - lam * distance
+                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            with torch.no_grad():
+                wrong = logits.argmax(dim=1) != y
+                if t > 0 and wrong.any():
+                    s = score(x_adv.detach()).to(x.device).float()
+                    better = wrong & (s < best_score)
+                    best[better] = x_adv.detach()[better]
+                    best_score = torch.where(better, s, best_score)
+                if t < steps:
+                    x_adv = _linf_step(x_adv, x0, grad, eps, alpha)
+        never = torch.isinf(best_score)
+        best[never] = x_adv.detach()[never]
+    return best.detach()
