@@ -6,8 +6,16 @@ One forward pass gives the softmax ŷ and the penultimate features φ; from them
 as typical clean data sits in the "uncanny valley".
 """
 
-from .attacks import PGDResult, pgd
-from .bundle import Bundle, BundleError, InputSpec, load_bundle, save_bundle, verify_bundle
+from .attacks import PGDResult, fgsm, pgd
+from .bundle import (
+    BatchDetection,
+    Bundle,
+    BundleError,
+    InputSpec,
+    load_bundle,
+    save_bundle,
+    verify_bundle,
+)
 from .datasets import DatasetNotFoundError, ImageDataset, load_dataset
 from .estimator import Detection, UncannyValleyDetector
 from .features import (
@@ -24,9 +32,9 @@ from .models import MODELS, ImageClassifier, build_classifier
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "Analysis", "Bundle", "BundleError", "DatasetNotFoundError", "Detection",
+    "MODELS", "Analysis", "BatchDetection", "Bundle", "BundleError", "DatasetNotFoundError", "Detection",
     "ImageClassifier", "ImageDataset", "InputSpec", "PGDResult", "UncannyValleyDetector",
     "analyze", "build_classifier", "find_last_linear", "forward_features", "load_bundle",
-    "load_dataset", "pgd", "psi", "relative_sharpness", "save_bundle", "sharpness_from_psi",
+    "fgsm", "load_dataset", "pgd", "psi", "relative_sharpness", "save_bundle", "sharpness_from_psi",
     "verify_bundle",
 ]

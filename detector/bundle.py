@@ -18,16 +18,19 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
 import torch
 
 from .estimator import UncannyValleyDetector
+from .features import analyze, detector_features, find_last_linear
 from .models import ImageClassifier, build_classifier
 
-__all__ = ["Bundle", "BundleError", "InputSpec", "load_bundle", "save_bundle", "verify_bundle"]
+__all__ = ["BatchDetection", "Bundle", "BundleError", "InputSpec", "load_bundle", "save_bundle", "verify_bundle"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,7 +70,30 @@ class InputSpec:
 
 
 @dataclass
+class BatchDetection:
+    """The answers for a batch, from one forward pass (NumPy arrays of length N, ``[N, k]`` where 2-D)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    adversarial: np.ndarray
+    adversarial_score: np.ndarray
+    sharpness: np.ndarray  # κ
+    uncanny_valley: np.ndarray
+    psi: np.ndarray
+    features: np.ndarray  # the detector's feature rows [N, F]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
 class Bundle:
+    """A loaded bundle: the classifier with its detector, and what they were built from.
+
+    :meth:`detect` is the one call every user of a bundle makes (the service, the evaluation): a
+    batch of [0, 1] images in, predictions and the detector's verdict out.
+    """
+
     model: ImageClassifier
     detector: UncannyValleyDetector
     classes: list[str]
@@ -79,6 +105,35 @@ class Bundle:
     sha256: str  # of manifest.json: identifies the whole bundle
     report: dict[str, Any] | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def weight_norm(self) -> float:
+        """‖W‖_F of the output layer (κ's scale)."""
+        weight = find_last_linear(self.model, self.layer).weight
+        return float(torch.linalg.vector_norm(weight.detach().float()))
+
+    def features(self, x: torch.Tensor) -> tuple[np.ndarray, Any]:
+        """The detector's feature rows for a batch of [0, 1] images, and the forward pass's analysis."""
+        out = analyze(self.model, x, self.layer)
+        rows = detector_features(self.detector.feature_set, out.logits, out.phi_sq, self.weight_norm)
+        return rows.cpu().numpy().astype(np.float64), out
+
+    def detect(self, x: torch.Tensor) -> BatchDetection:
+        """Labels, probabilities, adversarial flags and scores, κ and uncanny-valley flags for a batch
+        ``[N, C, H, W]`` of [0, 1] images on the model's device: one forward pass."""
+        return self.detect_with_analysis(x)[0]
+
+    def detect_with_analysis(self, x: torch.Tensor) -> tuple[BatchDetection, Any]:
+        """:meth:`detect`, and the forward pass's :class:`~detector.features.Analysis` (φ included)."""
+        rows, out = self.features(x)
+        kappa = out.sharpness.cpu().numpy().astype(np.float64)
+        verdict = self.detector.detect(rows, kappa)
+        probabilities = out.probabilities.cpu().numpy()
+        return BatchDetection(
+            labels=probabilities.argmax(axis=1), probabilities=probabilities,
+            adversarial=verdict.adversarial, adversarial_score=verdict.adversarial_score,
+            sharpness=kappa, uncanny_valley=verdict.uncanny_valley,
+            psi=out.psi.cpu().numpy().astype(np.float64), features=rows), out
 
 
 def _sha256(path: Path) -> str:
@@ -130,8 +185,9 @@ def save_bundle(
         "layer": layer,
         "classes": list(classes),
         "input_spec": input_spec.to_dict(),
+        "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr},
         "thresholds": {
-            "adversarial": float(detector.threshold),
+            "adversarial": float(detector.operating_threshold),
             "valley": float(detector.valley_threshold_),
             "valley_quantile": float(detector.valley_quantile),
         },
@@ -210,9 +266,13 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise BundleError(f"bundle file {DETECTOR} cannot be loaded: {exc}") from exc
     if not isinstance(detector, UncannyValleyDetector):
         raise BundleError(f"bundle file {DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
-    if detector.n_features_in_ != len(classes):
-        raise BundleError(f"bundle file {DETECTOR} expects ψ of {detector.n_features_in_} classes, "
-                          f"config has {len(classes)}")
+    try:
+        probe = detector_features(detector.feature_set, torch.zeros(1, len(classes)), torch.ones(1), 1.0)
+    except ValueError as exc:
+        raise BundleError(f"bundle file {DETECTOR}: {exc}") from exc
+    if detector.n_features_in_ != probe.shape[1]:
+        raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
+                          f"set {detector.feature_set!r} has {probe.shape[1]} for {len(classes)} classes")
     report = json.loads((root / REPORT).read_text()) if (root / REPORT).is_file() else None
     return Bundle(model, detector, classes, spec, architecture, model_config, layer, root,
                   bundle_hash, report, thresholds)

@@ -175,7 +175,8 @@ def _npz(path_str: str, train: bool) -> ImageDataset:
     return ImageDataset(_from_hwc(x), torch.from_numpy(y), classes, f"npz:{path}")
 
 
-def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 0,
+            image_size: tuple[int, int] | None = None) -> ImageDataset:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -195,12 +196,12 @@ def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 
         n_test = int(round(len(samples) * test_fraction))
         keep = order[n_test:] if train else order[:n_test]
         samples = [samples[i] for i in sorted(keep)]
-    # Both splits take their shape from the first training image: grey trees stay grey, others
-    # become RGB, and images of another size are resized to it.
+    # Both splits take their shape from the first training image (or ``image_size``): grey trees
+    # stay grey, others become RGB, and images of another size are resized to it.
     reference = ImageFolder(str(path / "train")).samples[0][0] if split_given else folder.samples[0][0]
     with Image.open(reference) as im:
         channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
-        size = (im.height, im.width)
+        size = (im.height, im.width) if image_size is None else tuple(image_size)
     arrays, labels = [], []
     for file, label in samples:
         with Image.open(file) as im:
@@ -217,8 +218,18 @@ def load_dataset(
     root: str | os.PathLike = "data",
     download: bool = False,
     seed: int = 0,
+    image_size: tuple[int, int] | None = None,
 ) -> ImageDataset:
-    """Load the train or test split of ``spec`` (see the module docstring for the kinds)."""
+    """Load the train or test split of ``spec`` (see the module docstring for the kinds).
+
+    ``image_size`` = ``(height, width)`` resizes ``folder:`` images (default: the first training
+    image's size); the other kinds have a fixed size and refuse it.
+    """
+    if image_size is not None:
+        if spec.partition(":")[0] != "folder":
+            raise ValueError(f"an image size applies to folder: data only, not {spec!r}")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image size must be (height, width) of positive pixels, got {image_size}")
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits(train, seed=seed)
@@ -227,5 +238,5 @@ def load_dataset(
     if kind == "npz" and arg:
         return _npz(arg, train)
     if kind == "folder" and arg:
-        return _folder(arg, train, seed=seed)
+        return _folder(arg, train, seed=seed, image_size=image_size)
     raise ValueError(f"unknown dataset {spec!r}; expected one of {', '.join(DATASET_KINDS)}")

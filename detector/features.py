@@ -4,6 +4,11 @@ For a classifier f(x) = softmax(W φ(x) + b) the Hessian of the cross-entropy lo
 respect to the last layer's weight W is (diag(ŷ) − ŷŷᵀ) ⊗ φφᵀ.  Its trace splits per class:
 ψ_j = ŷ_j(1 − ŷ_j)·‖φ‖², and Σ_j ψ_j = Tr(H).  Relative sharpness is κ = ‖W‖_F · Σ_j ψ_j.
 Everything here is batched and takes the logits and φ that one forward pass already produces.
+
+The detector reads a feature vector per input, chosen by name from :data:`FEATURE_SETS`: ``psi``
+(the paper's ψ) or ``curvature`` (both phases of the attack path in the log domain: the sharp
+phase near the decision boundary, where confidence drops and κ rises, and the flat valley, where
+1 − ŷ_top underflows and κ falls).
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FEATURE_SETS",
     "Analysis",
     "analyze",
+    "curvature_features",
+    "detector_features",
+    "log_psi",
     "find_last_linear",
     "forward_features",
     "psi",
@@ -120,14 +129,78 @@ def sharpness_from_psi(psi_values: torch.Tensor, weight: torch.Tensor) -> torch.
     return norm * psi_values.sum(dim=1)
 
 
+def log_psi(logits: torch.Tensor, phi_sq: torch.Tensor) -> torch.Tensor:
+    """log ψ ``[N, k]`` in the log domain: finite where ψ itself underflows (confident inputs).
+
+    log ψ_j = log ŷ_j + log(1 − ŷ_j) + log‖φ‖²; log(1 − ŷ_j) is ``log1p(−ŷ_j)`` for the classes
+    other than the top one (ŷ_j ≤ 0.5 there) and the log-sum-exp of the others' log ŷ for the top.
+    Differentiable, so an adaptive attack can follow it.
+    """
+    dtype = _stat_dtype(logits, phi_sq)
+    log_p = torch.log_softmax(logits.to(dtype), dim=1)
+    top = log_p.argmax(dim=1, keepdim=True)
+    log_rest = log_p.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True)
+    log_complement = torch.log1p(-log_p.exp().clamp(max=0.5)).scatter(1, top, log_rest)
+    tiny = torch.finfo(dtype).tiny
+    return log_p + log_complement + phi_sq.to(dtype).clamp_min(tiny).log().unsqueeze(1)
+
+
+def curvature_features(logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: float) -> torch.Tensor:
+    """``[N, k + 5]``: log ψ per class, log κ, log(1 − ŷ_top), the logit margin between the two top
+    classes, the entropy of ŷ and log‖φ‖².
+
+    Per class, not sorted: which classes carry the curvature tells the detector more than the sorted
+    spectrum does (measured on digits: +4 to +15 points of detection at 5% false positives).
+    """
+    dtype = _stat_dtype(logits, phi_sq)
+    logits = logits.to(dtype)
+    lp = log_psi(logits, phi_sq)
+    log_p = torch.log_softmax(logits, dim=1)
+    top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
+    margin = top2[:, 0] - top2[:, -1]
+    log_rest = log_p.scatter(1, log_p.argmax(dim=1, keepdim=True), float("-inf")).logsumexp(dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    log_kappa = lp.logsumexp(dim=1) + torch.log(torch.as_tensor(max(weight_norm, 1e-30), dtype=dtype))
+    log_phi_sq = phi_sq.to(dtype).clamp_min(torch.finfo(dtype).tiny).log()
+    scalars = torch.stack([log_kappa, log_rest, margin, entropy, log_phi_sq], dim=1)
+    return torch.cat([lp, scalars], dim=1)
+
+
+def _psi_features(logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: float) -> torch.Tensor:
+    dtype = _stat_dtype(logits, phi_sq)
+    return _psi_from_probabilities(torch.softmax(logits.to(dtype), dim=1), phi_sq.to(dtype).sqrt().unsqueeze(1))
+
+
+#: Named feature sets a detector can be fitted on: ``fn(logits, phi_sq, weight_norm) -> [N, F]``.
+FEATURE_SETS = {
+    "psi": _psi_features,
+    "curvature": curvature_features,
+}
+
+
+def detector_features(name: str, logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: float) -> torch.Tensor:
+    """The feature set ``name`` (one of :data:`FEATURE_SETS`) for a batch's logits and ‖φ‖²."""
+    try:
+        fn = FEATURE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown feature set {name!r}; choose one of {sorted(FEATURE_SETS)}") from None
+    return fn(logits, phi_sq, weight_norm)
+
+
 @dataclass
 class Analysis:
-    """What one forward pass tells about a batch: logits, softmax, φ-derived ψ and κ."""
+    """What one forward pass tells about a batch: logits, softmax, ψ and κ, and φ itself."""
 
     logits: torch.Tensor
     probabilities: torch.Tensor
     psi: torch.Tensor
     sharpness: torch.Tensor
+    phi: torch.Tensor | None = None  # [N, d], in the model's dtype
+
+    @property
+    def phi_sq(self) -> torch.Tensor:
+        """‖φ‖² per input, in the statistics' dtype."""
+        return self.phi.to(self.psi.dtype).pow(2).sum(dim=1)
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -148,4 +221,4 @@ def analyze(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> Anal
     probabilities = torch.softmax(logits, dim=1)
     values = _psi_from_probabilities(probabilities, phi)
     kappa = sharpness_from_psi(values, linear.weight)
-    return Analysis(logits, probabilities, values, kappa)
+    return Analysis(logits, probabilities, values, kappa, phi)

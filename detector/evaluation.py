@@ -1,0 +1,391 @@
+"""Judging a bundle against an attack suite and natural shifts, on images it was not fitted on.
+
+:func:`evaluate` is one loop over :func:`attack_suite`: every attack runs on the held-out images
+the classifier gets right, and its successful adversarials are scored by the bundle's detector
+(:meth:`~detector.bundle.Bundle.detect`, the service's own call) and, in the same table, by one-line
+baselines (max-softmax, entropy, κ alone, Mahalanobis distance on φ), each thresholded on the same
+held-out clean calibration images at the same false-positive rate.  Every rate carries a 95%
+interval, and the image ids of every evaluated row are recorded and checked disjoint from the ids
+the detector was fitted and calibrated on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import get_attack
+from .bundle import Bundle
+from .datasets import ImageDataset
+from .estimator import flagging_threshold
+from .features import Analysis, detector_features
+from .metrics import Rate, auroc, evasion_rate, rate
+from .shifts import SHIFTS, apply_shift
+
+__all__ = [
+    "AttackRecord", "Evaluation", "Mahalanobis", "ShiftRecord", "SuiteEntry", "attack_suite",
+    "baseline_scores", "check_disjoint", "evaluate",
+]
+
+BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One attack of the suite: a registered attack with its parameters."""
+
+    label: str
+    attack: str
+    params: dict[str, Any]
+    level: str  # "quick": in every run; "full": only in the full suite
+
+
+def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str = "quick",
+                 seed: int = 0) -> list[SuiteEntry]:
+    """The suite, with L∞ radii scaled to the data by ``eps`` (the bundle's own PGD radius).
+
+    Labels name the CIFAR radii (8/255 …); on other data every radius is multiplied by
+    ``eps / (8/255)`` (6.4 on digits, whose default ε is 0.2), and the L2 radius 0.5 is scaled by
+    the same factor and by √(input_dims / 3072).
+    """
+    if level not in ("quick", "full"):
+        raise ValueError(f"level must be 'quick' or 'full', got {level!r}")
+    s = eps / (8 / 255)
+
+    def linf(k: float) -> float:
+        return k / 255 * s
+
+    l2 = 0.5 * s * math.sqrt(input_dims / 3072)
+    entries = [
+        SuiteEntry("FGSM L∞ 8/255", "fgsm", {"eps": linf(8)}, "quick"),
+        SuiteEntry("PGD-10 L∞ 2/255", "pgd", {"eps": linf(2), "alpha": linf(0.5), "steps": 10}, "quick"),
+        SuiteEntry("PGD-10 L∞ 4/255", "pgd", {"eps": linf(4), "alpha": linf(1), "steps": 10}, "full"),
+        SuiteEntry("PGD-10 L∞ 8/255", "pgd", {"eps": linf(8), "alpha": linf(2), "steps": 10}, "quick"),
+        SuiteEntry("PGD-10 L∞ 16/255", "pgd", {"eps": linf(16), "alpha": linf(4), "steps": 10}, "full"),
+        SuiteEntry("PGD-50 L∞ 8/255", "pgd", {"eps": linf(8), "alpha": linf(1), "steps": 50}, "full"),
+        SuiteEntry("PGD-10 L∞ 8/255, random start", "pgd",
+                   {"eps": linf(8), "alpha": linf(2), "steps": 10, "random_start": True, "seed": seed}, "full"),
+        SuiteEntry("PGD-10 L2 0.5", "pgd-l2", {"eps": l2, "alpha": l2 / 4, "steps": 10}, "full"),
+        SuiteEntry("APGD-CE L∞ 8/255", "apgd-ce", {"eps": linf(8), "steps": 20, "seed": seed}, "full"),
+        SuiteEntry("PGD L∞ 8/255, stopped at first misclassification", "pgd-early-stop",
+                   {"eps": linf(8), "alpha": linf(0.5), "steps": 40}, "quick"),
+        SuiteEntry("CW-L2", "cw-l2", {"c": 1.0, "steps": 50, "lr": 0.01}, "full"),
+        SuiteEntry("DeepFool", "deepfool", {"steps": 50, "overshoot": 0.02}, "full"),
+        SuiteEntry("Square L∞ 8/255 (black-box)", "square", {"eps": linf(8), "n_queries": 500, "seed": seed}, "full"),
+        SuiteEntry("adaptive: margin capped at the clean median, L∞ 8/255", "margin-capped",
+                   {"eps": linf(8), "alpha": linf(0.5), "steps": 40}, "quick"),
+        SuiteEntry("adaptive: back-off along the PGD path, L∞ 8/255", "backoff",
+                   {"eps": linf(8), "alpha": linf(1), "steps": 20}, "quick"),
+    ]
+    entries += [SuiteEntry(f"adaptive: feature matching λ={lam:g}, L∞ 8/255", "feature-matching",
+                           {"eps": linf(8), "alpha": linf(0.5), "steps": 30, "lam": lam}, "full")
+                for lam in (0.1, 1.0, 10.0)]
+    return [e for e in entries if level == "full" or e.level == "quick"]
+
+
+# -- baselines -------------------------------------------------------------------------------------
+class Mahalanobis:
+    """Distance of φ to the nearest class mean under one shared covariance (Lee et al., 2018),
+    fitted on clean, correctly classified reference images."""
+
+    def fit(self, phi: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "Mahalanobis":
+        phi = phi.double()
+        means = torch.zeros(num_classes, phi.shape[1], dtype=torch.float64)
+        centred = torch.empty_like(phi)
+        for c in range(num_classes):
+            rows = labels == c
+            if rows.any():
+                means[c] = phi[rows].mean(dim=0)
+                centred[rows] = phi[rows] - means[c]
+        cov = centred.T @ centred / max(len(phi) - 1, 1)
+        ridge = 1e-3 * cov.diagonal().mean().clamp_min(1e-12)  # φ is often rank-deficient (ReLU zeros)
+        self.means_ = means
+        self.precision_ = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=torch.float64))
+        return self
+
+    def score(self, phi: torch.Tensor) -> np.ndarray:
+        diff = phi.double().cpu()[:, None, :] - self.means_[None]  # [N, k, d]
+        d2 = torch.einsum("nkd,de,nke->nk", diff, self.precision_, diff)
+        return d2.min(dim=1).values.numpy()
+
+
+def baseline_scores(analysis: Analysis, mahalanobis: Mahalanobis | None) -> dict[str, np.ndarray]:
+    """One score per input and baseline, larger = more suspicious (one-sided, as each is used)."""
+    p = analysis.probabilities.double().cpu()
+    scores = {
+        "max-softmax": (1.0 - p.max(dim=1).values).numpy(),
+        "entropy": (-(p * p.clamp_min(1e-300).log()).sum(dim=1)).numpy(),
+        "kappa": analysis.sharpness.double().cpu().numpy(),
+    }
+    if mahalanobis is not None:
+        scores["mahalanobis"] = mahalanobis.score(analysis.phi)
+    return scores
+
+
+# -- records ---------------------------------------------------------------------------------------
+def _median(values: np.ndarray) -> float | None:
+    return float(np.median(values)) if values.size else None
+
+
+@dataclass
+class AttackRecord:
+    """What one attack achieved against the classifier and the detector, on held-out images."""
+
+    label: str
+    attack: str
+    kind: str
+    norm: str
+    params: dict[str, Any]
+    n_attacked: int
+    success: Rate  # over attacked (correctly classified) images
+    detection: Rate  # over the successful adversarials, at the bundle's operating point
+    evasion: Rate  # over attacked images: misclassified and not flagged
+    auroc: float  # clean (correct) vs successful adversarials, by the detector's score
+    uncanny_valley: Rate  # over the successful adversarials
+    median_linf: float | None
+    median_l2: float | None
+    evasion_budget_linf: float | None  # median perturbation of the successful, unflagged adversarials
+    evasion_budget_l2: float | None
+    baselines: dict[str, dict[str, float]]
+    seconds: float
+    image_ids: list[int] = field(repr=False)  # attacked images, positions in the test split
+    scores: list[float] = field(repr=False)  # detector score of each successful adversarial
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ShiftRecord:
+    """False alarms and accuracy under one natural shift of the held-out clean images."""
+
+    name: str
+    flagged: Rate  # over all shifted images
+    flagged_correct: Rate  # over shifted images still classified correctly
+    accuracy: float
+    scores: list[float] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Evaluation:
+    """The whole evaluation: clean false positives, one record per attack and per shift, and ids."""
+
+    detector: dict[str, Any]
+    target_fpr: float
+    clean: dict[str, Any]
+    attacks: list[AttackRecord]
+    shifts: list[ShiftRecord]
+    image_ids: dict[str, list[int]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector, "target_fpr": self.target_fpr, "clean": self.clean,
+            "attacks": [a.to_dict() for a in self.attacks], "shifts": [s.to_dict() for s in self.shifts],
+            "image_ids": self.image_ids, "seconds": self.seconds,
+        }
+
+
+def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
+    """Refuse to evaluate on any image the detector was fitted or calibrated on."""
+    overlap = np.intersect1d(np.asarray(evaluated), np.asarray(excluded))
+    if overlap.size:
+        raise ValueError(f"{overlap.size} evaluated images were used to fit or calibrate the detector "
+                         f"(e.g. test positions {overlap[:5].tolist()}): evaluate on held-out images only")
+
+
+# -- the evaluation --------------------------------------------------------------------------------
+def _batches(index: np.ndarray, size: int):
+    for start in range(0, len(index), size):
+        yield index[start:start + size]
+
+
+def _oracles(bundle: Bundle, calibration_rows: np.ndarray, clean_margin: float) -> dict[str, Any]:
+    """What an adaptive attacker who knows the detector is given."""
+    feature_set, weight_norm = bundle.detector.feature_set, bundle.weight_norm
+    rows = torch.as_tensor(calibration_rows, dtype=torch.float32)
+    return {
+        "layer": bundle.layer,
+        "margin": clean_margin,
+        "flagged": lambda x: torch.as_tensor(bundle.detect(x).adversarial),
+        "score": lambda x: torch.as_tensor(bundle.detect(x).adversarial_score),
+        "features": lambda logits, phi_sq: detector_features(feature_set, logits, phi_sq, weight_norm).float(),
+        "target": rows.mean(dim=0),
+        "scale": rows.std(dim=0),
+    }
+
+
+def evaluate(
+    bundle: Bundle,
+    data: ImageDataset,
+    images: np.ndarray,
+    *,
+    excluded: np.ndarray,
+    suite: Sequence[SuiteEntry],
+    calibration: np.ndarray | None = None,
+    shifts: Sequence[str] = tuple(SHIFTS),
+    reference: ImageDataset | None = None,
+    calibration_fraction: float = 0.3,
+    target_fpr: float = 0.05,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Evaluate ``bundle`` on ``data[images]``, none of which may be in ``excluded``.
+
+    Clean ``calibration`` images (the ones the detector's own threshold was set on; else a
+    ``calibration_fraction`` of ``images``) set the baselines' thresholds at ``target_fpr`` and the
+    adaptive attacks' knowledge of clean inputs; attacks, shifts and clean false positives are
+    measured on the rest.  ``reference`` (clean training images) fits the
+    Mahalanobis baseline.
+    """
+    started = time.perf_counter()
+    images = np.asarray(images, dtype=np.int64)
+    check_disjoint(images, excluded)
+    if len(np.unique(images)) != len(images):
+        raise ValueError("images must not repeat")
+    device = next(bundle.model.parameters()).device
+    if calibration is None:
+        order = np.random.default_rng(seed).permutation(images)
+        n_cal = int(round(len(order) * calibration_fraction))
+        calibration, held_out = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+    else:
+        calibration, held_out = np.sort(np.asarray(calibration, dtype=np.int64)), np.sort(images)
+        check_disjoint(held_out, calibration)
+    if len(calibration) < 20 or len(held_out) < 20:
+        raise ValueError(f"too few images: {len(calibration)} for calibration and {len(held_out)} to evaluate, "
+                         f"need at least 20 of each")
+
+    def run_clean(index: np.ndarray):
+        parts: dict[str, list] = {"labels": [], "flagged": [], "score": [], "rows": [], "margin": [],
+                                  "baselines": []}
+        for idx in _batches(index, batch_size):
+            x, y = data.batch(torch.as_tensor(idx))
+            answer, out = bundle.detect_with_analysis(x.to(device))
+            top2 = out.logits.double().topk(2, dim=1).values
+            parts["labels"].append(answer.labels == y.numpy())
+            parts["flagged"].append(answer.adversarial)
+            parts["score"].append(answer.adversarial_score)
+            parts["rows"].append(answer.features)
+            parts["margin"].append((top2[:, 0] - top2[:, 1]).cpu().numpy())
+            parts["baselines"].append(baseline_scores(out, mahalanobis))
+        merged = {k: np.concatenate(v) for k, v in parts.items() if k != "baselines"}
+        merged["baselines"] = {b: np.concatenate([p[b] for p in parts["baselines"]]) for b in parts["baselines"][0]}
+        return merged
+
+    mahalanobis = None
+    if reference is not None:
+        ref_index = np.random.default_rng(seed).permutation(len(reference))[:2000]
+        phis, labels = [], []
+        for idx in _batches(ref_index, batch_size):
+            x, y = reference.batch(torch.as_tensor(idx))
+            _, out = bundle.detect_with_analysis(x.to(device))
+            keep = (out.predictions.cpu() == y)
+            phis.append(out.phi.float().cpu()[keep])
+            labels.append(y[keep])
+        mahalanobis = Mahalanobis().fit(torch.cat(phis), torch.cat(labels), len(bundle.classes))
+
+    cal = run_clean(calibration)
+    cal_correct = cal["labels"]
+    baseline_thresholds = {b: flagging_threshold(s[cal_correct], target_fpr) for b, s in cal["baselines"].items()}
+    clean = run_clean(held_out)
+    correct = clean["labels"]
+    clean_record = {
+        "n": int(len(held_out)),
+        "accuracy": float(correct.mean()),
+        "false_positives_correct": rate(clean["flagged"][correct]),
+        "false_positives_all": rate(clean["flagged"]),
+        "baseline_false_positives_correct": {
+            b: rate(s[correct] >= baseline_thresholds[b]) for b, s in clean["baselines"].items()},
+        "scores_correct": clean["score"][correct].tolist(),
+    }
+    oracles = _oracles(bundle, cal["rows"][cal_correct], float(np.median(cal["margin"][cal_correct])))
+    targets = held_out[correct]
+    clean_scores = clean["score"][correct]
+    clean_baselines = {b: s[correct] for b, s in clean["baselines"].items()}
+
+    records = []
+    for entry in tqdm(suite, desc="attack suite", unit="attack", disable=not progress):
+        info = get_attack(entry.attack)
+        t0 = time.perf_counter()
+        params = {**entry.params, **{k: oracles[k] for k in info.needs}}
+        parts: dict[str, list] = {k: [] for k in ("success", "flagged", "score", "valley", "linf", "l2", "baselines")}
+        for idx in _batches(targets, batch_size):
+            x, y = data.batch(torch.as_tensor(idx))
+            x, y = x.to(device), y.to(device)
+            x_adv = info.fn(bundle.model, x, y, **params)
+            answer, out = bundle.detect_with_analysis(x_adv)
+            delta = (x_adv - x).flatten(1)
+            parts["success"].append(answer.labels != y.cpu().numpy())
+            parts["flagged"].append(answer.adversarial)
+            parts["score"].append(answer.adversarial_score)
+            parts["valley"].append(answer.uncanny_valley)
+            parts["linf"].append(delta.abs().amax(dim=1).cpu().numpy())
+            parts["l2"].append(torch.linalg.vector_norm(delta, dim=1).cpu().numpy())
+            parts["baselines"].append(baseline_scores(out, mahalanobis))
+        merged = {k: np.concatenate(v) for k, v in parts.items() if k != "baselines"}
+        adv_baselines = {b: np.concatenate([p[b] for p in parts["baselines"]]) for b in parts["baselines"][0]}
+        success = merged["success"]
+        flagged = merged["flagged"]
+        unflagged = success & ~flagged
+        y_true = np.r_[np.zeros(len(clean_scores)), np.ones(int(success.sum()))]
+        baselines = {
+            b: {"detection": float(np.mean(adv_baselines[b][success] >= baseline_thresholds[b])) if success.any()
+                else float("nan"),
+                "auroc": auroc(y_true, np.r_[clean_baselines[b], adv_baselines[b][success]])}
+            for b in adv_baselines
+        }
+        record = AttackRecord(
+            label=entry.label, attack=entry.attack, kind=info.kind, norm=info.norm,
+            params={k: v for k, v in entry.params.items()},
+            n_attacked=int(len(targets)), success=rate(success), detection=rate(flagged[success]),
+            evasion=evasion_rate(success, flagged),
+            auroc=auroc(y_true, np.r_[clean_scores, merged["score"][success]]),
+            uncanny_valley=rate(merged["valley"][success]),
+            median_linf=_median(merged["linf"][success]), median_l2=_median(merged["l2"][success]),
+            evasion_budget_linf=_median(merged["linf"][unflagged]),
+            evasion_budget_l2=_median(merged["l2"][unflagged]),
+            baselines=baselines, seconds=round(time.perf_counter() - t0, 2),
+            image_ids=targets.tolist(), scores=merged["score"][success].tolist(),
+        )
+        if record.detection["n"] != int(success.sum()):
+            raise AssertionError("detection counted over other rows than the successful adversarials")
+        records.append(record)
+        if log is not None:
+            log(f"{entry.label}: success {record.success['rate']:.1%}, detected {record.detection['rate']:.1%}, "
+                f"evasion {record.evasion['rate']:.1%}")
+
+    shift_records = []
+    for name in tqdm(shifts, desc="natural shifts", unit="shift", disable=not progress):
+        flagged, right, scores = [], [], []
+        for idx in _batches(held_out, batch_size):
+            x, y = data.batch(torch.as_tensor(idx))
+            answer = bundle.detect(apply_shift(name, x.to(device)))
+            flagged.append(answer.adversarial)
+            right.append(answer.labels == y.numpy())
+            scores.append(answer.adversarial_score)
+        flagged, right = np.concatenate(flagged), np.concatenate(right)
+        shift_records.append(ShiftRecord(name, rate(flagged), rate(flagged[right]), float(right.mean()),
+                                         np.concatenate(scores).tolist()))
+
+    detector = bundle.detector
+    return Evaluation(
+        detector={"features": detector.feature_set, "estimator": type(detector.estimator_).__name__,
+                  "threshold": detector.operating_threshold,
+                  "target_fpr": getattr(detector, "target_fpr", None)},
+        target_fpr=target_fpr, clean=clean_record, attacks=records, shifts=shift_records,
+        image_ids={"calibration": calibration.tolist(), "evaluated": held_out.tolist(),
+                   "excluded": np.asarray(excluded, dtype=np.int64).tolist()},
+        seconds=round(time.perf_counter() - started, 2),
+    )

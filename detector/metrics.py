@@ -1,0 +1,78 @@
+"""Detection metrics as plain functions of arrays, in the style of ``sklearn.metrics``.
+
+Rates come with Wilson score intervals: a detection rate over 40 adversarials is not the same
+claim as one over 4,000, and the report says which it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+__all__ = ["Rate", "auroc", "evasion_rate", "rate", "tpr_at_fpr", "wilson_interval"]
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; ``(0, 1)`` when ``n`` is 0."""
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class Rate(dict):
+    """``{"rate", "k", "n", "low", "high"}``: a proportion with its 95% Wilson interval (JSON-ready)."""
+
+    @classmethod
+    def of(cls, flags) -> "Rate":
+        flags = np.asarray(flags, dtype=bool).ravel()
+        k, n = int(flags.sum()), int(flags.size)
+        low, high = wilson_interval(k, n)
+        return cls(rate=(k / n) if n else float("nan"), k=k, n=n, low=low, high=high)
+
+
+def rate(flags) -> Rate:
+    """The share of true values in ``flags``, with its interval."""
+    return Rate.of(flags)
+
+
+def evasion_rate(success, flagged) -> Rate:
+    """Share of attacked inputs that end misclassified AND unflagged: what got past classifier and detector."""
+    success = np.asarray(success, dtype=bool).ravel()
+    flagged = np.asarray(flagged, dtype=bool).ravel()
+    if success.shape != flagged.shape:
+        raise ValueError(f"success has {success.size} values, flagged {flagged.size}")
+    return Rate.of(success & ~flagged)
+
+
+def auroc(y_true, score) -> float:
+    """Area under the ROC curve of ``score`` for ``y_true`` (1 = adversarial); NaN when one class is missing."""
+    y_true = np.asarray(y_true).ravel()
+    if np.unique(y_true).size < 2:
+        return float("nan")
+    return float(roc_auc_score(y_true, np.asarray(score, dtype=np.float64).ravel()))
+
+
+def tpr_at_fpr(y_true, score, fpr: float = 0.05) -> float:
+    """True-positive rate on the ROC polyline where the false-positive rate is ``fpr``.
+
+    Between two vertices the rate is interpolated: the usual reading for scores with ties (a tree),
+    reached by randomising between the two thresholds.
+    """
+    y_true = np.asarray(y_true).ravel()
+    if np.unique(y_true).size < 2:
+        return float("nan")
+    x, y, _ = roc_curve(y_true, np.asarray(score, dtype=np.float64).ravel())
+    i = int(np.searchsorted(x, fpr, side="right")) - 1  # last vertex with x ≤ fpr
+    if i >= len(x) - 1 or x[i] == fpr:
+        return float(y[i])
+    return float(y[i] + (y[i + 1] - y[i]) * (fpr - x[i]) / (x[i + 1] - x[i]))

@@ -1,0 +1,94 @@
+"""Natural (non-adversarial) changes of clean images, for measuring false alarms.
+
+Each shift maps a batch ``[N, C, H, W]`` of [0, 1] images to one of the same shape.  Resizing and
+JPEG go through PIL and :func:`detector.images.to_model_array`, the path every upload to the
+service takes, so "upscaled ×4" is exactly what the service sees when a user uploads a 4× larger
+copy of an image.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .images import to_model_array
+
+__all__ = ["SHIFTS", "apply_shift"]
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    arr = np.rint(image.clamp(0, 1).mul(255).permute(1, 2, 0).cpu().numpy()).astype(np.uint8)
+    return Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+
+
+def _per_image(fn: Callable[[Image.Image], Image.Image]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A PIL transform applied image by image, brought back through the service's resize path."""
+
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        c, h, w = x.shape[1:]
+        out = [to_model_array(fn(_to_pil(image)), c, (h, w)) for image in x]
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype).div_(255)
+
+    return shift
+
+
+def _resize(factor: float) -> Callable[[Image.Image], Image.Image]:
+    def fn(im: Image.Image) -> Image.Image:
+        size = (max(1, round(im.width * factor)), max(1, round(im.height * factor)))
+        return im.resize(size, Image.BICUBIC)
+
+    return fn
+
+
+def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
+    def fn(im: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        im.save(buffer, format="JPEG", quality=quality)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+
+    return fn
+
+
+def _noise(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        return (x + sigma * noise).clamp(0, 1)
+
+    return shift
+
+
+def _affine(gain: float, around_mean: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        centre = x.mean(dim=(1, 2, 3), keepdim=True) if around_mean else torch.zeros_like(x[:, :1, :1, :1])
+        return (centre + gain * (x - centre)).clamp(0, 1)
+
+    return shift
+
+
+#: name → shift.  "upscaled ×4" / "downscaled ×0.5": resized by a user's tool, then back to the
+#: model's size by the service.
+SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "upscaled ×4": _per_image(_resize(4.0)),
+    "upscaled ×8": _per_image(_resize(8.0)),
+    "downscaled ×0.5": _per_image(_resize(0.5)),
+    "JPEG q90": _per_image(_jpeg(90)),
+    "JPEG q75": _per_image(_jpeg(75)),
+    "JPEG q50": _per_image(_jpeg(50)),
+    "noise σ=0.02": _noise(0.02),
+    "noise σ=0.05": _noise(0.05),
+    "blur r=1": _per_image(lambda im: im.filter(ImageFilter.GaussianBlur(1))),
+    "brightness ×1.2": _affine(1.2, around_mean=False),
+    "contrast ×0.7": _affine(0.7, around_mean=True),
+}
+
+
+def apply_shift(name: str, x: torch.Tensor) -> torch.Tensor:
+    try:
+        return SHIFTS[name](x)
+    except KeyError:
+        raise ValueError(f"unknown shift {name!r}; choose one of {list(SHIFTS)}") from None
