@@ -25,7 +25,13 @@ from detector import BundleError
 
 from .batching import MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
-from .images import ALLOWED_FORMATS, ImageRejected, decode_image, is_small_image
+from .images import (
+    ALLOWED_FORMATS,
+    ImageRejected,
+    UploadInfo,
+    decode_upload,
+    is_small_image,
+)
 from .limits import BodyLimitMiddleware
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .schemas import (
@@ -39,6 +45,7 @@ from .schemas import (
     Readiness,
     ServiceLimits,
     SingleUpload,
+    UploadInfoModel,
 )
 from .settings import DeviceError, Settings, resolve_device
 
@@ -148,7 +155,7 @@ class Service:
 
     async def decode(self, upload, where: str):
         data = await upload.read()
-        decode = partial(decode_image, data, upload.content_type, channels=self.engine.channels,
+        decode = partial(decode_upload, data, upload.content_type, channels=self.engine.channels,
                          size=self.engine.size, max_pixels=self.settings.max_pixels)
         try:
             if is_small_image(data):  # cheaper here than a hop to a decode thread and back
@@ -158,9 +165,9 @@ class Service:
             self.metrics.rejected.labels(exc.code).inc()
             raise ApiError(exc.status, exc.code, f"{where}: {exc.message}") from exc
 
-    async def classify(self, arrays) -> list[Prediction]:
+    async def classify(self, decoded: list[tuple[Any, UploadInfo]]) -> list[Prediction]:
         try:
-            results: list[ImageResult] = await self.batcher.submit_many(arrays)
+            results: list[ImageResult] = await self.batcher.submit_many([array for array, _ in decoded])
         except Overloaded as exc:
             self.metrics.rejected.labels("overloaded").inc()
             raise ApiError(503, "overloaded", f"the service is overloaded: {exc}; retry shortly",
@@ -169,7 +176,19 @@ class Service:
         ref = self.model_ref()
         tau = self.engine.valley_threshold
         # vars(), not dataclasses.asdict: the fields are already plain values, no deep copy needed.
-        return [Prediction(**vars(r), valley_threshold=tau, model=ref) for r in results]
+        size = self.engine.size
+        return [Prediction(**vars(r), valley_threshold=tau, input=_upload_info(info, size), model=ref)
+                for r, (_, info) in zip(results, decoded, strict=True)]
+
+
+def _upload_info(info: UploadInfo, size: tuple[int, int]) -> UploadInfoModel:
+    notes = []
+    if info.resized:
+        notes.append(f"resized from {info.width}×{info.height} to {size[1]}×{size[0]}")
+    if info.converted:
+        notes.append(f"converted from mode {info.mode}")
+    return UploadInfoModel(format=info.format, width=info.width, height=info.height, mode=info.mode,
+                           resized=info.resized, converted=info.converted, note="; ".join(notes))
 
 
 # -- dependencies --------------------------------------------------------------------------------
@@ -323,8 +342,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               form_limits={"max_files": 1, "max_fields": 16}, summary="Classify one image and check it")
     async def predict(upload: Annotated[SingleUpload, File()], svc: ReadyServiceDep) -> Prediction:
         """One image (field `file`) → prediction, ψ, κ and the detector's verdict."""
-        array = await svc.decode(upload.file, _where(upload.file, None))
-        (prediction,) = await svc.classify([array])
+        decoded = await svc.decode(upload.file, _where(upload.file, None))
+        (prediction,) = await svc.classify([decoded])
         return prediction
 
     @app.post(PREDICT_BATCH, response_model=list[Prediction], responses=_ERRORS, tags=["predict"],
@@ -336,8 +355,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(files) > settings.max_batch_files:
             raise ApiError(400, "too_many_files", f"{len(files)} files in one request; at most "
                                                   f"{settings.max_batch_files} (DETECTOR_MAX_BATCH_FILES)")
-        arrays = await asyncio.gather(*(svc.decode(f, _where(f, i)) for i, f in enumerate(files)))
-        return await svc.classify(list(arrays))
+        decoded = await asyncio.gather(*(svc.decode(f, _where(f, i)) for i, f in enumerate(files)))
+        return await svc.classify(list(decoded))
 
     @app.get("/health/live", response_model=Liveness, tags=["health"], summary="The process is up")
     async def live() -> Liveness:
@@ -367,8 +386,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if isinstance(classifier, dict) and "clean_accuracy" in classifier:
                 metrics["clean_accuracy"] = classifier["clean_accuracy"]
         s = svc.settings
+        coverage = report.get("evaluation") if isinstance(report.get("evaluation"), dict) else None
         return ModelMetadata(
-            name=engine.name, sha256=engine.sha256, architecture=bundle.architecture, layer=bundle.layer,
+            coverage=coverage, name=engine.name, sha256=engine.sha256, architecture=bundle.architecture, layer=bundle.layer,
             classes=bundle.classes, input_spec=InputSpecModel(**bundle.input_spec.to_dict()),
             thresholds=bundle.thresholds, detection_metrics=metrics, device=str(engine.device),
             limits=ServiceLimits(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector import Bundle, analyze, load_bundle
+from detector import Bundle, load_bundle
 
 __all__ = ["Engine", "ImageResult"]
 
@@ -76,25 +76,20 @@ class Engine:
         batch = torch.from_numpy(np.stack(images))  # [N, H, W, C] uint8
         # Move the uint8 pixels (4× smaller than float), convert on the device.
         x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-        out = analyze(self.model, x, layer=self.bundle.layer)
-        probs = out.probabilities.cpu().numpy()
-        psi = out.psi.detach().cpu().numpy().astype(np.float64)
-        kappa = out.sharpness.detach().cpu().numpy().astype(np.float64)
-        detection = self.bundle.detector.detect(psi, kappa)
-        labels = probs.argmax(axis=1)
+        answer = self.bundle.detect(x)
         classes = self.bundle.classes
         results = []
-        for i, label in enumerate(labels.tolist()):
+        for i, label in enumerate(answer.labels.tolist()):
             results.append(ImageResult(
                 label=int(label),
                 class_name=classes[label],
-                confidence=float(probs[i, label]),
-                probabilities=probs[i].astype(np.float64).tolist(),
-                adversarial=bool(detection.adversarial[i]),
-                adversarial_score=float(detection.adversarial_score[i]),
-                uncanny_valley=bool(detection.uncanny_valley[i]),
-                relative_sharpness=float(detection.sharpness[i]),
-                psi=psi[i].tolist(),
+                confidence=float(answer.probabilities[i, label]),
+                probabilities=answer.probabilities[i].astype(np.float64).tolist(),
+                adversarial=bool(answer.adversarial[i]),
+                adversarial_score=float(answer.adversarial_score[i]),
+                uncanny_valley=bool(answer.uncanny_valley[i]),
+                relative_sharpness=float(answer.sharpness[i]),
+                psi=answer.psi[i].tolist(),
             ))
         return results
 

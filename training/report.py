@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 
 __all__ = [
     "FIGURE1",
+    "evaluation_markdown",
+    "write_evaluation",
     "plot_trajectory",
     "summary_text",
     "write_markdown",
@@ -86,7 +88,8 @@ def _plot_roc(path: Path, report: dict, curves: dict) -> None:
     k_fpr, k_tpr = curves["kappa_roc"]
     det = report["detection"]
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    ax.plot(fpr, tpr, color="tab:green", linewidth=2, label=f"decision tree on ψ (AUROC {det['auroc']:.3f})")
+    ax.plot(fpr, tpr, color="tab:green", linewidth=2,
+            label=f"detector on {det.get('features', 'psi')} (AUROC {det['auroc']:.3f})")
     ax.plot(k_fpr, k_tpr, color="tab:red", linewidth=1.2, linestyle="--",
             label=f"κ alone as the score (AUROC {det['kappa_auroc']:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":", label="chance")
@@ -180,11 +183,17 @@ def write_trajectory_csv(path: Path, stats: dict[str, Any], extra: dict[str, lis
 
 
 def pixel_value(value: float) -> str:
-    """ε or α as people write them: ``8/255`` when it is a whole number of 8-bit levels."""
+    """ε or α as people write them: a short decimal as it is (``0.2``), ``8/255`` when the value is
+    a whole number of 8-bit levels that has no short decimal form, else four significant digits."""
+    short = f"{value:.4g}"
+    if float(short) == value:
+        return short
     levels = value * 255
     if abs(levels - round(levels)) < 1e-6 and round(levels) > 0:
         return f"{round(levels)}/255"
-    return f"{value:.4g}"
+    if abs(levels * 2 - round(levels * 2)) < 1e-6 and round(levels * 2) > 0:
+        return f"{levels:g}/255"
+    return short
 
 
 def _pct(value: float | None) -> str:
@@ -193,6 +202,13 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _described(det: dict, side: str) -> str:
+    fitted = det.get("fitted_on", {}).get(side)
+    if isinstance(fitted, dict):
+        return ", ".join(f"{k} {v}" for k, v in fitted.items())
+    return str(fitted) if fitted else "n/a"
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -233,10 +249,15 @@ def write_markdown(path: Path, report: dict) -> None:
         "",
         "## Detection (held out)",
         "",
-        f"Decision tree on ψ, fitted on {det['n_fit']} vectors ({det['n_fit_adversarial']} adversarial) from "
-        f"{det['n_fit_images']} images, evaluated on {det['n_test']} vectors ({det['n_test_adversarial']} "
-        f"adversarial) from {det['n_test_images']} other images; split {det['split']}. "
-        f"Tree depth {det['tree_depth']}, {det['tree_leaves']} leaves.",
+        f"Detector `{det.get('detector', 'paper')}`: {det['estimator']} on `{det.get('features', 'psi')}` features, "
+        f"fitted on {det['n_fit']} rows ({det['n_fit_adversarial']} adversarial: {_described(det, 'adversarial')}; "
+        f"clean: {_described(det, 'clean')}) from {det['n_fit_images']} images; flagged at score ≥ "
+        f"{_num(det['threshold'])}" + (f", set on {det.get('n_calibration')} clean calibration rows from "
+                                      f"{det.get('n_calibration_images')} other images for "
+                                      f"{_pct(det['target_fpr'])} false positives (reached there: "
+                                      f"{_pct(det.get('calibration_fpr'))})" if det.get("target_fpr") else "")
+        + f". Evaluated on {det['n_test']} rows ({det['n_test_adversarial']} adversarial: the final PGD iterate) "
+        f"from {det['n_test_images']} other images; split {det['split']}.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -245,7 +266,7 @@ def write_markdown(path: Path, report: dict) -> None:
         f"| AUROC | {_num(det['auroc'])} |",
         f"| TPR at 5% FPR | {_pct(det['tpr_at_5_fpr'])} |",
         f"| TNR at 95% TPR | {_pct(det['tnr_at_95_tpr'])} |",
-        f"| TPR / FPR at threshold {det['threshold']} | {_pct(det['tpr'])} / {_pct(det['fpr'])} |",
+        f"| TPR / FPR at the threshold | {_pct(det['tpr'])} / {_pct(det['fpr'])} |",
         f"| AUROC of κ alone (< 0.5: adversarials flatter) | {_num(det['kappa_auroc'])} |",
         "",
         "## Uncanny valley",
@@ -269,6 +290,13 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| {t} | {_num(tr['mean_sharpness'][t])} | {_num(tr['median_sharpness'][t])} | "
                      f"{_num(tr['mean_loss'][t])} | {_pct(tr['misclassified_fraction'][t])} | "
                      f"{_pct(tr['detection_rate'][t])} |")
+    if report.get("warnings"):
+        lines[4:4] = ["**Warnings**: " + " ".join(f"{w}." for w in report["warnings"]), ""]
+    if "evaluation" in report:
+        lines += ["", "## What it catches: the attack suite on held-out images", "",
+                  *evaluation_markdown(report["evaluation"]), "",
+                  f"Plots and per-image ids: [{report['files']['evaluation_md']}]({report['files']['evaluation_md']}).",
+                  ""]
     lines += [
         "",
         f"![ROC]({report['files']['roc']})",
@@ -310,7 +338,169 @@ def summary_text(report: dict, out: str | Path | None = None) -> str:
         "flagged      " + " ".join(f"{x:.2f}" for x in tr["detection_rate"]),
         "time         " + ", ".join(f"{k} {s:.1f}s" for k, s in seconds.items()),
     ]
+    if "evaluation" in report:
+        ev = report["evaluation"]
+        fp = ev["clean"]["false_positives_correct"]
+        lines.insert(-1, f"suite        held-out clean flagged {_pct(fp['rate'])} (n={fp['n']}); "
+                         f"detected / evasion / evasion budget L∞ per attack:")
+        for a in ev["attacks"]:
+            lines.insert(-1, f"             {a['label'][:52]:52s} {_pct(a['detection']['rate']):>6s} "
+                             f"{_pct(a['evasion']['rate']):>6s} {_num(a['evasion_budget_linf'], 3):>7s}")
+    for warning in report.get("warnings", []):
+        lines.insert(-1, f"warning      {warning}")
     if out is not None:
         lines.append(f"written      {out}/ (bundle, report.json, report.md, plots)")
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+# -- the attack-suite evaluation -------------------------------------------------------------------
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_MD = "evaluation.md"
+DETECTION_PLOT = "evaluation_detection.png"
+ROC_PLOT = "evaluation_roc.png"
+SCORES_PLOT = "evaluation_scores.png"
+
+
+def _rate(r: dict | None) -> str:
+    """``97.0% [92.1–99.0]``: a rate with its 95% interval."""
+    if not r or r.get("n", 0) == 0 or r.get("rate") is None:
+        return "n/a (none)"
+    return f"{100 * r['rate']:.1f}% [{100 * r['low']:.0f}–{100 * r['high']:.0f}] of {r['n']}"
+
+
+def evaluation_markdown(evaluation: dict) -> list[str]:
+    """The coverage tables: clean false positives, every attack, every natural shift."""
+    det, clean = evaluation["detector"], evaluation["clean"]
+    fpr = evaluation["target_fpr"]
+    baselines = sorted({b for a in evaluation["attacks"] for b in a["baselines"]})
+    lines = [
+        f"Detector: `{det['features']}` features, {det['estimator']}, flagged at score ≥ "
+        f"{_num(det['threshold'])}" + (f" (set for {_pct(det['target_fpr'])} false positives on clean calibration "
+                                         f"images)" if det.get("target_fpr") else " (fixed)") + ".",
+        f"Evaluated on {clean['n']} held-out test images (clean accuracy {_pct(clean['accuracy'])}), none of them "
+        f"seen in fitting or calibration. Baselines are thresholded at {_pct(fpr)} false positives on the same "
+        f"calibration images.",
+        "",
+        f"**Clean false positives**: {_rate(clean['false_positives_correct'])} of correctly classified images; "
+        f"{_rate(clean['false_positives_all'])} of all. Baselines on correct images: "
+        + ", ".join(f"{b} {_pct(r['rate'])}" for b, r in clean["baseline_false_positives_correct"].items()) + ".",
+        "",
+        "| attack | kind | success | detected (95% CI) | evasion | AUROC | median L∞ / L2 | evasion budget L∞ / L2 | "
+        + " | ".join(f"{b}: det / AUROC" for b in baselines) + " |",
+        "|---|---|---|---|---|---:|---|---|" + "---|" * len(baselines),
+    ]
+    for a in evaluation["attacks"]:
+        base = " | ".join(f"{_pct(a['baselines'][b]['detection'])} / {_num(a['baselines'][b]['auroc'], 3)}"
+                          for b in baselines)
+        lines.append(
+            f"| {a['label']} | {a['kind']} | {_pct(a['success']['rate'])} | {_rate(a['detection'])} | "
+            f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_num(a['median_linf'], 3)} / "
+            f"{_num(a['median_l2'], 3)} | {_num(a['evasion_budget_linf'], 3)} / {_num(a['evasion_budget_l2'], 3)} | "
+            f"{base} |")
+    lines += [
+        "",
+        "Success: share of the attacked (correctly classified) images misclassified. Detected: share of the "
+        "successful adversarials flagged. Evasion: share of attacked images misclassified and not flagged. "
+        "Evasion budget: median perturbation of the successful adversarials that were not flagged.",
+        "",
+        "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
+        "|---|---|---|---:|",
+    ]
+    for sh in evaluation["shifts"]:
+        lines.append(f"| {sh['name']} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
+                     f"{_pct(sh['accuracy'])} |")
+    return lines
+
+
+def _plot_detection(path: Path, evaluation: dict, title: str) -> None:
+    attacks = evaluation["attacks"]
+    labels = [a["label"] for a in attacks]
+    y = np.arange(len(attacks))
+    fig, ax = plt.subplots(figsize=(8.5, 0.38 * len(attacks) + 1.4))
+    rate = np.array([a["detection"]["rate"] if a["detection"]["n"] else 0.0 for a in attacks])
+    low = np.array([a["detection"]["low"] for a in attacks])
+    high = np.array([a["detection"]["high"] for a in attacks])
+    ax.barh(y, rate, color="tab:green", alpha=0.8, label="detected (of successful adversarials)")
+    ax.errorbar(rate, y, xerr=[rate - np.minimum(low, rate), np.maximum(high, rate) - rate], fmt="none",
+                ecolor="black", capsize=2, linewidth=0.8)
+    ax.scatter([a["evasion"]["rate"] for a in attacks], y, color="tab:red", zorder=3, marker="x",
+               label="evasion (misclassified, unflagged)")
+    ax.axvline(evaluation["clean"]["false_positives_correct"]["rate"], color="grey", linestyle="--",
+               linewidth=1, label="clean false positives")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("rate")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_attack_rocs(path: Path, evaluation: dict) -> None:
+    from sklearn.metrics import roc_curve
+
+    clean = np.asarray(evaluation["clean"]["scores_correct"])
+    fig, ax = plt.subplots(figsize=(6.0, 5.0))
+    for a in evaluation["attacks"]:
+        adv = np.asarray(a["scores"])
+        if adv.size == 0 or clean.size == 0:
+            continue
+        fpr, tpr, _ = roc_curve(np.r_[np.zeros(clean.size), np.ones(adv.size)], np.r_[clean, adv])
+        ax.plot(fpr, tpr, linewidth=1.1, label=f"{a['label']} ({a['auroc']:.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+    ax.axvline(evaluation["target_fpr"], color="grey", linewidth=0.8)
+    ax.set_xlabel("false positive rate (clean, correct)")
+    ax.set_ylabel("detection rate (successful adversarials)")
+    ax.set_title("ROC of the detector's score per attack (AUROC)", fontsize=9)
+    ax.legend(fontsize=5.5, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_scores(path: Path, evaluation: dict) -> None:
+    clean = np.asarray(evaluation["clean"]["scores_correct"])
+    attacks = [a for a in evaluation["attacks"] if a["scores"]]
+    cols = 4
+    rows = max(1, -(-len(attacks) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False)
+    bins = np.linspace(0, 1, 26)
+    threshold = evaluation["detector"]["threshold"]
+    for ax, a in zip(axes.flat, attacks):
+        ax.hist(clean, bins=bins, density=True, alpha=0.5, color="tab:blue", label="clean")
+        ax.hist(a["scores"], bins=bins, density=True, alpha=0.5, color="tab:red", label="adversarial")
+        if np.isfinite(threshold):
+            ax.axvline(threshold, color="black", linewidth=0.8)
+        ax.set_title(a["label"], fontsize=6)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(attacks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("detector score: clean vs successful adversarials (line: threshold)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | None = None) -> dict[str, str]:
+    """``evaluation.json``, ``evaluation.md`` and its three plots in ``out``; returns their names."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVALUATION_JSON).write_text(json.dumps(evaluation, indent=1) + "\n")
+    _plot_detection(out / DETECTION_PLOT, evaluation, title)
+    _plot_attack_rocs(out / ROC_PLOT, evaluation)
+    _plot_scores(out / SCORES_PLOT, evaluation)
+    lines = ["# Attack-suite evaluation", "", title, ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += evaluation_markdown(evaluation)
+    lines += ["", f"![detection]({DETECTION_PLOT})", "", f"![ROC per attack]({ROC_PLOT})", "",
+              f"![scores]({SCORES_PLOT})", "", f"Took {evaluation['seconds']:.0f} s.", ""]
+    (out / EVALUATION_MD).write_text("\n".join(lines))
+    return {"evaluation": EVALUATION_JSON, "evaluation_md": EVALUATION_MD, "evaluation_detection": DETECTION_PLOT,
+            "evaluation_roc": ROC_PLOT, "evaluation_scores": SCORES_PLOT}

@@ -1,0 +1,276 @@
+"""The attack suite, its metrics and the evaluation: real attacks on a real small model and bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from detector import UncannyValleyDetector, load_bundle, load_dataset, pgd
+from detector.attacks import (
+    ATTACKS,
+    PGDResult,
+    backoff_pgd,
+    get_attack,
+    list_attacks,
+    margin_capped_pgd,
+    register_attack,
+)
+from detector.estimator import flagging_threshold, make_detector
+from detector.evaluation import attack_suite, check_disjoint, evaluate
+from detector.metrics import auroc, evasion_rate, rate, tpr_at_fpr, wilson_interval
+from detector.shifts import SHIFTS, apply_shift
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_known_values():
+    # Textbook values (Agresti & Coull 1998; Newcombe 1998, method 3).
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_rates_count_what_they_say():
+    r = rate([True, False, True, True])
+    assert (r["k"], r["n"], r["rate"]) == (3, 4, 0.75) and r["low"] < 0.75 < r["high"]
+    success = np.array([1, 1, 1, 0, 0], bool)
+    flagged = np.array([1, 0, 0, 1, 0], bool)
+    # misclassified AND unflagged: rows 1 and 2, over all five attacked
+    ev = evasion_rate(success, flagged)
+    assert (ev["k"], ev["n"]) == (2, 5)
+    with pytest.raises(ValueError):
+        evasion_rate(success, flagged[:3])
+
+
+def test_auroc_and_tpr_at_fpr():
+    y = np.r_[np.zeros(4), np.ones(4)]
+    assert auroc(y, [0, 1, 2, 3, 4, 5, 6, 7]) == 1.0
+    assert auroc(y, [7, 6, 5, 4, 3, 2, 1, 0]) == 0.0
+    assert np.isnan(auroc(np.ones(3), [1, 2, 3]))
+    # scores 0..9 clean, 5..14 adversarial: at FPR 0 the threshold sits above 9, catching 10..14
+    y = np.r_[np.zeros(10), np.ones(10)]
+    score = np.r_[np.arange(10), np.arange(5, 15)]
+    assert tpr_at_fpr(y, score, 0.0) == pytest.approx(0.5)
+    assert tpr_at_fpr(y, score, 0.1) == pytest.approx(0.6)
+
+
+def test_flagging_threshold_is_at_or_above_and_keeps_the_rate():
+    clean = np.arange(100, dtype=float) / 100  # 0.00 … 0.99
+    t = flagging_threshold(clean, 0.05)
+    assert np.mean(clean >= t) == 0.05  # exactly five flagged: 0.95 … 0.99
+    assert t > 0.94 and t <= 0.95
+    ties = np.r_[np.zeros(90), np.full(10, 0.5)]
+    t = flagging_threshold(ties, 0.05)  # the tied block cannot be split: none of it is flagged
+    assert np.mean(ties >= t) == 0.0 and t > 0.5
+    assert flagging_threshold(clean, 0.0) > clean.max()
+
+
+def test_predict_flags_scores_at_the_threshold(digits_model, digits_test):
+    """"At or above": an input whose score equals the threshold is flagged, by predict and by detect."""
+    x = np.r_[np.zeros((20, 2)), np.ones((20, 2))]
+    y = np.r_[np.zeros(20, int), np.ones(20, int)]
+    det = UncannyValleyDetector().fit(x, y, kappa=np.ones(40))
+    score = det.score_samples(x)
+    det.threshold_ = float(score.max())  # exactly the adversarial rows' score
+    assert det.predict(x[20:]).all()
+    assert det.detect(x[20:], np.ones(20)).adversarial.all()
+    assert (det.decision_function(x[20:]) == 0).all()
+
+
+def test_operating_point_is_fitted_on_calibration_rows():
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, (300, 3)), rng.normal(2, 1, (300, 3))]
+    y = np.r_[np.zeros(300, int), np.ones(300, int)]
+    calibration = rng.normal(0, 1, (400, 3))
+    det = make_detector("curvature", target_fpr=0.05)
+    with pytest.raises(ValueError, match="calibration"):
+        det.fit(x, y)
+    det.fit(x, y, calibration=calibration)
+    assert det.calibration_fpr_ <= 0.05 and det.n_calibration_ == 400
+    assert np.mean(det.predict(calibration)) == det.calibration_fpr_
+    fresh = rng.normal(0, 1, (2000, 3))
+    assert np.mean(det.predict(fresh)) < 0.09  # held-out clean: near the target, not 0.5
+
+
+# --- attacks -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch(digits_test):
+    return digits_test.batch(slice(0, 32))
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    assert {"fgsm", "pgd", "pgd-early-stop", "cw-l2", "deepfool", "apgd-ce", "square",
+            "margin-capped", "backoff", "feature-matching"} <= set(list_attacks())
+    assert set(list_attacks("minimal")) == {"pgd-early-stop", "cw-l2", "deepfool"}
+    with pytest.raises(ValueError, match="already registered"):
+        register_attack("pgd", kind="budget", norm="linf")(lambda *a, **k: None)
+    with pytest.raises(ValueError, match="unknown attack"):
+        get_attack("nope")
+    assert ATTACKS["pgd"].fn is pgd
+
+
+def test_success_is_read_at_the_last_step():
+    labels = torch.tensor([0, 0])
+    predictions = torch.tensor([[0, 1, 0], [0, 0, 1]])  # the first flips back, the second flips last
+    empty = torch.zeros(2, 3)
+    result = PGDResult(torch.zeros(2, 1, 1, 1), empty, empty, predictions, torch.zeros(2, 3, 2), labels,
+                       torch.zeros(2, 3, 2), empty)
+    assert result.success.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-l2", "pgd-early-stop", "apgd-ce", "cw-l2", "deepfool", "square"])
+def test_every_attack_keeps_pixels_and_its_budget(digits_model, batch, name):
+    x, y = batch
+    params = {"fgsm": dict(eps=0.2), "pgd": dict(eps=0.2, alpha=0.05, steps=5),
+              "pgd-l2": dict(eps=1.5, alpha=0.4, steps=5), "pgd-early-stop": dict(eps=0.2, alpha=0.02, steps=20),
+              "apgd-ce": dict(eps=0.2, steps=5), "cw-l2": dict(steps=10, lr=0.05), "deepfool": dict(steps=10),
+              "square": dict(eps=0.2, n_queries=100)}[name]
+    info = get_attack(name)
+    digits_model.train()
+    try:
+        x_adv = info.fn(digits_model, x, y, **params)
+        assert digits_model.training, "the caller's mode is restored"
+    finally:
+        digits_model.eval()
+    assert x_adv.shape == x.shape and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    delta = (x_adv - x).flatten(1)
+    if "eps" in params:
+        size = delta.abs().amax(1) if info.norm == "linf" else delta.norm(dim=1)
+        assert float(size.max()) <= params["eps"] + 1e-5
+    with torch.no_grad():
+        fooled = (digits_model(x_adv).argmax(1) != y).float().mean()
+    assert fooled > 0.2, f"{name} fooled only {fooled:.0%}"
+
+
+def test_early_stop_freezes_each_example_at_its_first_misclassification(digits_model, batch):
+    x, y = batch
+    full = pgd(digits_model, x, y, eps=0.3, alpha=0.02, steps=30, record=True)
+    early = pgd(digits_model, x, y, eps=0.3, alpha=0.02, steps=30, record=True, early_stop=True)
+    wrong = early.predictions != y[:, None]
+    first = torch.where(wrong.any(1), wrong.int().argmax(1), torch.full_like(y, 30))
+    for i in range(len(y)):
+        t = int(first[i])
+        if t < 30:  # once wrong, it stays exactly where it was: the loss no longer changes
+            assert torch.allclose(early.loss[i, t:], early.loss[i, t].expand(31 - t))
+    assert early.success.float().mean() > 0.9
+    # stopping near the boundary spends less of the budget than going on into the valley
+    assert (early.x_adv - x).abs().flatten(1).amax(1).median() < (full.x_adv - x).abs().flatten(1).amax(1).median()
+    assert early.sharpness[:, -1].median() > full.sharpness[:, -1].median()
+
+
+def test_margin_capped_attack_stays_as_unsure_as_asked(digits_model, batch):
+    x, y = batch
+    x_adv = margin_capped_pgd(digits_model, x, y, eps=0.3, alpha=0.02, steps=40, margin=2.0)
+    with torch.no_grad():
+        z = digits_model(x_adv)
+    wrong = z.argmax(1) != y
+    assert wrong.float().mean() > 0.8
+    top2 = z[wrong].topk(2, dim=1).values
+    # the wrong class leads by about the cap, not by the 20+ logits plain PGD reaches
+    assert float((top2[:, 0] - top2[:, 1]).max()) < 2.0 + 20 * 0.02 * 30
+
+
+def test_backoff_returns_a_misclassified_iterate_the_oracle_lets_through(digits_model, batch):
+    x, y = batch
+
+    def flagged(images):  # an oracle that flags everything past a perturbation of 0.2
+        return (images - x.repeat_interleave(len(images) // len(x), 0)).abs().flatten(1).amax(1) > 0.2 + 1e-6
+
+    x_adv = backoff_pgd(digits_model, x, y, eps=0.3, alpha=0.05, steps=6, flagged=flagged)
+    with torch.no_grad():
+        wrong = digits_model(x_adv).argmax(1) != y
+    linf = (x_adv - x).abs().flatten(1).amax(1)
+    # it backs off to misclassified iterates under the oracle's radius, which plain PGD overshoots
+    assert (wrong & (linf <= 0.2 + 1e-6)).float().mean() > 0.5
+    assert (linf[~wrong] > 0.2).all() or (~wrong).sum() == 0
+    plain = pgd(digits_model, x, y, eps=0.3, alpha=0.05, steps=6)
+    assert (plain - x).abs().flatten(1).amax(1).min() > 0.2
+
+
+# --- shifts ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_shifts_keep_shape_and_range(batch, name):
+    x, _ = batch
+    out = apply_shift(name, x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    if name != "downscaled ×0.5":
+        assert (out - x).abs().mean() < 0.2
+
+
+# --- the evaluation --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle_and_split(default_bundle):
+    split = json.loads((default_bundle / "split.json").read_text())
+    return load_bundle(default_bundle), split
+
+
+def test_evaluation_refuses_images_the_detector_saw(bundle_and_split):
+    bundle, split = bundle_and_split
+    test = load_dataset("digits", train=False)
+    excluded = np.array(split["fit"] + split["calibration"])
+    with pytest.raises(ValueError, match="fit or calibrate"):
+        evaluate(bundle, test, np.array(split["fit"][:50]), excluded=excluded, suite=[], progress=False)
+    with pytest.raises(ValueError, match="fit or calibrate"):
+        check_disjoint([1, 2, 3], [3, 4])
+
+
+def test_small_real_suite_counts_agree(bundle_and_split):
+    bundle, split = bundle_and_split
+    test = load_dataset("digits", train=False)
+    excluded = np.array(split["fit"] + split["calibration"])
+    pool = np.setdiff1d(np.arange(len(test)), excluded)
+    suite = [e for e in attack_suite(0.2, 64, "quick") if e.attack in ("fgsm", "pgd", "pgd-early-stop")]
+    ev = evaluate(bundle, test, pool, excluded=excluded, calibration=np.array(split["calibration"]),
+                  suite=suite, shifts=["JPEG q75"], reference=load_dataset("digits", train=True), progress=False)
+    d = ev.to_dict()
+    assert set(d["image_ids"]["evaluated"]) == set(pool.tolist())
+    assert not set(d["image_ids"]["evaluated"]) & set(excluded.tolist())
+    for record in ev.attacks:
+        # detection is counted over exactly the successful adversarials
+        assert record.detection["n"] == record.success["k"] == len(record.scores)
+        assert set(record.image_ids) <= set(pool.tolist())
+        assert record.evasion["k"] == record.success["k"] - record.detection["k"]
+        assert record.n_attacked == record.success["n"]
+        assert 0.5 < record.auroc <= 1.0
+        assert set(record.baselines) == {"max-softmax", "entropy", "kappa", "mahalanobis"}
+    by_attack = {r.attack: r for r in ev.attacks}
+    # the early-stopped attack spends less of its budget than PGD-10 at the same radius
+    assert by_attack["pgd-early-stop"].median_linf < by_attack["pgd"].median_linf
+    clean = d["clean"]
+    # the operating point was set for 5% on calibration images; held out it stays in that region
+    assert clean["false_positives_correct"]["rate"] <= 0.2
+    assert len(clean["scores_correct"]) == clean["false_positives_correct"]["n"]
+    json.dumps(d)  # JSON-ready
+
+
+def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
+    from training.evaluate import main
+
+    out = tmp_path / "ev"
+    assert main(["--bundle", str(default_bundle), "--suite", "quick", "--max-images", "80", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| attack |" in printed and "natural shift" in printed
+    ev = json.loads((out / "evaluation.json").read_text())
+    split = json.loads((default_bundle / "split.json").read_text())
+    assert len(ev["image_ids"]["evaluated"]) == 80
+    assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
+    assert [a["label"] for a in ev["attacks"]] == [e.label for e in attack_suite(0.2, 64, "quick")]
+    for png in ("evaluation_detection.png", "evaluation_roc.png", "evaluation_scores.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "Clean false positives" in (out / "evaluation.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(tmp_path / "missing"), "--no-progress"])

@@ -1,0 +1,132 @@
+"""``detector-evaluate``: judge a bundle against the attack suite on held-out images of its dataset.
+
+The images are the bundle's test split minus every image its detector was fitted or calibrated on
+(``split.json``), checked disjoint in :func:`detector.evaluation.evaluate`.  Writes
+``evaluation.json`` (every rate with its interval, the image ids of every evaluated row),
+``evaluation.md`` and three plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from detector import BundleError, load_bundle
+from detector.datasets import DatasetNotFoundError
+from detector.evaluation import attack_suite, evaluate
+
+from . import report as reporting
+from .cli import _number
+from .pipeline import (
+    PAPER_ATTACK,
+    PipelineError,
+    TrainOptions,
+    _json_safe,
+    load_splits,
+    resolve_device,
+)
+
+__all__ = ["build_parser", "main", "run_evaluation"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="detector-evaluate",
+        description="Attack a bundle's classifier with the whole suite (FGSM, PGD at several radii, PGD-L2, "
+                    "early-stopped PGD, CW-L2, DeepFool, APGD-CE, Square, and adaptive attacks that know the "
+                    "detector) and natural shifts, on held-out test images, and report what the detector "
+                    "catches at its operating point.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bundle", required=True, help="the bundle directory (written by detector-train)")
+    p.add_argument("--suite", choices=("quick", "full"), default="full", help="which attacks to run")
+    p.add_argument("--data", help="dataset spec (default: the one in the bundle's report)")
+    p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
+    p.add_argument("--max-images", type=int, default=1000,
+                   help="held-out test images to evaluate on (drawn at random from those not used in fitting)")
+    p.add_argument("--target-fpr", type=_number, default=0.05,
+                   help="false-positive rate the baselines are thresholded at on clean calibration images")
+    p.add_argument("--eps", type=_number,
+                   help="reference L∞ radius the suite's radii are scaled to (default: the bundle's PGD ε)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict:
+    """Evaluate ``args.bundle`` and write the files; returns the evaluation as a dict."""
+    bundle_dir = Path(args.bundle)
+    device = resolve_device(args.device)
+    bundle = load_bundle(bundle_dir, map_location=device)
+    report = bundle.report or {}
+    options = report.get("options", {})
+    split_file = bundle_dir / "split.json"
+    if not split_file.is_file():
+        raise PipelineError(f"{split_file} is missing: without the ids of the images the detector was fitted on, "
+                            f"held-out images cannot be told apart")
+    split = json.loads(split_file.read_text())
+    fitted = np.asarray(split.get("fit", []), dtype=np.int64)
+    calibration = np.asarray(split.get("calibration", []), dtype=np.int64)
+    data = args.data or options.get("data")
+    if not data:
+        raise PipelineError("the bundle's report names no dataset: pass --data")
+    train, test, _, source = load_splits(TrainOptions(data=data, data_dir=args.data_dir or options.get("data_dir", "data"),
+                                                      seed=options.get("seed", 0)))
+    if test.input_shape != (bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width):
+        raise PipelineError(f"{data} images are {test.input_shape}, the bundle takes "
+                            f"{(bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width)}")
+    excluded = np.union1d(fitted, calibration)
+    pool = np.setdiff1d(np.arange(len(test)), excluded)
+    if args.max_images < 40:
+        raise PipelineError("--max-images must be at least 40")
+    rng = np.random.default_rng(args.seed)
+    images = np.sort(rng.permutation(pool)[: args.max_images])
+    attack = report.get("attack", {})
+    eps = args.eps or (attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
+    started = time.perf_counter()
+    evaluation = evaluate(
+        bundle, test, images, excluded=excluded, calibration=calibration if calibration.size >= 20 else None,
+        suite=attack_suite(eps, int(np.prod(test.input_shape)), args.suite, args.seed), reference=train,
+        target_fpr=args.target_fpr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    ).to_dict()
+    evaluation["data"] = {"spec": data, "source": source}
+    evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
+    evaluation["suite"] = args.suite
+    evaluation = _json_safe(evaluation)
+    out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
+    title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
+             f"{len(evaluation['image_ids']['evaluated'])} held-out images")
+    reporting.write_evaluation(out, evaluation, title=title, command=command)
+    evaluation["out"] = str(out)
+    evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return evaluation
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``detector-evaluate``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = " ".join(["detector-evaluate", *map(shlex.quote, argv)])
+    try:
+        evaluation = run_evaluation(args, command)
+    except (PipelineError, BundleError, DatasetNotFoundError, ValueError) as exc:
+        parser.exit(2, f"detector-evaluate: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "detector-evaluate: interrupted\n")
+    print("\n".join(reporting.evaluation_markdown(evaluation)))
+    print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md, plots) in "
+          f"{evaluation['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Fitting the detector: which inputs it learns from, split by image, and its operating point.
+
+Two recipes, chosen by the detector's name (:data:`detector.estimator.DETECTORS`):
+
+- ``paper``: the talk's 50:50 set of clean ψ and the final PGD iterate's ψ, a decision tree,
+  flagged at P(adversarial) ≥ 0.5;
+- ``curvature`` (the default): both phases of the path.  Adversarial rows are every misclassified
+  step of the recorded PGD path (near the boundary and deep in the valley), plus FGSM and a PGD at a
+  quarter of ε; clean rows are the clean images and the same images after the service's own
+  resize path and JPEG.  Gradient-boosted trees on the log-domain curvature features, flagged at a
+  threshold set on held-out clean calibration images to a target false-positive rate.
+
+The images are split before anything is fitted: fit, calibration and held-out images never share
+an image, so a clean image and its adversarials always sit on the same side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from detector import ImageDataset, UncannyValleyDetector, analyze, fgsm, pgd
+from detector.estimator import make_detector
+from detector.features import detector_features, find_last_linear
+from detector.shifts import apply_shift
+
+__all__ = [
+    "CLEAN_VARIANTS", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side", "calibration_rows", "fit_detector",
+    "split_calibration", "split_images",
+]
+
+#: Clean images are also seen through these (the service's resize path and JPEG), so ordinary
+#: uploads do not fire.  Evaluation reports them apart from the shifts the detector never saw.
+CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75")
+
+
+@dataclass
+class AttackedSet:
+    """Clean test images the classifier gets right, their PGD paths and their clean ψ/κ."""
+
+    index: np.ndarray  # into the test split
+    labels: np.ndarray
+    clean_psi: np.ndarray  # [N, k]
+    clean_kappa: np.ndarray  # [N]
+    psi: np.ndarray  # [N, T+1, k] along the path
+    sharpness: np.ndarray  # [N, T+1]
+    loss: np.ndarray  # [N, T+1]
+    predictions: np.ndarray  # [N, T+1]
+    success: np.ndarray  # [N] bool
+    linf: np.ndarray  # [N] ‖x_adv − x‖∞
+    l2: np.ndarray  # [N] ‖x_adv − x‖₂
+    logits: np.ndarray  # [N, T+1, k]
+    phi_sq: np.ndarray  # [N, T+1] ‖φ‖²
+
+
+@dataclass
+class DetectorSet:
+    """Feature rows of one side of the split, clean vs adversarial, with their image positions."""
+
+    psi: np.ndarray
+    kappa: np.ndarray
+    is_adv: np.ndarray
+    image: np.ndarray  # position in the AttackedSet of the image each row comes from
+    rows: np.ndarray | None = None  # the detector's feature rows (ψ for the paper's detector)
+
+
+def split_images(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n−1 split into fit and held-out parts at the level of images, so that a clean
+    image and its own adversarial always land on the same side."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must lie strictly between 0 and 1, got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def split_calibration(fit_images: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit images minus a ``fraction`` kept apart (clean only) for the operating point."""
+    order = np.random.default_rng(seed + 7).permutation(fit_images)
+    n_cal = int(round(len(order) * fraction))
+    return np.sort(order[n_cal:]), np.sort(order[:n_cal])
+
+
+def _path_rows(attacked: AttackedSet, feature_set: str, weight_norm: float) -> np.ndarray:
+    """Feature rows ``[N, T+1, F]`` of every iterate of every path."""
+    logits = torch.from_numpy(attacked.logits)
+    n, t1, k = logits.shape
+    rows = detector_features(feature_set, logits.reshape(n * t1, k),
+                             torch.from_numpy(attacked.phi_sq).reshape(n * t1), weight_norm)
+    return rows.numpy().astype(np.float64).reshape(n, t1, -1)
+
+
+def balanced_side(attacked: AttackedSet, images: np.ndarray, rng: np.random.Generator,
+                  path_rows: np.ndarray | None = None) -> DetectorSet:
+    """The successful adversarials among ``images`` (final iterate) and as many clean inputs, drawn
+    from all of ``images`` (not only the attackable ones, so clean data is represented as it comes).
+    ``path_rows`` gives the detector's feature rows; without it the rows are ψ."""
+    adv = images[attacked.success[images]]
+    clean = np.sort(rng.choice(images, size=len(adv), replace=False))
+    psi = np.concatenate([attacked.clean_psi[clean], attacked.psi[adv, -1]])
+    kappa = np.concatenate([attacked.clean_kappa[clean], attacked.sharpness[adv, -1]])
+    is_adv = np.concatenate([np.zeros(len(clean), np.int64), np.ones(len(adv), np.int64)])
+    rows = psi if path_rows is None else np.concatenate([path_rows[clean, 0], path_rows[adv, -1]])
+    return DetectorSet(psi, kappa, is_adv, np.concatenate([clean, adv]), rows)
+
+
+def _batched_rows(model, data: ImageDataset, index: np.ndarray, transform, feature_set: str, weight_norm: float,
+                  layer: str | None, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature rows of ``transform(x, y)`` for the images ``data[index]``, and whether each is misclassified."""
+    rows, wrong = [], []
+    for start in range(0, len(index), batch_size):
+        x, y = data.batch(torch.as_tensor(index[start:start + batch_size]))
+        x, y = x.to(device), y.to(device)
+        out = analyze(model, transform(x, y), layer)
+        rows.append(detector_features(feature_set, out.logits, out.phi_sq, weight_norm).cpu().numpy())
+        wrong.append((out.predictions != y).cpu().numpy())
+    if not rows:
+        return np.empty((0, 0)), np.empty(0, bool)
+    return np.concatenate(rows).astype(np.float64), np.concatenate(wrong)
+
+
+def calibration_rows(model, data: ImageDataset, index: np.ndarray, feature_set: str, weight_norm: float, *,
+                     layer: str | None, device: torch.device, batch_size: int) -> np.ndarray:
+    """Feature rows of the clean calibration images, as they come and through :data:`CLEAN_VARIANTS`."""
+    parts = [_batched_rows(model, data, index, lambda x, y: x, feature_set, weight_norm, layer, device, batch_size)[0]]
+    for name in CLEAN_VARIANTS:
+        parts.append(_batched_rows(model, data, index, lambda x, y, n=name: apply_shift(n, x), feature_set,
+                                   weight_norm, layer, device, batch_size)[0])
+    return np.concatenate(parts)
+
+
+@dataclass
+class FittedDetector:
+    detector: UncannyValleyDetector
+    fit_set: DetectorSet  # the rows it was fitted on
+    path_rows: np.ndarray  # [N, T+1, F]: its feature rows along every recorded path
+    described: dict  # what the rows were, for the report
+
+
+def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fit_images: np.ndarray,
+                 calibration_images: np.ndarray, *, eps: float, target_fpr: float | None, layer: str | None,
+                 device: torch.device, batch_size: int, seed: int) -> FittedDetector:
+    """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
+    the calibration images (clean only)."""
+    detector = make_detector(name, target_fpr=target_fpr, random_state=seed)
+    feature_set = detector.features
+    weight_norm = float(torch.linalg.vector_norm(find_last_linear(model, layer).weight.detach().float()))
+    path_rows = _path_rows(attacked, feature_set, weight_norm)
+    rng = np.random.default_rng(seed + 1)
+    if name == "paper":
+        fit_set = balanced_side(attacked, fit_images, rng, path_rows)
+        detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa,
+                     calibration=_calibration(model, data, attacked, calibration_images, detector, weight_norm,
+                                              layer, device, batch_size))
+        return FittedDetector(detector, fit_set, path_rows, {"adversarial": {"final PGD iterate": int(fit_set.is_adv.sum())},
+                                                             "clean": {"clean images": int((fit_set.is_adv == 0).sum())},
+                                                             "balance": "50:50"})
+
+    # Both phases: every misclassified step of the path, plus one-step and small-ε attacks.
+    wrong = attacked.predictions[fit_images] != attacked.labels[fit_images, None]
+    wrong[:, 0] = False
+    adv_rows = [path_rows[fit_images][wrong]]
+    sources = {"pgd path (every misclassified step)": int(wrong.sum())}
+    index = attacked.index[fit_images]
+    for label, attack in (("fgsm", lambda x, y: fgsm(model, x, y, eps=eps)),
+                          ("pgd ε/4", lambda x, y: pgd(model, x, y, eps=eps / 4, alpha=eps / 16, steps=10))):
+        rows, misclassified = _batched_rows(model, data, index, attack, feature_set, weight_norm, layer, device,
+                                            batch_size)
+        adv_rows.append(rows[misclassified])
+        sources[label] = int(misclassified.sum())
+    clean_rows = calibration_rows(model, data, index, feature_set, weight_norm, layer=layer, device=device,
+                                  batch_size=batch_size)
+    adv = np.concatenate(adv_rows)
+    X = np.concatenate([clean_rows, adv])
+    y = np.r_[np.zeros(len(clean_rows), np.int64), np.ones(len(adv), np.int64)]
+    # Each class weighs half, however many rows it has: the paper's 50:50 without dropping rows.
+    weights = np.where(y == 1, len(y) / (2 * max(len(adv), 1)), len(y) / (2 * len(clean_rows)))
+    if "random_state" in detector.estimator.get_params():
+        detector.estimator.set_params(random_state=seed)
+    detector.fit(X, y, calibration=_calibration(model, data, attacked, calibration_images, detector, weight_norm,
+                                                layer, device, batch_size), sample_weight=weights)
+    detector.calibrate(attacked.clean_kappa[fit_images])
+    fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
+    described = {"adversarial": sources, "clean": {"clean images": len(fit_images),
+                                                   **{v: len(fit_images) for v in CLEAN_VARIANTS}},
+                 "balance": "class weights: each class weighs half"}
+    return FittedDetector(detector, fit_set, path_rows, described)
+
+
+def _calibration(model, data, attacked, calibration_images, detector, weight_norm, layer, device, batch_size):
+    if detector.target_fpr is None:
+        return None
+    return calibration_rows(model, data, attacked.index[calibration_images], detector.features, weight_norm,
+                            layer=layer, device=device, batch_size=batch_size)
