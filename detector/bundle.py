@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .estimator import UncannyValleyDetector
-from .features import analyze, detector_features, find_last_linear
+from .features import detector_features, find_last_linear
+from .layers import feature_rows
 from .models import ImageClassifier, build_classifier
 
 __all__ = ["BatchDetection", "Bundle", "BundleError", "InputSpec", "load_bundle", "save_bundle", "verify_bundle"]
@@ -114,9 +115,14 @@ class Bundle:
 
     def features(self, x: torch.Tensor) -> tuple[np.ndarray, Any]:
         """The detector's feature rows for a batch of [0, 1] images, and the forward pass's analysis."""
-        out = analyze(self.model, x, self.layer)
-        rows = detector_features(self.detector.feature_set, out.logits, out.phi_sq, self.weight_norm)
+        rows, out = feature_rows(self.model, x, feature_set=self.detector.feature_set, weight_norm=self.weight_norm,
+                                 layer=self.layer, gaussians=self.detector.layer_gaussians)
         return rows.cpu().numpy().astype(np.float64), out
+
+    def features_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """:meth:`features` as a differentiable tensor (what an adaptive attack follows)."""
+        return feature_rows(self.model, x, feature_set=self.detector.feature_set, weight_norm=self.weight_norm,
+                            layer=self.layer, gaussians=self.detector.layer_gaussians, grad=True)
 
     def detect(self, x: torch.Tensor) -> BatchDetection:
         """Labels, probabilities, adversarial flags and scores, κ and uncanny-valley flags for a batch
@@ -185,7 +191,8 @@ def save_bundle(
         "layer": layer,
         "classes": list(classes),
         "input_spec": input_spec.to_dict(),
-        "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr},
+        "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr,
+                     "probes": detector.layer_gaussians.probes if detector.layer_gaussians is not None else []},
         "thresholds": {
             "adversarial": float(detector.operating_threshold),
             "valley": float(detector.valley_threshold_),
@@ -270,9 +277,17 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         probe = detector_features(detector.feature_set, torch.zeros(1, len(classes)), torch.ones(1), 1.0)
     except ValueError as exc:
         raise BundleError(f"bundle file {DETECTOR}: {exc}") from exc
-    if detector.n_features_in_ != probe.shape[1]:
+    gaussians = detector.layer_gaussians
+    n_features = probe.shape[1] + (gaussians.n_features if gaussians is not None else 0)
+    if gaussians is not None:
+        try:
+            for name in gaussians.probes:
+                model.get_submodule(name)
+        except AttributeError as exc:
+            raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
+    if detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
-                          f"set {detector.feature_set!r} has {probe.shape[1]} for {len(classes)} classes")
+                          f"set {detector.feature_set!r} has {n_features} for {len(classes)} classes")
     report = json.loads((root / REPORT).read_text()) if (root / REPORT).is_file() else None
     return Bundle(model, detector, classes, spec, architecture, model_config, layer, root,
                   bundle_hash, report, thresholds)

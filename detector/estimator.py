@@ -63,6 +63,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         Cloned before fitting. Default: ``DecisionTreeClassifier(min_samples_leaf=5)``.
     features : str
         Name of the feature set the rows are.
+    probes : int
+        Earlier layers whose class-conditional distances follow the feature set in each row (0: none).
+        Their statistics are fitted apart and set with :meth:`set_layer_statistics`.
     valley_quantile : float
         Quantile of clean κ that becomes τ.
     threshold : float
@@ -80,10 +83,11 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     calibration_fpr_ : float, the share of calibration inputs flagged at ``threshold_`` (when fitted on them)
     """
 
-    def __init__(self, estimator=None, features: str = "psi", valley_quantile: float = 0.5,
+    def __init__(self, estimator=None, features: str = "psi", probes: int = 0, valley_quantile: float = 0.5,
                  threshold: float = 0.5, target_fpr: float | None = None, random_state: int | None = 0):
         self.estimator = estimator
         self.features = features
+        self.probes = probes
         self.valley_quantile = valley_quantile
         self.threshold = threshold
         self.target_fpr = target_fpr
@@ -150,6 +154,16 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     def feature_set(self) -> str:
         return getattr(self, "features", "psi")
 
+    @property
+    def layer_gaussians(self):
+        """The earlier layers' statistics (:class:`detector.layers.LayerGaussians`), or None."""
+        return getattr(self, "layer_gaussians_", None)
+
+    def set_layer_statistics(self, gaussians):
+        """Attach the fitted earlier-layer statistics whose distances end every feature row."""
+        self.layer_gaussians_ = gaussians
+        return self
+
     def _check_X(self, X) -> np.ndarray:
         check_is_fitted(self, "estimator_")
         if (isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind == "f" and X.shape[0] > 0
@@ -199,17 +213,20 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         return Detection(flagged, score, kappa, flagged & (kappa <= self.valley_threshold_))
 
 
-#: Detectors by name: the paper's (a decision tree on ψ, flagged at P ≥ 0.5) and the default
-#: (gradient-boosted trees on both phases' features, flagged at a target false-positive rate).
+#: Detectors by name: the paper's (a decision tree on ψ, flagged at P ≥ 0.5); ``curvature``
+#: (gradient-boosted trees on both phases' output-layer features, flagged at a target false-positive
+#: rate); ``layers`` (the same, plus class-conditional distances of three earlier layers and of φ).
+_BOOSTED = HistGradientBoostingClassifier(max_iter=100, max_depth=3, min_samples_leaf=20, l2_regularization=1.0,
+                                          early_stopping=False, random_state=0)
 DETECTORS = {
     "paper": dict(features="psi", estimator=None, target_fpr=None),
     "curvature": dict(
         features="curvature",
         # Shallow and regularised: a few hundred clean images per class are common, and deeper
         # boosting fitted their noise (digits: 5–10 points less detection at the same FPR).
-        estimator=HistGradientBoostingClassifier(max_iter=100, max_depth=3, min_samples_leaf=20,
-                                                 l2_regularization=1.0, early_stopping=False, random_state=0),
+        estimator=_BOOSTED,
         target_fpr=0.05),
+    "layers": dict(features="curvature", probes=3, estimator=_BOOSTED, target_fpr=0.05),
 }
 
 

@@ -25,7 +25,7 @@ from .attacks import get_attack
 from .bundle import Bundle
 from .datasets import ImageDataset
 from .estimator import flagging_threshold
-from .features import Analysis, detector_features
+from .features import Analysis
 from .metrics import Rate, auroc, evasion_rate, rate
 from .shifts import SHIFTS, apply_shift
 
@@ -210,16 +210,20 @@ def _batches(index: np.ndarray, size: int):
         yield index[start:start + size]
 
 
+def _with_logits(rows_and_analysis):
+    rows, out = rows_and_analysis
+    return out.logits, rows
+
+
 def _oracles(bundle: Bundle, calibration_rows: np.ndarray, clean_margin: float) -> dict[str, Any]:
     """What an adaptive attacker who knows the detector is given."""
-    feature_set, weight_norm = bundle.detector.feature_set, bundle.weight_norm
     rows = torch.as_tensor(calibration_rows, dtype=torch.float32)
     return {
         "layer": bundle.layer,
         "margin": clean_margin,
         "flagged": lambda x: torch.as_tensor(bundle.detect(x).adversarial),
         "score": lambda x: torch.as_tensor(bundle.detect(x).adversarial_score),
-        "features": lambda logits, phi_sq: detector_features(feature_set, logits, phi_sq, weight_norm).float(),
+        "features": lambda x: _with_logits(bundle.features_with_grad(x)),
         "target": rows.mean(dim=0),
         "scale": rows.std(dim=0),
     }

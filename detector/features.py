@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "FEATURE_SETS",
     "Analysis",
+    "analysis_from",
     "analyze",
     "curvature_features",
     "detector_features",
@@ -207,6 +208,16 @@ class Analysis:
         return self.logits.argmax(dim=1)
 
 
+def analysis_from(logits: torch.Tensor, phi: torch.Tensor, weight: torch.Tensor) -> Analysis:
+    """:class:`Analysis` of one forward pass's logits and φ (``weight``: the output layer's)."""
+    logits = logits.to(_stat_dtype(logits, phi))
+    # One softmax serves both the answer and ψ.
+    probabilities = torch.softmax(logits, dim=1)
+    values = _psi_from_probabilities(probabilities, phi)
+    kappa = sharpness_from_psi(values, weight)
+    return Analysis(logits, probabilities, values, kappa, phi)
+
+
 @torch.inference_mode()
 def analyze(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> Analysis:
     """Prediction, ψ and κ of a batch from a single forward pass (no gradients).
@@ -216,9 +227,4 @@ def analyze(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> Anal
     """
     linear = find_last_linear(model, layer)
     logits, phi = _forward_at(model, linear, x)
-    # One softmax serves both the answer and ψ.
-    logits = logits.to(_stat_dtype(logits, phi))
-    probabilities = torch.softmax(logits, dim=1)
-    values = _psi_from_probabilities(probabilities, phi)
-    kappa = sharpness_from_psi(values, linear.weight)
-    return Analysis(logits, probabilities, values, kappa, phi)
+    return analysis_from(logits, phi, linear.weight)

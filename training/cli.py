@@ -121,8 +121,10 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                    help="correctly classified clean test images to attack")
     if not trajectory:
         g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
-                       help="curvature: boosted trees on both phases of the attack path, flagged at "
-                            "--target-fpr; paper: the talk's decision tree on ψ, flagged at P >= 0.5")
+                       help="layers: boosted trees on both phases of the attack path (output-layer curvature "
+                            "and class-conditional distances of earlier layers), flagged at --target-fpr; "
+                            "curvature: the same without earlier layers; paper: the talk's decision tree on ψ, "
+                            "flagged at P >= 0.5")
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
                        help="share of clean calibration images the detector may flag")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,

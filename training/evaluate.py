@@ -30,6 +30,7 @@ from .pipeline import (
     _json_safe,
     load_splits,
     resolve_device,
+    seen_in_fitting,
 )
 
 __all__ = ["build_parser", "main", "run_evaluation"]
@@ -100,6 +101,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["data"] = {"spec": data, "source": source}
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite
+    evaluation["seen_in_fitting"] = seen_in_fitting(report)
     evaluation = _json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
     title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "

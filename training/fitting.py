@@ -4,11 +4,13 @@ Two recipes, chosen by the detector's name (:data:`detector.estimator.DETECTORS`
 
 - ``paper``: the talk's 50:50 set of clean ψ and the final PGD iterate's ψ, a decision tree,
   flagged at P(adversarial) ≥ 0.5;
-- ``curvature`` (the default): both phases of the path.  Adversarial rows are every misclassified
-  step of the recorded PGD path (near the boundary and deep in the valley), plus FGSM and a PGD at a
-  quarter of ε; clean rows are the clean images and the same images after the service's own
-  resize path and JPEG.  Gradient-boosted trees on the log-domain curvature features, flagged at a
-  threshold set on held-out clean calibration images to a target false-positive rate.
+- ``layers`` (the default) and ``curvature``: both phases of the path.  Adversarial rows are every
+  misclassified step of the recorded PGD path (near the boundary and deep in the valley), plus FGSM
+  and a PGD at a quarter of ε, each source weighing the same; clean rows are the clean images and
+  the same images after the service's own resize path, JPEG and mild photometric changes.
+  Gradient-boosted trees on the log-domain curvature features (``layers``: and the earlier layers'
+  class-conditional distances), flagged at a threshold set on held-out clean calibration images
+  to a target false-positive rate.
 
 The images are split before anything is fitted: fit, calibration and held-out images never share
 an image, so a clean image and its adversarials always sit on the same side.
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detector import ImageDataset, UncannyValleyDetector, analyze, fgsm, pgd
+from detector import ImageDataset, UncannyValleyDetector, fgsm, pgd
 from detector.estimator import make_detector
 from detector.features import detector_features, find_last_linear
+from detector.layers import LayerGaussians, feature_rows, probe_layers
 from detector.shifts import apply_shift
 
 __all__ = [
@@ -31,9 +34,10 @@ __all__ = [
     "split_calibration", "split_images",
 ]
 
-#: Clean images are also seen through these (the service's resize path and JPEG), so ordinary
-#: uploads do not fire.  Evaluation reports them apart from the shifts the detector never saw.
-CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75")
+#: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
+#: changes than the evaluation's), so ordinary uploads do not fire.  The evaluation marks the shifts
+#: the detector saw.
+CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "brightness ×0.9", "contrast ×0.85", "noise σ=0.01")
 
 
 @dataclass
@@ -106,29 +110,62 @@ def balanced_side(attacked: AttackedSet, images: np.ndarray, rng: np.random.Gene
     return DetectorSet(psi, kappa, is_adv, np.concatenate([clean, adv]), rows)
 
 
-def _batched_rows(model, data: ImageDataset, index: np.ndarray, transform, feature_set: str, weight_norm: float,
-                  layer: str | None, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class Extractor:
+    """The detector's feature rows for a batch: what :meth:`detector.Bundle.features` computes."""
+
+    model: torch.nn.Module
+    feature_set: str
+    weight_norm: float
+    layer: str | None
+    gaussians: LayerGaussians | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Rows ``[N, F]`` (float64) and the predicted labels."""
+        rows, out = feature_rows(self.model, x, feature_set=self.feature_set, weight_norm=self.weight_norm,
+                                 layer=self.layer, gaussians=self.gaussians)
+        return rows.cpu().numpy().astype(np.float64), out.predictions
+
+
+def _batched_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, transform, device: torch.device,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows of ``transform(x, y)`` for the images ``data[index]``, and whether each is misclassified."""
     rows, wrong = [], []
     for start in range(0, len(index), batch_size):
         x, y = data.batch(torch.as_tensor(index[start:start + batch_size]))
         x, y = x.to(device), y.to(device)
-        out = analyze(model, transform(x, y), layer)
-        rows.append(detector_features(feature_set, out.logits, out.phi_sq, weight_norm).cpu().numpy())
-        wrong.append((out.predictions != y).cpu().numpy())
+        r, predicted = extract(transform(x, y))
+        rows.append(r)
+        wrong.append((predicted != y).cpu().numpy())
     if not rows:
         return np.empty((0, 0)), np.empty(0, bool)
-    return np.concatenate(rows).astype(np.float64), np.concatenate(wrong)
+    return np.concatenate(rows), np.concatenate(wrong)
 
 
-def calibration_rows(model, data: ImageDataset, index: np.ndarray, feature_set: str, weight_norm: float, *,
-                     layer: str | None, device: torch.device, batch_size: int) -> np.ndarray:
+def calibration_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, *, device: torch.device,
+                     batch_size: int) -> np.ndarray:
     """Feature rows of the clean calibration images, as they come and through :data:`CLEAN_VARIANTS`."""
-    parts = [_batched_rows(model, data, index, lambda x, y: x, feature_set, weight_norm, layer, device, batch_size)[0]]
+    parts = [_batched_rows(extract, data, index, lambda x, y: x, device, batch_size)[0]]
     for name in CLEAN_VARIANTS:
-        parts.append(_batched_rows(model, data, index, lambda x, y, n=name: apply_shift(n, x), feature_set,
-                                   weight_norm, layer, device, batch_size)[0])
+        parts.append(_batched_rows(extract, data, index, lambda x, y, n=name: apply_shift(n, x), device,
+                                   batch_size)[0])
     return np.concatenate(parts)
+
+
+def _rerun_path_rows(extract: Extractor, data: ImageDataset, attacked: AttackedSet, pgd_params: dict, seed: int,
+                     device: torch.device, batch_size: int) -> np.ndarray:
+    """Feature rows ``[N, T+1, F]`` of every iterate, from PGD run again exactly as the recorded one
+    (same batches, same seeds), for features the recorded logits do not give (earlier layers)."""
+    out = []
+    for b, start in enumerate(range(0, len(attacked.index), batch_size)):
+        x, y = data.batch(torch.as_tensor(attacked.index[start:start + batch_size]))
+        x, y = x.to(device), y.to(device)
+        path = pgd(extract.model, x, y, record=True, keep_iterates=True, layer=extract.layer, seed=seed + b,
+                   **pgd_params)
+        n, t1 = path.iterates.shape[:2]
+        rows, _ = extract(path.iterates.flatten(0, 1))
+        out.append(rows.reshape(n, t1, -1))
+    return np.concatenate(out)
 
 
 @dataclass
@@ -139,21 +176,40 @@ class FittedDetector:
     described: dict  # what the rows were, for the report
 
 
+#: Clean training images the earlier layers' statistics are fitted on, at most.
+REFERENCE_IMAGES = 5000
+
+
 def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fit_images: np.ndarray,
-                 calibration_images: np.ndarray, *, eps: float, target_fpr: float | None, layer: str | None,
-                 device: torch.device, batch_size: int, seed: int) -> FittedDetector:
+                 calibration_images: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
+                 device: torch.device, batch_size: int, seed: int,
+                 reference: ImageDataset | None = None) -> FittedDetector:
     """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
-    the calibration images (clean only)."""
+    the calibration images (clean only).  ``pgd_params`` are the recorded attack's (``eps``,
+    ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
+    earlier layers' statistics of detectors that read them."""
     detector = make_detector(name, target_fpr=target_fpr, random_state=seed)
-    feature_set = detector.features
     weight_norm = float(torch.linalg.vector_norm(find_last_linear(model, layer).weight.detach().float()))
-    path_rows = _path_rows(attacked, feature_set, weight_norm)
+    extract = Extractor(model, detector.features, weight_norm, layer)
+    if detector.probes:
+        if reference is None:
+            raise ValueError(f"the {name!r} detector needs clean reference images for its layer statistics")
+        pick = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(reference))[:REFERENCE_IMAGES]))
+        x_ref, y_ref = reference.batch(pick)
+        extract.gaussians = LayerGaussians(probe_layers(model, detector.probes), layer).fit(
+            model, x_ref, y_ref, batch_size=batch_size)
+        detector.set_layer_statistics(extract.gaussians)
+        path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)
+    else:
+        path_rows = _path_rows(attacked, detector.features, weight_norm)
+    eps = pgd_params["eps"]
     rng = np.random.default_rng(seed + 1)
+    calibration = (None if detector.target_fpr is None else
+                   calibration_rows(extract, data, attacked.index[calibration_images], device=device,
+                                    batch_size=batch_size))
     if name == "paper":
         fit_set = balanced_side(attacked, fit_images, rng, path_rows)
-        detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa,
-                     calibration=_calibration(model, data, attacked, calibration_images, detector, weight_norm,
-                                              layer, device, batch_size))
+        detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration)
         return FittedDetector(detector, fit_set, path_rows, {"adversarial": {"final PGD iterate": int(fit_set.is_adv.sum())},
                                                              "clean": {"clean images": int((fit_set.is_adv == 0).sum())},
                                                              "balance": "50:50"})
@@ -166,31 +222,25 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     index = attacked.index[fit_images]
     for label, attack in (("fgsm", lambda x, y: fgsm(model, x, y, eps=eps)),
                           ("pgd ε/4", lambda x, y: pgd(model, x, y, eps=eps / 4, alpha=eps / 16, steps=10))):
-        rows, misclassified = _batched_rows(model, data, index, attack, feature_set, weight_norm, layer, device,
-                                            batch_size)
+        rows, misclassified = _batched_rows(extract, data, index, attack, device, batch_size)
         adv_rows.append(rows[misclassified])
         sources[label] = int(misclassified.sum())
-    clean_rows = calibration_rows(model, data, index, feature_set, weight_norm, layer=layer, device=device,
-                                  batch_size=batch_size)
+    clean_rows = calibration_rows(extract, data, index, device=device, batch_size=batch_size)
     adv = np.concatenate(adv_rows)
     X = np.concatenate([clean_rows, adv])
     y = np.r_[np.zeros(len(clean_rows), np.int64), np.ones(len(adv), np.int64)]
-    # Each class weighs half, however many rows it has: the paper's 50:50 without dropping rows.
-    weights = np.where(y == 1, len(y) / (2 * max(len(adv), 1)), len(y) / (2 * len(clean_rows)))
+    # Clean and adversarial weigh half each (the paper's 50:50 without dropping rows), and within
+    # the adversarial half every source weighs the same: the path's ~T rows per image would
+    # otherwise drown the one-step and small-ε attacks.
+    used = [r for r in adv_rows if len(r)]
+    adv_weights = np.concatenate([np.full(len(r), 1.0 / (len(used) * len(r))) for r in used])
+    weights = np.r_[np.full(len(clean_rows), 0.5 / len(clean_rows)), 0.5 * adv_weights] * len(y)
     if "random_state" in detector.estimator.get_params():
         detector.estimator.set_params(random_state=seed)
-    detector.fit(X, y, calibration=_calibration(model, data, attacked, calibration_images, detector, weight_norm,
-                                                layer, device, batch_size), sample_weight=weights)
+    detector.fit(X, y, calibration=calibration, sample_weight=weights)
     detector.calibrate(attacked.clean_kappa[fit_images])
     fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
     described = {"adversarial": sources, "clean": {"clean images": len(fit_images),
                                                    **{v: len(fit_images) for v in CLEAN_VARIANTS}},
                  "balance": "class weights: each class weighs half"}
     return FittedDetector(detector, fit_set, path_rows, described)
-
-
-def _calibration(model, data, attacked, calibration_images, detector, weight_norm, layer, device, batch_size):
-    if detector.target_fpr is None:
-        return None
-    return calibration_rows(model, data, attacked.index[calibration_images], detector.features, weight_norm,
-                            layer=layer, device=device, batch_size=batch_size)

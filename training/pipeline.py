@@ -124,7 +124,7 @@ class TrainOptions:
     norm: str = "linf"
     random_start: bool = False
     # detector
-    detector: str = "curvature"
+    detector: str = "layers"
     target_fpr: float = 0.05
     max_samples: int = 2000
     test_fraction: float = 0.3
@@ -742,8 +742,10 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if len(calibration_images) < 1:
         raise PipelineError("no calibration images: raise --max-samples or --calibration-fraction")
     fitted = fit_detector(options.detector, model, prepared.test, attacked, fit_images, calibration_images,
-                          eps=attack.eps, target_fpr=options.target_fpr if options.detector != "paper" else None,
-                          layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed)
+                          pgd_params={k: getattr(attack, k) for k in ("eps", "alpha", "steps", "norm", "random_start")},
+                          target_fpr=options.target_fpr if options.detector != "paper" else None,
+                          layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
+                          reference=prepared.train)
     detector, fit_set = fitted.detector, fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
     if np.intersect1d(held_out.image, np.concatenate([fit_images, calibration_images])).size:
@@ -841,6 +843,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                                int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
             seed=options.seed, progress=options.progress).to_dict()
+        evaluation["seen_in_fitting"] = seen_in_fitting(report)
         evaluation = _json_safe(remap_ids(evaluation, origin))
         report["evaluation"] = summarize_evaluation(evaluation)
         timing["attack_suite"] = time.perf_counter() - start
@@ -890,6 +893,12 @@ def remap_ids(evaluation: dict[str, Any], origin: np.ndarray) -> dict[str, Any]:
     return evaluation
 
 
+def seen_in_fitting(report: dict[str, Any]) -> list[str]:
+    """The natural shifts the detector's clean fitting rows went through (from the report)."""
+    clean = report.get("detection", {}).get("fitted_on", {}).get("clean", {})
+    return [name for name in clean if name != "clean images"] if isinstance(clean, dict) else []
+
+
 def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The evaluation without its per-row arrays: what report.json and /model carry."""
     return {
@@ -899,6 +908,7 @@ def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
         "attacks": [{k: v for k, v in a.items() if k not in ("image_ids", "scores")} for a in evaluation["attacks"]],
         "shifts": [{k: v for k, v in s.items() if k != "scores"} for s in evaluation["shifts"]],
         "n_evaluated": len(evaluation["image_ids"]["evaluated"]),
+        "seen_in_fitting": evaluation.get("seen_in_fitting", []),
     }
 
 

@@ -407,8 +407,10 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
         "|---|---|---|---:|",
     ]
+    seen = set(evaluation.get("seen_in_fitting", []))
     for sh in evaluation["shifts"]:
-        lines.append(f"| {sh['name']} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
+        name = f"{sh['name']} (seen in fitting)" if sh["name"] in seen else sh["name"]
+        lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
                      f"{_pct(sh['accuracy'])} |")
     return lines
 

@@ -31,4 +31,4 @@ register_attack("square", kind="black-box", norm="linf")(square)
 register_attack("margin-capped", kind="adaptive", norm="linf", needs=("margin",))(margin_capped_pgd)
 register_attack("backoff", kind="adaptive", norm="linf", needs=("flagged", "layer"))(backoff_pgd)
 register_attack("feature-matching", kind="adaptive", norm="linf",
-                needs=("features", "target", "scale", "score", "layer"))(feature_matching_pgd)
+                needs=("features", "target", "scale", "score"))(feature_matching_pgd)

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features import _forward_at, find_last_linear
 from ._base import check_batch, eval_mode
 from .pgd import _project, pgd
 
@@ -76,21 +75,19 @@ def backoff_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 
 
 def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-                         steps: int, features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                         target: torch.Tensor, scale: torch.Tensor, lam: float, score: Oracle,
-                         layer: str | None = None) -> torch.Tensor:
+                         steps: int, features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                         target: torch.Tensor, scale: torch.Tensor, lam: float, score: Oracle) -> torch.Tensor:
     """L∞ PGD on ``CE(y) − lam · mean(((features − target) / scale)²)``.
 
-    ``features(logits, phi_sq)`` must be differentiable (the detector's feature set); ``target``
-    and ``scale`` are the clean features' mean and spread.  Per input the answer is the
-    misclassified iterate with the lowest ``score`` seen (the final iterate when none was
-    misclassified).
+    ``features(x) -> (logits, rows)`` is one differentiable forward pass giving the logits and the
+    detector's feature rows; ``target`` and ``scale`` are the clean rows' mean and spread.  Per input
+    the answer is the misclassified iterate with the lowest ``score`` seen (the final iterate when
+    none was misclassified).
     """
     if eps < 0 or alpha <= 0 or steps < 1 or lam < 0:
         raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1 and lam >= 0 (got {eps}, {alpha}, {steps}, {lam})")
     check_batch(x, y)
     x0, y = x.detach(), y.to(x.device)
-    linear = find_last_linear(model, layer)
     target, scale = target.to(x.device), scale.to(x.device).clamp_min(1e-6)
     best = x0.clone()
     best_score = torch.full((x0.shape[0],), float("inf"), device=x.device)
@@ -99,8 +96,8 @@ def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         for t in range(steps + 1):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
-                logits, phi = _forward_at(model, linear, x_adv)
-                distance = ((features(logits, phi.float().pow(2).sum(dim=1)) - target) / scale).pow(2).mean(dim=1)
+                logits, rows = features(x_adv)
+                distance = ((rows.float() - target) / scale).pow(2).mean(dim=1)
                 loss = F.cross_entropy(logits.float(), y, reduction="none") - lam * distance
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             with torch.no_grad():

@@ -1,0 +1,155 @@
+"""Class-conditional Gaussian statistics of earlier layers, read in the same forward pass.
+
+Near the decision boundary the output layer of an adversarial looks like that of a hard clean
+image (both are unsure); what separates them sits earlier in the network, where the perturbation
+has moved the activations away from those of any clean image of the predicted class (Lee et al.,
+"A simple unified framework for detecting out-of-distribution samples and adversarial attacks",
+2018).  Forward hooks on a few ``nn.Conv2d`` layers spread over the depth, and on the output
+layer's input φ, collect channel means of each; :class:`LayerGaussians` keeps one mean per class
+and one shared covariance per layer, fitted on clean training images, and scores an input by the
+Mahalanobis distance of each layer's activations to its predicted class.  No extra pass: the
+hooks read what the prediction computes anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .features import (
+    Analysis,
+    _stat_dtype,
+    analysis_from,
+    analyze,
+    detector_features,
+    find_last_linear,
+)
+
+__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "probe_layers"]
+
+
+def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
+    """Names of ``count`` ``nn.Conv2d`` modules spread evenly over the depth, the last one included."""
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        return []
+    picks = np.unique(np.round(np.linspace(0, len(convs) - 1, count + 1)[1:]).astype(int))
+    return [convs[i] for i in picks]
+
+
+def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], layer: str | None = None):
+    """One forward pass: ``(logits, phi, [channel means of each probe, [N, C]])``.
+
+    Each probe's output ``[N, C, H, W]`` is averaged over space as the pass goes, so nothing larger
+    than ``[N, C]`` is kept per layer.  Gradients flow through everything (adaptive attacks use it).
+    """
+    linear = find_last_linear(model, layer)
+    captured: dict[str, torch.Tensor] = {}
+    phi: list[torch.Tensor] = []
+    handles = [linear.register_forward_pre_hook(lambda _m, inputs: phi.append(inputs[0]))]
+    for name in probes:
+        module = model.get_submodule(name)
+
+        def hook(_m, _inputs, output, name=name):
+            captured[name] = output.flatten(2).mean(dim=2) if output.ndim > 2 else output
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in probes if n not in captured]
+    if missing or not phi:
+        raise RuntimeError(f"layers {missing or [layer or 'output']} were not called in the forward pass")
+    return logits, phi[-1].flatten(1), [captured[n] for n in probes]
+
+
+class LayerGaussians:
+    """Per layer: a mean per class and one shared covariance of the activations of clean images.
+
+    Plain arrays only (``means_``, ``precisions_``), so a bundle can store them as numbers.
+    """
+
+    def __init__(self, probes: Sequence[str], layer: str | None = None, ridge: float = 1e-3):
+        self.probes = list(probes)
+        self.layer = layer
+        self.ridge = ridge
+
+    @torch.no_grad()
+    def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
+        """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels``."""
+        model.eval()
+        device = next(model.parameters()).device
+        k = int(labels.max()) + 1 if len(labels) else 0
+        rows: list[list[torch.Tensor]] = []
+        ys = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size]
+            logits, phi, acts = forward_probed(model, x, self.probes, self.layer)
+            keep = (logits.argmax(1).cpu() == y)
+            feats = [a.double().cpu()[keep] for a in [*acts, phi]]
+            rows.append(feats)
+            ys.append(y[keep])
+        if not rows:
+            raise ValueError("no images to fit the layer statistics on")
+        y = torch.cat(ys)
+        if len(y) < 2:
+            raise ValueError("the model classifies fewer than two of the reference images correctly")
+        self.means_, self.precisions_ = [], []
+        for i in range(len(self.probes) + 1):
+            feats = torch.cat([r[i] for r in rows])
+            means = torch.zeros(max(k, int(y.max()) + 1), feats.shape[1], dtype=torch.float64)
+            centred = torch.empty_like(feats)
+            for c in torch.unique(y).tolist():
+                sel = y == c
+                means[c] = feats[sel].mean(dim=0)
+                centred[sel] = feats[sel] - means[c]
+            cov = centred.T @ centred / max(len(feats) - 1, 1)
+            ridge = self.ridge * cov.diagonal().mean().clamp_min(1e-12)
+            precision = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=torch.float64))
+            self.means_.append(means.numpy())
+            self.precisions_.append(precision.numpy())
+        self.n_fit_ = int(len(y))
+        return self
+
+    @property
+    def n_features(self) -> int:
+        return len(self.probes) + 1
+
+    def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe and of φ to the predicted
+        class's mean.  Differentiable in the activations."""
+        dtype = _stat_dtype(phi)
+        out = []
+        for values, means, precision in zip([*acts, phi], self.means_, self.precisions_, strict=True):
+            m = torch.as_tensor(means, dtype=dtype, device=values.device)[predicted]
+            p = torch.as_tensor(precision, dtype=dtype, device=values.device)
+            diff = values.to(dtype) - m
+            out.append(torch.log1p(((diff @ p) * diff).sum(dim=1).clamp_min(0)))
+        return torch.stack(out, dim=1)
+
+
+def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_norm: float,
+                 layer: str | None = None, gaussians: LayerGaussians | None = None,
+                 grad: bool = False) -> tuple[torch.Tensor, Analysis]:
+    """The detector's feature rows ``[N, F]`` for a batch, and the pass's :class:`Analysis`: the
+    output-layer feature set, followed by the earlier layers' distances when ``gaussians`` is given.
+
+    One forward pass, no gradients unless ``grad`` (for attacks that follow the features).
+    """
+    if gaussians is None and not grad:
+        out = analyze(model, x, layer)
+        return detector_features(feature_set, out.logits, out.phi_sq, weight_norm), out
+    with torch.enable_grad() if grad else torch.inference_mode():
+        probes = gaussians.probes if gaussians is not None else []
+        logits, phi, acts = forward_probed(model, x, probes, layer)
+        out = analysis_from(logits, phi, find_last_linear(model, layer).weight)
+        rows = detector_features(feature_set, out.logits, out.phi_sq, weight_norm)
+        if gaussians is not None:
+            rows = torch.cat([rows, gaussians.distances(acts, phi, out.predictions).to(rows.dtype)], dim=1)
+    return rows, out
