@@ -32,7 +32,10 @@ __all__ = ["LayerGaussians", "feature_rows", "forward_probed", "probe_layers"]
 
 
 def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
-    """Names of ``count`` ``nn.Conv2d`` modules spread evenly over the depth, the last one included."""
+    """Names of up to ``count`` ``nn.Conv2d`` modules at 1/count, 2/count, … 1 of the conv depth
+    (rounded, repeats merged): the last conv always, the first ones, which see edges more than
+    classes, only in shallow networks with few convs.  The small CNN's three convs give the second
+    and the third; a WRN-28-4's 28 give the last conv of each of its three groups."""
     convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not convs:
         return []

@@ -195,6 +195,35 @@ def test_backoff_returns_a_misclassified_iterate_the_oracle_lets_through(digits_
     assert (plain - x).abs().flatten(1).amax(1).min() > 0.2
 
 
+def test_feature_matching_keeps_its_least_suspicious_misclassified_iterate(digits_model, batch):
+    from detector.attacks import feature_matching_pgd
+    from detector.layers import feature_rows
+
+    x, y = batch
+    norm = float(digits_model.net.fc.weight.norm())
+
+    def features(z):
+        rows, out = feature_rows(digits_model, z, feature_set="curvature", weight_norm=norm, grad=True)
+        return out.logits, rows
+
+    clean_rows = features(x)[1].detach().float()
+    calls = []
+
+    def score(z):  # a stand-in detector: suspicious in proportion to the perturbation
+        calls.append(len(z))
+        return (z - x).abs().flatten(1).amax(1)
+
+    x_adv = feature_matching_pgd(digits_model, x, y, eps=0.3, alpha=0.02, steps=20, features=features,
+                                 target=clean_rows.mean(0), scale=clean_rows.std(0), lam=0.1, score=score)
+    with torch.no_grad():
+        wrong = digits_model(x_adv).argmax(1) != y
+    assert wrong.float().mean() > 0.9 and calls
+    plain = pgd(digits_model, x, y, eps=0.3, alpha=0.02, steps=20)
+    # the kept iterate is the least perturbed misclassified one, well inside what plain PGD ends at
+    linf = (x_adv - x).abs().flatten(1).amax(1)
+    assert linf[wrong].median() < (plain - x).abs().flatten(1).amax(1).median()
+
+
 # --- shifts ----------------------------------------------------------------------------------------
 
 

@@ -283,6 +283,14 @@ def test_bring_your_own_model(byo_checkpoint, tmp_path, monkeypatch, capsys):
     bundle = load_bundle(out)
     assert bundle.architecture == "byo_models:make_digits_net" and bundle.layer == "net.classifier"
     assert accuracy(bundle.model, load_dataset("digits", train=False)) == pytest.approx(acc)
+    # The attack suite judges it too, at its own output layer (the adaptive attacks read it).
+    from training.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--bundle", str(out), "--suite", "quick", "--max-images", "60", "--out",
+                          str(tmp_path / "byo-ev"), "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "byo-ev" / "evaluation.json").read_text())
+    assert {a["attack"] for a in ev["attacks"]} >= {"fgsm", "pgd", "backoff", "margin-capped"}
+    assert all(a["success"]["n"] > 0 for a in ev["attacks"])
 
 
 def test_state_dict_formats(tmp_path):

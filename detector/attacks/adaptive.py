@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._base import check_batch, eval_mode
@@ -77,7 +76,12 @@ def backoff_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
                          steps: int, features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                          target: torch.Tensor, scale: torch.Tensor, lam: float, score: Oracle) -> torch.Tensor:
-    """L∞ PGD on ``CE(y) − lam · mean(((features − target) / scale)²)``.
+    """L∞ PGD on ``margin − lam · log(1 + mean(((features − target) / scale)²))``, where the margin is
+    ``max_{j≠y} z_j − z_y`` (Carlini & Wagner's loss).
+
+    The margin, unlike the cross-entropy, keeps its gradient at confidently classified clean inputs,
+    and the log keeps the two terms comparable: far from the clean features the squared distance
+    grows by orders of magnitude and would drown the margin at any fixed ``lam``.
 
     ``features(x) -> (logits, rows)`` is one differentiable forward pass giving the logits and the
     detector's feature rows; ``target`` and ``scale`` are the clean rows' mean and spread.  Per input
@@ -97,8 +101,10 @@ def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 logits, rows = features(x_adv)
-                distance = ((rows.float() - target) / scale).pow(2).mean(dim=1)
-                loss = F.cross_entropy(logits.float(), y, reduction="none") - lam * distance
+                distance = torch.log1p(((rows.float() - target) / scale).pow(2).mean(dim=1))
+                z = logits.float()
+                margin = z.scatter(1, y[:, None], float("-inf")).amax(dim=1) - z.gather(1, y[:, None]).squeeze(1)
+                loss = margin - lam * distance
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             with torch.no_grad():
                 wrong = logits.argmax(dim=1) != y

@@ -1,0 +1,74 @@
+"""Earlier layers' class-conditional statistics, read by hooks in the same forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detector import analyze, pgd
+from detector.features import detector_features
+from detector.layers import LayerGaussians, feature_rows, forward_probed, probe_layers
+
+
+def test_probes_are_spread_over_the_depth(digits_model):
+    convs = [n for n, m in digits_model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3
+    assert probe_layers(digits_model, 3) == convs[1:]  # at 2/3 and 3/3 of the depth
+    assert probe_layers(digits_model, 1) == convs[-1:]
+    deep = nn.Sequential(*[nn.Conv2d(1, 1, 1) for _ in range(28)])
+    assert probe_layers(deep, 3) == ["9", "18", "27"]
+    assert probe_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 3) == []
+
+
+def test_probed_pass_is_the_plain_pass(digits_model, digits_test):
+    x, _ = digits_test.batch(slice(0, 16))
+    probes = probe_layers(digits_model)
+    logits, phi, acts = forward_probed(digits_model, x, probes)
+    plain = analyze(digits_model, x)
+    torch.testing.assert_close(logits, plain.logits)
+    torch.testing.assert_close(phi, plain.phi)
+    # channel means of each probed layer's output
+    assert [a.shape for a in acts] == [(16, digits_model.get_submodule(n).out_channels) for n in probes]
+    with pytest.raises(AttributeError):
+        forward_probed(digits_model, x, ["no.such.layer"])
+
+
+@pytest.fixture(scope="module")
+def gaussians(digits_model, digits_train):
+    x, y = digits_train.batch(slice(None))
+    return LayerGaussians(probe_layers(digits_model)).fit(digits_model, x, y)
+
+
+def test_clean_images_sit_near_their_class_and_adversarials_far(digits_model, digits_test, gaussians):
+    x, y = digits_test.batch(slice(0, 200))
+    logits, phi, acts = forward_probed(digits_model, x, gaussians.probes)
+    clean = gaussians.distances(acts, phi, logits.argmax(1)).detach()
+    x_adv = pgd(digits_model, x, y, eps=0.2, alpha=0.05, steps=10)
+    logits, phi, acts = forward_probed(digits_model, x_adv, gaussians.probes)
+    adv = gaussians.distances(acts, phi, logits.argmax(1)).detach()
+    assert clean.shape == adv.shape == (200, len(gaussians.probes) + 1)
+    # every layer, median over inputs: the adversarials are further from their (wrong) class
+    assert (adv.median(dim=0).values > clean.median(dim=0).values).all()
+    # a class's own mean is at distance zero
+    means = [torch.as_tensor(m[3]).float()[None] for m in gaussians.means_]
+    zero = gaussians.distances(means[:-1], means[-1], torch.tensor([3]))
+    assert torch.allclose(zero, torch.zeros_like(zero), atol=1e-6)
+    assert all(isinstance(m, np.ndarray) for m in gaussians.means_ + gaussians.precisions_)
+
+
+def test_feature_rows_append_the_distances_and_grad_changes_nothing(digits_model, digits_test, gaussians):
+    x, _ = digits_test.batch(slice(0, 16))
+    weight_norm = float(digits_model.net.fc.weight.norm())
+    rows, out = feature_rows(digits_model, x, feature_set="curvature", weight_norm=weight_norm,
+                             gaussians=gaussians)
+    base = detector_features("curvature", out.logits, out.phi_sq, weight_norm)
+    assert rows.shape == (16, base.shape[1] + len(gaussians.probes) + 1)
+    torch.testing.assert_close(rows[:, : base.shape[1]], base)
+    x = x.clone().requires_grad_(True)
+    with_grad, _ = feature_rows(digits_model, x, feature_set="curvature", weight_norm=weight_norm,
+                                gaussians=gaussians, grad=True)
+    torch.testing.assert_close(with_grad.detach(), rows)
+    (grad,) = torch.autograd.grad(with_grad[:, -1].sum(), x)
+    assert grad.abs().sum() > 0  # an adaptive attack can follow the earlier layers
