@@ -60,7 +60,7 @@ def test_clean_images_sit_near_their_class_and_adversarials_far(digits_model, di
 
 def test_feature_rows_append_the_distances_and_grad_changes_nothing(digits_model, digits_test, gaussians):
     x, _ = digits_test.batch(slice(0, 16))
-    weight_norm = float(digits_model.net.fc.weight.norm())
+    weight_norm = float(digits_model.net.fc.weight.detach().norm())
     rows, out = feature_rows(digits_model, x, feature_set="curvature", weight_norm=weight_norm,
                              gaussians=gaussians)
     base = detector_features("curvature", out.logits, out.phi_sq, weight_norm)

@@ -458,7 +458,8 @@ def test_cifar10_subset_from_shared_data(cifar10_npz, tmp_path):
     out = tmp_path / "cifar"
     report = run(TrainOptions(data="cifar10", data_dir=str(cifar10_npz.parent), width=16,
                               train_samples=2500, test_samples=2500, epochs=10, max_samples=1000,
-                              eps=12 / 255, alpha=2 / 255, steps=20, out=str(out), progress=False))
+                              eps=12 / 255, alpha=2 / 255, steps=20, evaluate_images=150, out=str(out),
+                              progress=False))
     check_report(report, steps=20)
     check_bundle(out, report)
     assert "npz copy" in report["data"]["source"]
