@@ -1,4 +1,4 @@
-"""Benchmarks of the detector (issue 7): detection overhead, κ along a path, PGD throughput, service load.
+"""Benchmarks of the detector: detection overhead, κ along a path, PGD throughput, service load.
 
 Run them all and write ``docs/BENCHMARKS.md`` with one command::
 

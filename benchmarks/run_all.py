@@ -140,7 +140,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
     out: list[str] = []
     out.append("# Benchmarks\n")
     out.append(
-        "Issue 7: the product's claim is that detection costs almost nothing on top of classification. "
+        "The product's claim is that detection costs almost nothing on top of classification. "
         "This document is **generated** by the benchmark suite; do not edit it by hand, re-run it:\n\n"
         "```bash\n"
         "pip install -e '.[test]'          # ART and httpx are test extras\n"

@@ -1,4 +1,4 @@
-"""The HTTP service (issue 5): FastAPI + uvicorn around a verified detector bundle.
+"""The HTTP service: FastAPI + uvicorn around a verified detector bundle.
 
 ``create_app(settings)`` builds the app; ``detector-serve`` (``service.cli:main``) runs it.
 """

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark suite (issue 7): every script runs in its smallest mode and its rows
+"""Smoke tests of the benchmark suite: every script runs in its smallest mode and its rows
 are well formed.  No timing is asserted here (timings belong in docs/BENCHMARKS.md); the one number
 checked is the κ error against the exact Hessian, which is correctness, not speed."""
 

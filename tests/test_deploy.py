@@ -1,4 +1,4 @@
-"""Deployment (issue 6): the Dockerfile, .dockerignore and compose files, checked without an engine.
+"""Deployment: the Dockerfile, .dockerignore and compose files, checked without an engine.
 
 Neither this machine nor CI runs a Docker engine, so:
 

@@ -200,7 +200,7 @@ def test_feature_matching_keeps_its_least_suspicious_misclassified_iterate(digit
     from detector.layers import feature_rows
 
     x, y = batch
-    norm = float(digits_model.net.fc.weight.norm())
+    norm = float(digits_model.net.fc.weight.detach().norm())
 
     def features(z):
         rows, out = feature_rows(digits_model, z, feature_set="curvature", weight_norm=norm, grad=True)
