@@ -353,6 +353,15 @@ def test_training_tiny_sets(digits_train):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_radii_are_printed_as_given():
+    from training.report import pixel_value
+
+    assert pixel_value(8 / 255) == "8/255" and pixel_value(2 / 255) == "2/255"
+    assert pixel_value(0.2) == "0.2" and pixel_value(0.05) == "0.05"  # not "51/255" for the digits default
+    assert pixel_value(0.5 / 255) == "0.5/255"
+    assert pixel_value(0.123456) == "0.1235"
+
+
 def test_attack_defaults_depend_on_the_data():
     paper = attack_settings(TrainOptions(data="cifar10"))
     assert (paper.eps, paper.alpha, paper.steps, paper.defaults) == (8 / 255, 2 / 255, 10, "paper")
@@ -414,7 +423,7 @@ def test_every_builtin_model(model, tmp_path):
     assert accuracy(bundle.model, test) == pytest.approx(report["classifier"]["clean_accuracy"])
 
 
-def test_folder_dataset(tmp_path):
+def test_folder_dataset(tmp_path, capsys):
     """``folder:PATH`` (ImageFolder layout with train/ and test/) of real digit images as PNG files."""
     from PIL import Image
 
@@ -432,6 +441,16 @@ def test_folder_dataset(tmp_path):
     check_bundle(out, report)
     assert report["data"]["input_shape"] == [1, 8, 8] and report["data"]["n_test"] == 200
     assert report["classifier"]["clean_accuracy"] > 0.9
+    # --image-size resizes a folder's images (and says so); other data refuses it
+    resized = load_dataset(f"folder:{root}", train=False, image_size=(12, 16))
+    assert resized.input_shape == (1, 12, 16) and len(resized) == 200
+    from training.pipeline import load_splits
+
+    train, _, _, _ = load_splits(TrainOptions(data=f"folder:{root}", image_size=[10]))
+    assert train.input_shape == (1, 10, 10)
+    assert "images: 10×10 pixels, 1 channel (--image-size)" in capsys.readouterr().err
+    with pytest.raises(PipelineError, match="folder: data only"):
+        load_splits(TrainOptions(data="digits", image_size=[10]))
 
 
 def test_cifar10_in_torchvision_format(fake_cifar10, tmp_path):
