@@ -151,7 +151,8 @@ def curvature_features(logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: 
     classes, the entropy of ŷ and log‖φ‖².
 
     Per class, not sorted: which classes carry the curvature tells the detector more than the sorted
-    spectrum does (measured on digits: +4 to +15 points of detection at 5% false positives).
+    spectrum does (a one-off comparison on digits, two seeds: more of FGSM, PGD and the adaptive
+    attacks flagged at the same false-positive rate, about as much of early-stopped PGD).
     """
     dtype = _stat_dtype(logits, phi_sq)
     logits = logits.to(dtype)
