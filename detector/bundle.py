@@ -115,14 +115,13 @@ class Bundle:
 
     def features(self, x: torch.Tensor) -> tuple[np.ndarray, Any]:
         """The detector's feature rows for a batch of [0, 1] images, and the forward pass's analysis."""
-        rows, out = feature_rows(self.model, x, feature_set=self.detector.feature_set, weight_norm=self.weight_norm,
-                                 layer=self.layer, gaussians=self.detector.layer_gaussians)
+        rows, out = self.features_with_grad(x, grad=False)
         return rows.cpu().numpy().astype(np.float64), out
 
-    def features_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """:meth:`features` as a differentiable tensor (what an adaptive attack follows)."""
+    def features_with_grad(self, x: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, Any]:
+        """:meth:`features` as a tensor, differentiable unless ``grad=False`` (what an adaptive attack follows)."""
         return feature_rows(self.model, x, feature_set=self.detector.feature_set, weight_norm=self.weight_norm,
-                            layer=self.layer, gaussians=self.detector.layer_gaussians, grad=True)
+                            layer=self.layer, gaussians=self.detector.layer_gaussians, grad=grad)
 
     def detect(self, x: torch.Tensor) -> BatchDetection:
         """Labels, probabilities, adversarial flags and scores, κ and uncanny-valley flags for a batch

@@ -130,6 +130,20 @@ def sharpness_from_psi(psi_values: torch.Tensor, weight: torch.Tensor) -> torch.
     return norm * psi_values.sum(dim=1)
 
 
+def _log_terms(logits: torch.Tensor, phi_sq: torch.Tensor):
+    """log ŷ, the top class, log(1 − ŷ_top) and log‖φ‖² (logits and ‖φ‖² in the statistics' dtype)."""
+    log_p = torch.log_softmax(logits, dim=1)
+    top = log_p.argmax(dim=1, keepdim=True)
+    log_rest = log_p.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True)
+    log_phi_sq = phi_sq.clamp_min(torch.finfo(phi_sq.dtype).tiny).log()
+    return log_p, top, log_rest, log_phi_sq
+
+
+def _log_psi(log_p: torch.Tensor, top: torch.Tensor, log_rest: torch.Tensor, log_phi_sq: torch.Tensor) -> torch.Tensor:
+    log_complement = torch.log1p(-log_p.exp().clamp(max=0.5)).scatter(1, top, log_rest)
+    return log_p + log_complement + log_phi_sq.unsqueeze(1)
+
+
 def log_psi(logits: torch.Tensor, phi_sq: torch.Tensor) -> torch.Tensor:
     """log ψ ``[N, k]`` in the log domain: finite where ψ itself underflows (confident inputs).
 
@@ -138,12 +152,7 @@ def log_psi(logits: torch.Tensor, phi_sq: torch.Tensor) -> torch.Tensor:
     Differentiable, so an adaptive attack can follow it.
     """
     dtype = _stat_dtype(logits, phi_sq)
-    log_p = torch.log_softmax(logits.to(dtype), dim=1)
-    top = log_p.argmax(dim=1, keepdim=True)
-    log_rest = log_p.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True)
-    log_complement = torch.log1p(-log_p.exp().clamp(max=0.5)).scatter(1, top, log_rest)
-    tiny = torch.finfo(dtype).tiny
-    return log_p + log_complement + phi_sq.to(dtype).clamp_min(tiny).log().unsqueeze(1)
+    return _log_psi(*_log_terms(logits.to(dtype), phi_sq.to(dtype)))
 
 
 def curvature_features(logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: float) -> torch.Tensor:
@@ -156,15 +165,13 @@ def curvature_features(logits: torch.Tensor, phi_sq: torch.Tensor, weight_norm: 
     """
     dtype = _stat_dtype(logits, phi_sq)
     logits = logits.to(dtype)
-    lp = log_psi(logits, phi_sq)
-    log_p = torch.log_softmax(logits, dim=1)
+    log_p, top, log_rest, log_phi_sq = _log_terms(logits, phi_sq.to(dtype))
+    lp = _log_psi(log_p, top, log_rest, log_phi_sq)
     top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
     margin = top2[:, 0] - top2[:, -1]
-    log_rest = log_p.scatter(1, log_p.argmax(dim=1, keepdim=True), float("-inf")).logsumexp(dim=1)
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     log_kappa = lp.logsumexp(dim=1) + torch.log(torch.as_tensor(max(weight_norm, 1e-30), dtype=dtype))
-    log_phi_sq = phi_sq.to(dtype).clamp_min(torch.finfo(dtype).tiny).log()
-    scalars = torch.stack([log_kappa, log_rest, margin, entropy, log_phi_sq], dim=1)
+    scalars = torch.stack([log_kappa, log_rest.squeeze(1), margin, entropy, log_phi_sq], dim=1)
     return torch.cat([lp, scalars], dim=1)
 
 

@@ -246,7 +246,7 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
     if kind == "folder":
         c, h, w = train.input_shape
         how = "--image-size" if size is not None else "the first training image's size; --image-size changes it"
-        log(f"images: {h}×{w} pixels, {c} channel{'s' if c > 1 else ''} ({how})", options)
+        log(f"images: {h}×{w} pixels, {c} channel{'s' if c > 1 else ''} ({how})")
     return train, test, test_origin, source
 
 
@@ -766,7 +766,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
     timing["evaluation"] = time.perf_counter() - start
     warnings = run_warnings(prepared, metrics)
     for warning in warnings:
-        log(f"warning: {warning}", options)
+        log(f"warning: {warning}")
 
     report: dict[str, Any] = {
         "version": 1,
@@ -832,7 +832,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         warnings.append(f"attack suite skipped: {len(calibration_images)} calibration and {len(pool)} held-out "
                         f"images, at least {MIN_EVALUATION_IMAGES} of each are needed (raise --max-samples "
                         f"or --test-samples)")
-        log(f"warning: {warnings[-1]}", options)
+        log(f"warning: {warnings[-1]}")
     elif options.evaluate != "none":
         start = time.perf_counter()
         in_memory = Bundle(model.eval(), detector, prepared.train.classes, prepared.input_spec,
@@ -940,7 +940,7 @@ def run_warnings(prepared: Prepared, metrics: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def log(message: str, options: TrainOptions) -> None:
+def log(message: str) -> None:
     """A line for the user while the run goes on (stderr, so that the summary stays on stdout)."""
     print(message, file=sys.stderr, flush=True)
 
