@@ -26,11 +26,12 @@ from .bundle import Bundle
 from .datasets import ImageDataset
 from .estimator import flagging_threshold
 from .features import Analysis
+from .layers import LayerGaussians
 from .metrics import Rate, auroc, evasion_rate, rate
 from .shifts import SHIFTS, apply_shift
 
 __all__ = [
-    "AttackRecord", "Evaluation", "Mahalanobis", "ShiftRecord", "SuiteEntry", "attack_suite",
+    "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
     "baseline_scores", "check_disjoint", "evaluate",
 ]
 
@@ -91,33 +92,12 @@ def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str
 
 
 # -- baselines -------------------------------------------------------------------------------------
-class Mahalanobis:
-    """Distance of φ to the nearest class mean under one shared covariance (Lee et al., 2018),
-    fitted on clean, correctly classified reference images."""
+def baseline_scores(analysis: Analysis, mahalanobis: LayerGaussians | None) -> dict[str, np.ndarray]:
+    """One score per input and baseline, larger = more suspicious (one-sided, as each is used).
 
-    def fit(self, phi: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "Mahalanobis":
-        phi = phi.double()
-        means = torch.zeros(num_classes, phi.shape[1], dtype=torch.float64)
-        centred = torch.empty_like(phi)
-        for c in range(num_classes):
-            rows = labels == c
-            if rows.any():
-                means[c] = phi[rows].mean(dim=0)
-                centred[rows] = phi[rows] - means[c]
-        cov = centred.T @ centred / max(len(phi) - 1, 1)
-        ridge = 1e-3 * cov.diagonal().mean().clamp_min(1e-12)  # φ is often rank-deficient (ReLU zeros)
-        self.means_ = means
-        self.precision_ = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=torch.float64))
-        return self
-
-    def score(self, phi: torch.Tensor) -> np.ndarray:
-        diff = phi.double().cpu()[:, None, :] - self.means_[None]  # [N, k, d]
-        d2 = torch.einsum("nkd,de,nke->nk", diff, self.precision_, diff)
-        return d2.min(dim=1).values.numpy()
-
-
-def baseline_scores(analysis: Analysis, mahalanobis: Mahalanobis | None) -> dict[str, np.ndarray]:
-    """One score per input and baseline, larger = more suspicious (one-sided, as each is used)."""
+    ``mahalanobis``: class-conditional statistics of φ alone (no probes); the score is the distance
+    to the nearest class mean under the shared covariance (Lee et al., 2018), log(1 + d²).
+    """
     p = analysis.probabilities.double().cpu()
     scores = {
         "max-softmax": (1.0 - p.max(dim=1).values).numpy(),
@@ -125,7 +105,7 @@ def baseline_scores(analysis: Analysis, mahalanobis: Mahalanobis | None) -> dict
         "kappa": analysis.sharpness.double().cpu().numpy(),
     }
     if mahalanobis is not None:
-        scores["mahalanobis"] = mahalanobis.score(analysis.phi)
+        scores["mahalanobis"] = mahalanobis.distances([], analysis.phi, None)[:, 0].cpu().numpy()
     return scores
 
 
@@ -289,16 +269,10 @@ def evaluate(
         return merged
 
     mahalanobis = None
-    if reference is not None:
+    if reference is not None:  # fitted on φ of up to 2,000 clean training images it gets right
         ref_index = np.random.default_rng(seed).permutation(len(reference))[:2000]
-        phis, labels = [], []
-        for idx in _batches(ref_index, batch_size):
-            x, y = reference.batch(torch.as_tensor(idx))
-            _, out = bundle.detect_with_analysis(x.to(device))
-            keep = (out.predictions.cpu() == y)
-            phis.append(out.phi.float().cpu()[keep])
-            labels.append(y[keep])
-        mahalanobis = Mahalanobis().fit(torch.cat(phis), torch.cat(labels), len(bundle.classes))
+        x_ref, y_ref = reference.batch(torch.as_tensor(ref_index))
+        mahalanobis = LayerGaussians([], bundle.layer).fit(bundle.model, x_ref, y_ref, batch_size=batch_size)
 
     cal = run_clean(calibration)
     cal_correct = cal["labels"]

@@ -87,13 +87,14 @@ class LayerGaussians:
         """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels``."""
         model.eval()
         device = next(model.parameters()).device
-        k = int(labels.max()) + 1 if len(labels) else 0
+        k = 0  # classes: the model's logits, so that every class it can predict has a mean row
         rows: list[list[torch.Tensor]] = []
         ys = []
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size]
             logits, phi, acts = forward_probed(model, x, self.probes, self.layer)
+            k = logits.shape[1]
             keep = (logits.argmax(1).cpu() == y)
             feats = [a.double().cpu()[keep] for a in [*acts, phi]]
             rows.append(feats)
@@ -106,7 +107,7 @@ class LayerGaussians:
         self.means_, self.precisions_ = [], []
         for i in range(len(self.probes) + 1):
             feats = torch.cat([r[i] for r in rows])
-            means = torch.zeros(max(k, int(y.max()) + 1), feats.shape[1], dtype=torch.float64)
+            means = torch.zeros(k, feats.shape[1], dtype=torch.float64)
             centred = torch.empty_like(feats)
             for c in torch.unique(y).tolist():
                 sel = y == c
@@ -124,16 +125,23 @@ class LayerGaussians:
     def n_features(self) -> int:
         return len(self.probes) + 1
 
-    def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
+                  predicted: torch.Tensor | None) -> torch.Tensor:
         """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe and of φ to the predicted
-        class's mean.  Differentiable in the activations."""
+        class's mean, or with ``predicted=None`` to the nearest class mean (Lee et al.'s score).
+        Differentiable in the activations."""
         dtype = _stat_dtype(phi)
         out = []
         for values, means, precision in zip([*acts, phi], self.means_, self.precisions_, strict=True):
-            m = torch.as_tensor(means, dtype=dtype, device=values.device)[predicted]
+            m = torch.as_tensor(means, dtype=dtype, device=values.device)
             p = torch.as_tensor(precision, dtype=dtype, device=values.device)
-            diff = values.to(dtype) - m
-            out.append(torch.log1p(((diff @ p) * diff).sum(dim=1).clamp_min(0)))
+            if predicted is None:
+                diff = values.to(dtype)[:, None, :] - m[None]  # [N, k, d]
+                d2 = torch.einsum("nkd,de,nke->nk", diff, p, diff).min(dim=1).values
+            else:
+                diff = values.to(dtype) - m[predicted]
+                d2 = ((diff @ p) * diff).sum(dim=1)
+            out.append(torch.log1p(d2.clamp_min(0)))
         return torch.stack(out, dim=1)
 
 

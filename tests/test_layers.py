@@ -51,6 +51,11 @@ def test_clean_images_sit_near_their_class_and_adversarials_far(digits_model, di
     assert clean.shape == adv.shape == (200, len(gaussians.probes) + 1)
     # every layer, median over inputs: the adversarials are further from their (wrong) class
     assert (adv.median(dim=0).values > clean.median(dim=0).values).all()
+    # the nearest class mean is never further than the predicted class's
+    logits, phi, acts = forward_probed(digits_model, x, gaussians.probes)
+    nearest = gaussians.distances(acts, phi, None).detach()
+    assert (nearest <= gaussians.distances(acts, phi, logits.argmax(1)).detach() + 1e-5).all()  # float32 sums
+    assert [m.shape[0] for m in gaussians.means_] == [10] * (len(gaussians.probes) + 1)
     # a class's own mean is at distance zero
     means = [torch.as_tensor(m[3]).float()[None] for m in gaussians.means_]
     zero = gaussians.distances(means[:-1], means[-1], torch.tensor([3]))
