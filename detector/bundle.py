@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .estimator import UncannyValleyDetector
-from .features import detector_features, find_last_linear
+from .features import detector_features, output_weight_norm
 from .layers import feature_rows
 from .models import ImageClassifier, build_classifier
 
@@ -110,8 +110,7 @@ class Bundle:
     @cached_property
     def weight_norm(self) -> float:
         """‖W‖_F of the output layer (κ's scale)."""
-        weight = find_last_linear(self.model, self.layer).weight
-        return float(torch.linalg.vector_norm(weight.detach().float()))
+        return output_weight_norm(self.model, self.layer)
 
     def features(self, x: torch.Tensor) -> tuple[np.ndarray, Any]:
         """The detector's feature rows for a batch of [0, 1] images, and the forward pass's analysis."""

@@ -26,6 +26,7 @@ __all__ = [
     "curvature_features",
     "detector_features",
     "log_psi",
+    "output_weight_norm",
     "find_last_linear",
     "forward_features",
     "psi",
@@ -93,6 +94,11 @@ def _forward_at(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> tuple[t
             f"{logits.shape[1]} logits: pass layer=<name> of the output layer"
         )
     return logits, phi.flatten(1)
+
+
+def output_weight_norm(model: nn.Module, layer: str | None = None) -> float:
+    """‖W‖_F of the model's output layer: κ's scale, and a constant of the curvature features."""
+    return float(torch.linalg.vector_norm(find_last_linear(model, layer).weight.detach().float()))
 
 
 def _stat_dtype(*tensors: torch.Tensor) -> torch.dtype:

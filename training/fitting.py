@@ -25,7 +25,7 @@ import torch
 
 from detector import ImageDataset, UncannyValleyDetector, fgsm, pgd
 from detector.estimator import make_detector
-from detector.features import detector_features, find_last_linear
+from detector.features import detector_features, output_weight_norm
 from detector.layers import LayerGaussians, feature_rows, probe_layers
 from detector.shifts import apply_shift
 
@@ -189,7 +189,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
     earlier layers' statistics of detectors that read them."""
     detector = make_detector(name, target_fpr=target_fpr, random_state=seed)
-    weight_norm = float(torch.linalg.vector_norm(find_last_linear(model, layer).weight.detach().float()))
+    weight_norm = output_weight_norm(model, layer)
     extract = Extractor(model, detector.features, weight_norm, layer)
     if detector.probes:
         if reference is None:
@@ -242,5 +242,5 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
     described = {"adversarial": sources, "clean": {"clean images": len(fit_images),
                                                    **{v: len(fit_images) for v in CLEAN_VARIANTS}},
-                 "balance": "class weights: each class weighs half"}
+                 "balance": "sample weights: clean and adversarial half each, every adversarial source alike"}
     return FittedDetector(detector, fit_set, path_rows, described)
