@@ -568,7 +568,8 @@ def test_clean_and_pgd_adversarial_get_different_answers(client, library, digits
     options, attack = report["options"], report["attack"]
     test = load_dataset("digits", train=False)
     try:
-        from training.pipeline import select_correct, split_images
+        from training.attacking import select_correct
+        from training.fitting import split_images
 
         index = select_correct(library.model, test, options["max_samples"], options["seed"], torch.device("cpu"))
         index = index[split_images(len(index), options["test_fraction"], options["seed"])[1]]

@@ -17,14 +17,9 @@ from detector import load_bundle, load_dataset, pgd, verify_bundle
 from detector.datasets import CIFAR10_CLASSES
 from training.classifier import accuracy
 from training.cli import build_parser, main, options_from_args, trajectory_main
-from training.pipeline import (
-    PipelineError,
-    TrainOptions,
-    attack_settings,
-    rates_at,
-    read_state_dict,
-    run,
-)
+from training.options import PipelineError, TrainOptions, attack_settings
+from training.pipeline import rates_at, run
+from training.prepare import read_state_dict
 
 TESTS = Path(__file__).resolve().parent
 
@@ -143,7 +138,8 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     test = load_dataset("digits", train=False)
     assert accuracy(bundle.model, test) == pytest.approx(report["classifier"]["clean_accuracy"])
     # The held-out images can be rebuilt from the bundle: split.json, or the pipeline's own helpers.
-    from training.pipeline import select_correct, split_images
+    from training.attacking import select_correct
+    from training.fitting import split_images
 
     options = report["options"]
     index = select_correct(bundle.model, test, options["max_samples"], options["seed"], torch.device("cpu"))
@@ -189,13 +185,9 @@ def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp
 def test_detector_set_is_balanced_and_split_by_image(digits_model, digits_test):
     """On real PGD paths: each side holds only its own images, 50:50, clean rows are the clean
     images' ψ and adversarial rows the path's last step; the path starts at the clean ψ."""
-    from training.pipeline import (
-        AttackSettings,
-        attack_paths,
-        balanced_side,
-        sample_correct,
-        split_images,
-    )
+    from training.attacking import attack_paths, sample_correct
+    from training.fitting import balanced_side, split_images
+    from training.options import AttackSettings
 
     with torch.no_grad():
         correct = (digits_model(digits_test.batch(slice(None))[0]).argmax(1) == digits_test.labels).numpy()
@@ -444,7 +436,7 @@ def test_folder_dataset(tmp_path, capsys):
     # --image-size resizes a folder's images (and says so); other data refuses it
     resized = load_dataset(f"folder:{root}", train=False, image_size=(12, 16))
     assert resized.input_shape == (1, 12, 16) and len(resized) == 200
-    from training.pipeline import load_splits
+    from training.prepare import load_splits
 
     train, _, _, _ = load_splits(TrainOptions(data=f"folder:{root}", image_size=[10]))
     assert train.input_shape == (1, 10, 10)

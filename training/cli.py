@@ -17,7 +17,8 @@ from detector.datasets import DATASET_KINDS, DatasetNotFoundError
 from detector.estimator import DETECTORS
 from detector.models import MODELS
 
-from .pipeline import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions, run
+from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
+from .pipeline import run
 
 __all__ = ["build_parser", "main", "options_from_args", "trajectory_main"]
 

@@ -23,15 +23,10 @@ from detector.evaluation import attack_suite, evaluate
 
 from . import report as reporting
 from .cli import _number
-from .pipeline import (
-    PAPER_ATTACK,
-    PipelineError,
-    TrainOptions,
-    _json_safe,
-    load_splits,
-    resolve_device,
-    seen_in_fitting,
-)
+from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
+from .output import json_safe
+from .pipeline import seen_in_fitting
+from .prepare import load_splits
 
 __all__ = ["build_parser", "main", "run_evaluation"]
 
@@ -102,7 +97,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite
     evaluation["seen_in_fitting"] = seen_in_fitting(report)
-    evaluation = _json_safe(evaluation)
+    evaluation = json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
     title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
              f"{len(evaluation['image_ids']['evaluated'])} held-out images")

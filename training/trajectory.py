@@ -14,19 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import (
-    PipelineError,
-    TrainOptions,
-    _json_safe,
-    attack_paths,
-    attack_settings,
-    dump_json,
-    machine_info,
-    path_statistics,
-    prepare,
-    sample_correct,
-    trajectory_summary,
-)
+from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
+from .options import PipelineError, TrainOptions, attack_settings
+from .output import dump_json, json_safe, machine_info
+from .prepare import prepare
 from .report import FIGURE1, figure_title, plot_trajectory, write_trajectory_csv
 
 __all__ = ["run_trajectory"]
@@ -76,7 +67,7 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     }
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_trajectory(out / FIGURE1, stats, title=figure_title(_json_safe(summary)))
+    plot_trajectory(out / FIGURE1, stats, title=figure_title(json_safe(summary)))
     write_trajectory_csv(out / "trajectory.csv", stats,
                          {"mean_sharpness_successful": successful["mean_sharpness"] or None})
     _per_example_csv(out / "trajectory_per_example.csv", attacked, prepared.test.classes)
@@ -84,4 +75,4 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     summary["timing"] = {"seconds": {k: round(v, 3) for k, v in timing.items()}}
     summary["files"] = [FIGURE1, "trajectory.csv", "trajectory_per_example.csv", "trajectory.json"]
     dump_json(out / "trajectory.json", summary)
-    return _json_safe(summary)
+    return json_safe(summary)

@@ -1,0 +1,92 @@
+"""The attack stage: PGD along a recorded path on the images the classifier gets right, and the
+per-step statistics of that path (the uncanny valley in numbers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from detector import ImageDataset, analyze, pgd
+
+from .classifier import predict
+from .fitting import AttackedSet
+from .options import AttackSettings
+
+__all__ = ["attack_paths", "path_statistics", "sample_correct", "select_correct", "trajectory_summary"]
+
+
+def sample_correct(correct: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """Up to ``max_samples`` indices where ``correct`` holds, drawn at random (seeded), sorted."""
+    index = np.flatnonzero(correct)
+    return np.sort(np.random.default_rng(seed).permutation(index)[:max_samples])
+
+
+def select_correct(model: torch.nn.Module, test: ImageDataset, max_samples: int, seed: int,
+                   device: torch.device, batch_size: int = 512) -> np.ndarray:
+    """The test images :func:`run` attacks: up to ``max_samples`` the classifier gets right."""
+    correct = (predict(model, test, batch_size, device) == test.labels).numpy()
+    return sample_correct(correct, max_samples, seed)
+
+
+def attack_paths(model: torch.nn.Module, data: ImageDataset, index: np.ndarray, attack: AttackSettings,
+                 *, layer: str | None, device: torch.device, batch_size: int, seed: int,
+                 progress: bool = True) -> AttackedSet:
+    """PGD with ``record=True`` on ``data[index]`` in batches; everything comes back on the CPU."""
+    model.to(device).eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "clean_psi", "clean_kappa", "psi", "sharpness", "loss", "predictions", "success", "linf", "l2",
+        "logits", "phi_sq")}
+    batches = range(0, len(index), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="PGD attack", unit="batch", disable=not progress)):
+        idx = torch.as_tensor(index[start:start + batch_size])
+        x, y = data.batch(idx)
+        x, y = x.to(device), y.to(device)
+        clean = analyze(model, x, layer)
+        result = pgd(model, x, y, eps=attack.eps, alpha=attack.alpha, steps=attack.steps,
+                     norm=attack.norm, random_start=attack.random_start, record=True,
+                     layer=layer, seed=seed + b)
+        delta = (result.x_adv - x).flatten(1)
+        parts["clean_psi"].append(clean.psi.cpu().numpy())
+        parts["clean_kappa"].append(clean.sharpness.cpu().numpy())
+        parts["psi"].append(result.psi.float().cpu().numpy())
+        parts["sharpness"].append(result.sharpness.float().cpu().numpy())
+        parts["loss"].append(result.loss.float().cpu().numpy())
+        parts["predictions"].append(result.predictions.cpu().numpy())
+        parts["success"].append(result.success.cpu().numpy())
+        parts["linf"].append(delta.abs().amax(dim=1).cpu().numpy())
+        parts["l2"].append(torch.linalg.vector_norm(delta, dim=1).cpu().numpy())
+        parts["logits"].append(result.logits.float().cpu().numpy())
+        parts["phi_sq"].append(result.phi_sq.float().cpu().numpy())
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    return AttackedSet(index=np.asarray(index), labels=data.labels[torch.as_tensor(index)].numpy(), **arrays)
+
+
+def path_statistics(attacked: AttackedSet, rows: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Per-step mean and spread of κ and of the loss, and the share misclassified, over ``rows``."""
+    rows = np.arange(len(attacked.index)) if rows is None else rows
+    kappa, loss = attacked.sharpness[rows], attacked.loss[rows]
+    flipped = attacked.predictions[rows] != attacked.labels[rows, None]
+    out: dict[str, list[float]] = {"step": list(range(kappa.shape[1]))}
+    for name, values in (("sharpness", kappa), ("loss", loss)):
+        q = np.quantile(values, [0.1, 0.25, 0.5, 0.75, 0.9], axis=0) if len(rows) else np.zeros((5, kappa.shape[1]))
+        out[f"mean_{name}"] = values.mean(axis=0).tolist() if len(rows) else []
+        out[f"std_{name}"] = values.std(axis=0).tolist() if len(rows) else []
+        for label, row in zip(("q10", "q25", "median", "q75", "q90"), q, strict=True):
+            out[f"{label}_{name}"] = row.tolist()
+    out["misclassified_fraction"] = flipped.mean(axis=0).tolist() if len(rows) else []
+    return out
+
+
+def trajectory_summary(stats: dict[str, list[float]]) -> dict[str, Any]:
+    """Where mean κ peaks and how far it rises and falls: the uncanny valley in three numbers."""
+    mean = np.asarray(stats["mean_sharpness"])
+    peak = int(mean.argmax())
+    return {
+        "peak_step": peak,
+        "rise": float(mean[peak] / mean[0]) if mean[0] > 0 else float("inf"),
+        "fall": float(mean[-1] / mean[peak]) if mean[peak] > 0 else 0.0,
+        "final_over_clean": float(mean[-1] / mean[0]) if mean[0] > 0 else float("inf"),
+    }
