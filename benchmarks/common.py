@@ -147,10 +147,13 @@ def fmt_factor(x: float) -> str:
 # Devices and precision
 # -------------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-    return device
+    from detector.devices import DeviceError
+    from detector.devices import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except DeviceError as exc:
+        raise SystemExit(f"--device: {exc}") from exc
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["Rate", "auroc", "evasion_rate", "rate", "tpr_at_fpr", "wilson_interval"]
+__all__ = ["Rate", "auroc", "evasion_rate", "rate", "roc_point", "roc_rates", "tpr_at_fpr", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -72,7 +72,27 @@ def tpr_at_fpr(y_true, score, fpr: float = 0.05) -> float:
     if np.unique(y_true).size < 2:
         return float("nan")
     x, y, _ = roc_curve(y_true, np.asarray(score, dtype=np.float64).ravel())
-    i = int(np.searchsorted(x, fpr, side="right")) - 1  # last vertex with x ≤ fpr
-    if i >= len(x) - 1 or x[i] == fpr:
+    return roc_point(x, y, fpr)
+
+
+def roc_point(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    """y on the ROC polyline where x = ``at`` (x, y non-decreasing from (0, 0) to (1, 1)); on a
+    vertical stretch at exactly ``at`` the largest y.  A tree scores in few distinct values, so the
+    curve has few vertices; points between two vertices are reached by randomising between their
+    thresholds, the usual reading of TPR at a fixed FPR."""
+    i = int(np.searchsorted(x, at, side="right")) - 1  # last vertex with x ≤ at
+    if i >= len(x) - 1 or x[i] == at:
         return float(y[i])
-    return float(y[i] + (y[i + 1] - y[i]) * (fpr - x[i]) / (x[i + 1] - x[i]))
+    return float(y[i] + (y[i + 1] - y[i]) * (at - x[i]) / (x[i + 1] - x[i]))
+
+
+def roc_rates(fpr: np.ndarray, tpr: np.ndarray) -> tuple[float, float]:
+    """TPR at 5% FPR and TNR at 95% TPR, read off an ROC polyline (``sklearn.metrics.roc_curve``)."""
+    tpr_at = roc_point(fpr, tpr, 0.05)
+    # FPR as a function of TPR: the smallest FPR reaching 95% TPR, again on the polyline.
+    i = int(np.searchsorted(tpr, 0.95, side="left"))  # first vertex with tpr ≥ 0.95
+    if i == 0 or tpr[i] == 0.95:
+        fpr_at = float(fpr[i])
+    else:
+        fpr_at = float(fpr[i - 1] + (fpr[i] - fpr[i - 1]) * (0.95 - tpr[i - 1]) / (tpr[i] - tpr[i - 1]))
+    return tpr_at, 1.0 - fpr_at

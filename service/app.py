@@ -22,6 +22,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import BundleError
+from detector.devices import DeviceError, resolve_device
 
 from .batching import MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
@@ -47,7 +48,7 @@ from .schemas import (
     SingleUpload,
     UploadInfoModel,
 )
-from .settings import DeviceError, Settings, resolve_device
+from .settings import Settings
 
 __all__ = ["ApiError", "Service", "StartupError", "create_app", "get_ready_service", "get_service", "get_settings"]
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .settings import ENV_PREFIX, DeviceError, Settings, resolve_device
+from detector.devices import DeviceError, resolve_device
+
+from .settings import ENV_PREFIX, Settings
 
 __all__ = ["build_parser", "ensure_default_bundle", "main", "settings_from_args"]
 

@@ -14,15 +14,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "DeviceError", "MiB", "Settings", "resolve_device"]
+__all__ = ["ENV_PREFIX", "MiB", "Settings"]
 
 ENV_PREFIX = "DETECTOR_"
 MiB = 1 << 20
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class DeviceError(RuntimeError):
-    """The configured device does not exist on this machine."""
 
 
 class Settings(BaseSettings):
@@ -105,24 +101,3 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             env[f"{ENV_PREFIX}{name.upper()}"] = "" if value is None else str(value)
         return env
-
-
-def resolve_device(spec: str):
-    """The torch device for ``spec``; ``auto`` is cuda when available, else cpu.
-
-    Raises :class:`DeviceError` when an explicit device is not there.
-    """
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r} requested (DETECTOR_DEVICE / --device) but CUDA is not available")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError(f"device {spec!r} requested but MPS is not available")
-    return device

@@ -21,10 +21,18 @@ from images_util import (
 )
 from PIL import Image
 
+from detector.devices import DeviceError, resolve_device
 from service.batching import MicroBatcher, Overloaded
 from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
-from service.images import INLINE_DECODE_PIXELS, ImageRejected, decode_image, header_dimensions, is_small_image, sniff_format
-from service.settings import DeviceError, Settings, resolve_device
+from service.images import (
+    INLINE_DECODE_PIXELS,
+    ImageRejected,
+    decode_image,
+    header_dimensions,
+    is_small_image,
+    sniff_format,
+)
+from service.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -237,8 +245,11 @@ def test_device_resolution():
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="no CUDA device"):
             resolve_device("cuda:0")
+    for bad in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(DeviceError, match="auto, cpu, cuda, cuda:N or mps"):
+            resolve_device(bad)
 
 
 # -- the CLI's bundle handling -------------------------------------------------------------------

@@ -15,10 +15,11 @@ from torch import nn
 
 from detector import load_bundle, load_dataset, pgd, verify_bundle
 from detector.datasets import CIFAR10_CLASSES
+from detector.metrics import roc_rates
 from training.classifier import accuracy
 from training.cli import build_parser, main, options_from_args, trajectory_main
 from training.options import PipelineError, TrainOptions, attack_settings
-from training.pipeline import rates_at, run
+from training.pipeline import run
 from training.prepare import read_state_dict
 
 TESTS = Path(__file__).resolve().parent
@@ -368,11 +369,11 @@ def test_attack_defaults_depend_on_the_data():
 def test_roc_rates_read_off_the_polyline():
     fpr = np.array([0.0, 0.0, 0.12, 0.2, 1.0])
     tpr = np.array([0.0, 0.0, 0.5, 0.8, 1.0])
-    tpr_at, tnr_at = rates_at(fpr, tpr)
+    tpr_at, tnr_at = roc_rates(fpr, tpr)
     assert tpr_at == pytest.approx(0.5 * 0.05 / 0.12)
     assert tnr_at == pytest.approx(1 - (0.2 + 0.8 * 0.15 / 0.2))
-    assert rates_at(np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0])) == (1.0, 1.0)  # perfect
-    assert rates_at(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == pytest.approx((0.05, 0.05))  # chance
+    assert roc_rates(np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0])) == (1.0, 1.0)  # perfect
+    assert roc_rates(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == pytest.approx((0.05, 0.05))  # chance
 
 
 # --- every built-in architecture, npz / folder / torchvision-format data --------------------------

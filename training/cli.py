@@ -140,7 +140,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=defaults.seed,
                    help="seeds the model's initialisation, training order, sampling and split")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device,
+    g.add_argument("--device", default=defaults.device, metavar="auto|cpu|cuda|cuda:N|mps",
                    help="auto: CUDA when torch sees a GPU")
     g.add_argument("--out", default="artifacts/trajectory" if trajectory else defaults.out,
                    help="output directory" + ("" if trajectory else " (the bundle)"))

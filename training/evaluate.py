@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_number,
                    help="reference L∞ radius the suite's radii are scaled to (default: the bundle's PGD ε)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

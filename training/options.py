@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from detector import devices
+
 __all__ = ["AttackSettings", "PipelineError", "TrainOptions", "attack_settings", "resolve_device"]
 
 #: Attack defaults per dataset. CIFAR-like data gets the paper's PGD-10 at 8/255; the 8×8 digits
@@ -116,10 +118,7 @@ def attack_settings(options: TrainOptions) -> AttackSettings:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise PipelineError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda, but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        return devices.resolve_device(name)
+    except devices.DeviceError as exc:
+        raise PipelineError(f"--device: {exc}") from exc

@@ -19,7 +19,7 @@ import numpy as np
 from detector import Bundle, UncannyValleyDetector, save_bundle
 from detector.estimator import DETECTORS
 from detector.evaluation import attack_suite, evaluate
-from detector.metrics import wilson_interval
+from detector.metrics import roc_rates, wilson_interval
 
 from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
 from .fitting import (
@@ -41,7 +41,7 @@ from .output import (
 )
 from .prepare import Prepared, prepare
 
-__all__ = ["PipelineError", "TrainOptions", "evaluate_detector", "rates_at", "run", "seen_in_fitting"]
+__all__ = ["PipelineError", "TrainOptions", "evaluate_detector", "run", "seen_in_fitting"]
 
 #: Fewest successful adversarials each side of the split needs for a meaningful fit / evaluation.
 MIN_ADVERSARIAL_PER_SIDE = 2
@@ -52,29 +52,6 @@ SPLIT = "split.json"
 
 # ---------------------------------------------------------------------------------------------
 # Detector set, split, evaluation
-
-
-def _interpolate(x: np.ndarray, y: np.ndarray, at: float) -> float:
-    """y on the ROC polyline where x = ``at`` (x, y non-decreasing from (0, 0) to (1, 1)); on a
-    vertical stretch at exactly ``at`` the largest y.  A tree scores in few distinct values, so the
-    curve has few vertices; points between two vertices are reached by randomising between their
-    thresholds, the usual reading of TPR at a fixed FPR."""
-    i = int(np.searchsorted(x, at, side="right")) - 1  # last vertex with x ≤ at
-    if i >= len(x) - 1 or x[i] == at:
-        return float(y[i])
-    return float(y[i] + (y[i + 1] - y[i]) * (at - x[i]) / (x[i + 1] - x[i]))
-
-
-def rates_at(fpr: np.ndarray, tpr: np.ndarray) -> tuple[float, float]:
-    """TPR at 5% FPR and TNR at 95% TPR, read off the ROC polyline."""
-    tpr_at = _interpolate(fpr, tpr, 0.05)
-    # FPR as a function of TPR: the smallest FPR reaching 95% TPR, again on the polyline.
-    i = int(np.searchsorted(tpr, 0.95, side="left"))  # first vertex with tpr ≥ 0.95
-    if i == 0 or tpr[i] == 0.95:
-        fpr_at = float(fpr[i])
-    else:
-        fpr_at = float(fpr[i - 1] + (fpr[i] - fpr[i - 1]) * (0.95 - tpr[i - 1]) / (tpr[i] - tpr[i - 1]))
-    return tpr_at, 1.0 - fpr_at
 
 
 def evaluate_detector(detector: UncannyValleyDetector, held_out: DetectorSet) -> tuple[dict[str, Any], dict]:
@@ -90,7 +67,7 @@ def evaluate_detector(detector: UncannyValleyDetector, held_out: DetectorSet) ->
     score = detector.score_samples(held_out.rows)
     pred = detector.predict(held_out.rows)
     fpr, tpr, _ = roc_curve(y, score)
-    tpr_at, tnr_at = rates_at(fpr, tpr)
+    tpr_at, tnr_at = roc_rates(fpr, tpr)
     k_fpr, k_tpr, _ = roc_curve(y, held_out.kappa)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     metrics = {
