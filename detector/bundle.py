@@ -4,42 +4,64 @@ Layout::
 
     config.json     architecture, model config, classes, input spec, thresholds, output layer
     weights.pt      state_dict of the ImageClassifier (loaded with weights_only=True)
-    detector.joblib the fitted UncannyValleyDetector
+    detector.skops  the fitted UncannyValleyDetector (skops.io: no pickle)
     report.json     (optional) the training report
     manifest.json   SHA-256 of every other file in the directory
 
-:func:`load_bundle` verifies every hash before it deserialises anything: joblib files are pickles,
-so a file that does not match the manifest is never opened for loading.
+Nothing in a bundle is unpickled: the weights load with ``weights_only=True`` and the detector with
+skops, which builds only the types in :data:`TRUSTED_TYPES` (besides numpy's and scikit-learn's
+plain estimators) and runs no code from the file.  :func:`load_bundle` refuses files the manifest
+does not list, hashes each file it reads and deserialises those very bytes, and can be pinned to one
+bundle hash.  Bundles of format 1 kept the detector as a pickle (``detector.joblib``); they are
+refused with the command that converts them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
+import skops.io as skops_io
 import torch
 
 from .estimator import UncannyValleyDetector
 from .features import detector_features, output_weight_norm
 from .layers import feature_rows
-from .models import ImageClassifier, build_classifier
+from .models import ImageClassifier, build_classifier, load_weights
 
-__all__ = ["BatchDetection", "Bundle", "BundleError", "InputSpec", "load_bundle", "save_bundle", "verify_bundle"]
+__all__ = [
+    "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "convert_pickled_bundle",
+    "load_bundle", "save_bundle", "verify_bundle",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 WEIGHTS = "weights.pt"
-DETECTOR = "detector.joblib"
+DETECTOR = "detector.skops"
+PICKLED_DETECTOR = "detector.joblib"  # format 1
 REPORT = "report.json"
 REQUIRED = (CONFIG, WEIGHTS, DETECTOR)
+
+#: What skops may build from ``detector.skops`` beyond its defaults: the detector, its layer
+#: statistics, and the fitted trees of scikit-learn's tree and histogram-boosting estimators.
+TRUSTED_TYPES = (
+    "detector.estimator.UncannyValleyDetector",
+    "detector.layers.LayerGaussians",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(ValueError):
@@ -152,7 +174,7 @@ def _write_manifest(root: Path) -> str:
     files = {
         p.relative_to(root).as_posix(): _sha256(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
     }
     text = json.dumps({"format_version": FORMAT_VERSION, "algorithm": "sha256", "files": files}, indent=2)
     (root / MANIFEST).write_text(text + "\n")
@@ -200,16 +222,16 @@ def save_bundle(
     (root / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, root / WEIGHTS)
-    joblib.dump(detector, root / DETECTOR)
+    (root / DETECTOR).write_bytes(skops_io.dumps(detector))
     if report is not None:
         (root / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     _write_manifest(root)
     return root
 
 
-def verify_bundle(path: str | os.PathLike) -> str:
-    """Check every file against the manifest; return the bundle's hash or raise :class:`BundleError`."""
-    root = Path(path)
+def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:
+    """The manifest's file hashes, the bundle hash (SHA-256 of manifest.json) and the format version
+    it records, read from one read of the file."""
     manifest_path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"bundle directory {str(root)!r} does not exist")
@@ -219,32 +241,102 @@ def verify_bundle(path: str | os.PathLike) -> str:
     try:
         manifest = json.loads(raw)
         files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not a mapping")
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise TypeError("files is not a mapping of names to hashes")
+        version = int(manifest.get("format_version", 1))
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{MANIFEST} in {str(root)!r} is malformed: {exc}") from exc
+    return files, hashlib.sha256(raw).hexdigest(), version
+
+
+def _check_pin(bundle_hash: str, expected_sha256: str | None) -> None:
+    if expected_sha256 is None:
+        return
+    expected = expected_sha256.strip().lower()
+    if not _SHA256.match(expected):
+        raise BundleError(f"the pinned bundle hash must be 64 hex digits, got {expected_sha256!r}")
+    if not hmac.compare_digest(bundle_hash, expected):
+        raise BundleError(f"the bundle's hash {bundle_hash} is not the pinned one {expected}: refusing to load it")
+
+
+def verify_bundle(path: str | os.PathLike, expected_sha256: str | None = None) -> str:
+    """Check every file against the manifest, refuse files it does not list, and return the bundle's
+    hash (SHA-256 of manifest.json); with ``expected_sha256``, refuse any other bundle.  Raises
+    :class:`BundleError`."""
+    root = Path(path)
+    files, bundle_hash, version = _read_manifest(root)
+    _check_pin(bundle_hash, expected_sha256)
+    if version < FORMAT_VERSION and PICKLED_DETECTOR in files:
+        raise BundleError(
+            f"bundle {str(root)!r} is format {version}: it keeps its detector as a pickle ({PICKLED_DETECTOR}), "
+            f"which runs code when loaded, so it is not loaded. If you trust where it came from, convert it "
+            f"once with: detector-bundle convert {str(root)!r} --trust-pickle")
     for name in REQUIRED:
         if name not in files:
             raise BundleError(f"{MANIFEST} in {str(root)!r} does not list required file {name}")
+    resolved = root.resolve()
     for name, expected in files.items():
         file = (root / name).resolve()
-        if root.resolve() not in file.parents:
+        if resolved not in file.parents:
             raise BundleError(f"{MANIFEST} lists {name!r}, which lies outside the bundle")
         if not file.is_file():
             raise BundleError(f"bundle file {name} is missing from {str(root)!r}")
-        actual = _sha256(file)
-        if actual != expected:
-            raise BundleError(f"bundle file {name} does not match its SHA-256 in {MANIFEST} "
-                              f"(expected {expected[:12]}…, found {actual[:12]}…): refusing to load it")
-    return hashlib.sha256(raw).hexdigest()
+        _check_hash(name, _sha256(file), expected)
+    _refuse_unlisted(root, files)
+    return bundle_hash
 
 
-def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Bundle:
-    """Verify, then load a bundle written by :func:`save_bundle`."""
-    root = Path(path)
-    bundle_hash = verify_bundle(root)
+def _refuse_unlisted(root: Path, files: dict[str, str]) -> None:
+    unlisted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                      if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() != MANIFEST
+                      and p.relative_to(root).as_posix() not in files)
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        raise BundleError(f"bundle {str(root)!r} holds files {MANIFEST} does not list ({shown}): a bundle holds "
+                          f"only what it was saved with; remove them")
+
+
+def _check_hash(name: str, actual: str, expected: str) -> None:
+    if not hmac.compare_digest(actual, expected.lower()):
+        raise BundleError(f"bundle file {name} does not match its SHA-256 in {MANIFEST} "
+                          f"(expected {expected[:12]}…, found {actual[:12]}…): refusing to load it")
+
+
+def _read_checked(root: Path, name: str, files: dict[str, str]) -> bytes:
+    """The bytes of ``name``, checked against the manifest: what is deserialised is what was hashed."""
+    data = (root / name).read_bytes()
+    _check_hash(name, hashlib.sha256(data).hexdigest(), files[name])
+    return data
+
+
+def _load_detector(data: bytes) -> UncannyValleyDetector:
     try:
-        config = json.loads((root / CONFIG).read_text())
+        untrusted = skops_io.get_untrusted_types(data=data)
+    except Exception as exc:
+        raise BundleError(f"bundle file {DETECTOR} is not a skops file: {type(exc).__name__}") from exc
+    unknown = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if unknown:
+        raise BundleError(f"bundle file {DETECTOR} would build types outside the trusted list: {unknown}")
+    try:
+        detector = skops_io.loads(data, trusted=list(TRUSTED_TYPES))
+    except Exception as exc:
+        raise BundleError(f"bundle file {DETECTOR} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(detector, UncannyValleyDetector):
+        raise BundleError(f"bundle file {DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
+    return detector
+
+
+def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                expected_sha256: str | None = None) -> Bundle:
+    """Verify, then load a bundle written by :func:`save_bundle`; with ``expected_sha256`` (the
+    hash :attr:`Bundle.sha256` reports), any other bundle is refused."""
+    root = Path(path)
+    bundle_hash = verify_bundle(root, expected_sha256)
+    files, manifest_hash, _ = _read_manifest(root)
+    if manifest_hash != bundle_hash:
+        raise BundleError(f"{MANIFEST} in {str(root)!r} changed while the bundle was loaded")
+    try:
+        config = json.loads(_read_checked(root, CONFIG, files))
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
         spec = InputSpec.from_dict(config["input_spec"])
@@ -260,17 +352,16 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     except (ValueError, TypeError) as exc:
         raise BundleError(f"bundle file {CONFIG}: cannot build architecture {architecture!r}: {exc}") from exc
     try:
-        state = torch.load(root / WEIGHTS, map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        state = torch.load(io.BytesIO(_read_checked(root, WEIGHTS, files)), map_location=map_location,
+                           weights_only=True)
+        load_weights(model, state)
+    except BundleError:
+        raise
     except Exception as exc:  # unpickling errors, missing or unexpected keys, shape mismatches
-        raise BundleError(f"bundle file {WEIGHTS} does not fit architecture {architecture!r}: {exc}") from exc
+        raise BundleError(f"bundle file {WEIGHTS} does not fit architecture {architecture!r}: "
+                          f"{exc}") from exc
     model.to(map_location).eval()
-    try:
-        detector = joblib.load(root / DETECTOR)
-    except Exception as exc:
-        raise BundleError(f"bundle file {DETECTOR} cannot be loaded: {exc}") from exc
-    if not isinstance(detector, UncannyValleyDetector):
-        raise BundleError(f"bundle file {DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
+    detector = _load_detector(_read_checked(root, DETECTOR, files))
     try:
         probe = detector_features(detector.feature_set, torch.zeros(1, len(classes)), torch.ones(1), 1.0)
     except ValueError as exc:
@@ -286,6 +377,44 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     if detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
                           f"set {detector.feature_set!r} has {n_features} for {len(classes)} classes")
-    report = json.loads((root / REPORT).read_text()) if (root / REPORT).is_file() else None
+    try:
+        report = json.loads(_read_checked(root, REPORT, files)) if REPORT in files else None
+    except ValueError as exc:
+        raise BundleError(f"bundle file {REPORT} is malformed: {exc}") from exc
     return Bundle(model, detector, classes, spec, architecture, model_config, layer, root,
                   bundle_hash, report, thresholds)
+
+
+def convert_pickled_bundle(path: str | os.PathLike) -> str:
+    """Rewrite a format-1 bundle (detector pickled in ``detector.joblib``) in place as the current
+    format (``detector.skops``); returns the new bundle hash.
+
+    This unpickles ``detector.joblib`` once, which runs whatever code the pickle holds: call it only on
+    a bundle whose origin you trust.  Every file is checked against the manifest first.
+    """
+    import joblib  # the one place a pickle is read, on the user's explicit request
+
+    root = Path(path)
+    files, _, version = _read_manifest(root)
+    if version >= FORMAT_VERSION or PICKLED_DETECTOR not in files:
+        raise BundleError(f"bundle {str(root)!r} is format {version} with no {PICKLED_DETECTOR}: nothing to convert")
+    for name, expected in files.items():
+        file = (root / name).resolve()
+        if root.resolve() not in file.parents or not file.is_file():
+            raise BundleError(f"{MANIFEST} lists {name!r}, which is missing or lies outside the bundle")
+        _check_hash(name, _sha256(file), expected)
+    _refuse_unlisted(root, files)
+    try:
+        detector = joblib.load(io.BytesIO(_read_checked(root, PICKLED_DETECTOR, files)))
+        config = json.loads(_read_checked(root, CONFIG, files))
+    except Exception as exc:
+        raise BundleError(f"bundle {str(root)!r} cannot be read for conversion: {exc}") from exc
+    if not isinstance(detector, UncannyValleyDetector):
+        raise BundleError(f"{PICKLED_DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
+    data = skops_io.dumps(detector)
+    _load_detector(data)  # the converted file must load under the trusted list
+    (root / DETECTOR).write_bytes(data)
+    config["format_version"] = FORMAT_VERSION
+    (root / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (root / PICKLED_DETECTOR).unlink()
+    return _write_manifest(root)

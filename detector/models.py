@@ -24,6 +24,7 @@ __all__ = [
     "build_classifier",
     "build_network",
     "import_factory",
+    "load_weights",
 ]
 
 
@@ -235,3 +236,22 @@ def build_classifier(
     mean = [0.0] * in_channels if mean is None else list(mean)
     std = [1.0] * in_channels if std is None else list(std)
     return ImageClassifier(build_network(arch, num_classes, in_channels, config), mean, std)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)``, raising a short :class:`ValueError` when they do not fit:
+    how many keys are missing, unexpected or of another shape, with the first few of each (torch's
+    own message lists every key, kilobytes for a network of another architecture)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the weights are a {type(state).__name__}, not a state_dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
+    problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', …' if len(items) > 3 else ''})"
+                for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("keys of another shape", shapes)) if items]
+    if problems:
+        raise ValueError("; ".join(problems) + f" (the network has {len(expected)} keys, the weights {len(state)})")
+    module.load_state_dict(state)

@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,8 @@ log = logging.getLogger("service.cli")
 _FLAGS = {
     # flag: (settings field, type, help)
     "--bundle": ("bundle", str, "bundle directory (default: the embedded default, trained if missing)"),
+    "--bundle-sha256": ("bundle_sha256", str, "refuse to start unless the bundle's SHA-256 is this one "
+                                             "(`detector-bundle verify BUNDLE` prints it)"),
     "--default-bundle-dir": ("default_bundle_dir", str, "where the embedded default bundle lives"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps (default auto: cuda when available)"),
     "--max-batch-size": ("max_batch_size", int, "largest micro-batch (1 = no batching; default 32)"),
@@ -70,6 +73,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound, or None: checked before the bundle is trained or loaded,
+    so a taken port fails in a second with a hint, not after the model is in memory."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve --host {host!r}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def ensure_default_bundle(directory: Path) -> None:
     """Train the embedded default bundle into ``directory`` when it has no manifest.json yet."""
     if (directory / "manifest.json").is_file():
@@ -101,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detector-serve: error: {exc}", file=sys.stderr)
         return 2
 
+    problem = port_in_use(settings.host, settings.port)
+    if problem is not None:
+        print(f"detector-serve: error: {problem}; pick another with --port (or {ENV_PREFIX}PORT)", file=sys.stderr)
+        return 2
+
     if settings.uses_default_bundle and args.train_default:
         ensure_default_bundle(Path(settings.default_bundle_dir))
     from detector import BundleError, verify_bundle
 
     try:
-        verify_bundle(settings.bundle_dir)  # fail fast and clearly, before uvicorn starts
+        verify_bundle(settings.bundle_dir, settings.bundle_sha256)  # fail fast and clearly, before uvicorn starts
     except BundleError as exc:
         print(f"detector-serve: error: cannot serve bundle {str(settings.bundle_dir)!r}: {exc}", file=sys.stderr)
         return 2

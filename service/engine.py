@@ -48,9 +48,10 @@ class Engine:
         self.valley_threshold = float(bundle.detector.valley_threshold_)
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device) -> Engine:
-        """Verify every file of the bundle against its manifest, then load it onto ``device``."""
-        bundle = load_bundle(path, map_location=device)
+    def load(cls, path: str | Path, device: torch.device, expected_sha256: str | None = None) -> Engine:
+        """Verify every file of the bundle against its manifest (and the bundle against the pinned
+        hash, when given), then load it onto ``device``."""
+        bundle = load_bundle(path, map_location=device, expected_sha256=expected_sha256)
         return cls(bundle, device)
 
     @property

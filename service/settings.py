@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     bundle: Path | None = Field(
         None, description="Bundle directory. Empty or unset: the embedded default (default_bundle_dir)."
     )
+    bundle_sha256: str | None = Field(
+        None, description="Pin: the only bundle hash (manifest.json's SHA-256, /model's sha256, "
+                          "`detector-bundle verify`) start-up accepts. Empty or unset: any verified bundle.")
     default_bundle_dir: Path = Field(
         Path("artifacts/default"),
         description="Where the embedded default bundle (digits) lives; detector-serve trains it there if missing.",
@@ -65,6 +68,16 @@ class Settings(BaseSettings):
     def _empty_bundle_is_default(cls, value):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
+        return value
+
+    @field_validator("bundle_sha256", mode="before")
+    @classmethod
+    def _check_pin(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        value = str(value).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("bundle_sha256 must be 64 hex digits (the SHA-256 `detector-bundle verify` prints)")
         return value
 
     @field_validator("device")

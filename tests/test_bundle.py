@@ -1,7 +1,8 @@
-"""Artifact bundles: exact round trip; hashes verified before anything is deserialised."""
+"""Artifact bundles: exact round trip; hashes verified before anything is deserialised; nothing unpickled."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -43,10 +44,10 @@ def test_round_trip_is_exact(bundle_dir, digits_model, digits_test):
     assert bundle.report == {"detection": {"accuracy": 0.5}}
     assert len(bundle.sha256) == 64
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"config.json", "weights.pt", "detector.joblib", "report.json", "figure.png"}
+    assert set(manifest["files"]) == {"config.json", "weights.pt", "detector.skops", "report.json", "figure.png"}
 
 
-@pytest.mark.parametrize("name", ["weights.pt", "detector.joblib", "config.json", "figure.png"])
+@pytest.mark.parametrize("name", ["weights.pt", "detector.skops", "config.json", "figure.png", "report.json"])
 def test_tampered_file_is_named_and_refused(bundle_dir, name):
     with open(bundle_dir / name, "ab") as f:
         f.write(b"\0")
@@ -54,7 +55,7 @@ def test_tampered_file_is_named_and_refused(bundle_dir, name):
         load_bundle(bundle_dir)
 
 
-@pytest.mark.parametrize("name", ["weights.pt", "detector.joblib", "manifest.json"])
+@pytest.mark.parametrize("name", ["weights.pt", "detector.skops", "manifest.json", "report.json"])
 def test_missing_file_is_named(bundle_dir, name):
     (bundle_dir / name).unlink()
     with pytest.raises(BundleError, match=name.replace(".", r"\.")):
@@ -68,13 +69,117 @@ class _Exploit:
         return (pathlib.Path.touch, (pathlib.Path(_Exploit.marker),))
 
 
-def test_a_substituted_pickle_is_never_opened(bundle_dir, tmp_path):
+def _rehash(bundle_dir, name):
+    """What an attacker who can write the bundle directory does: rewrite the file's hash in the manifest."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256((bundle_dir / name).read_bytes()).hexdigest()
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_substituted_pickle_is_never_run_even_with_its_hash_rewritten(bundle_dir, tmp_path):
     marker = tmp_path / "pwned"
     _Exploit.marker = str(marker)
-    (bundle_dir / "detector.joblib").write_bytes(pickle.dumps(_Exploit()))
-    with pytest.raises(BundleError, match="detector.joblib"):
+    (bundle_dir / "detector.skops").write_bytes(pickle.dumps(_Exploit()))
+    _rehash(bundle_dir, "detector.skops")
+    with pytest.raises(BundleError, match="detector.skops"):
         load_bundle(bundle_dir)
     assert not marker.exists()
+
+
+class _Gadget:
+    """A type outside the trusted list (skops would build it through its __dict__)."""
+
+
+def test_a_skops_file_naming_an_untrusted_type_is_refused(bundle_dir):
+    import skops.io
+
+    (bundle_dir / "detector.skops").write_bytes(skops.io.dumps({"detector": _Gadget()}))
+    _rehash(bundle_dir, "detector.skops")
+    with pytest.raises(BundleError, match="outside the trusted list.*_Gadget"):
+        load_bundle(bundle_dir)
+
+
+def test_a_tampered_report_is_refused_even_though_it_is_optional(bundle_dir):
+    (bundle_dir / "report.json").write_text('{"detection": {"accuracy": 1.0}}')
+    with pytest.raises(BundleError, match=r"report\.json"):
+        load_bundle(bundle_dir)
+
+
+def test_files_the_manifest_does_not_list_are_refused(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["files"]["report.json"]  # a report slipped in beside the manifest
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"does not list \(report\.json\)"):
+        load_bundle(bundle_dir)
+    (bundle_dir / "report.json").unlink()
+    assert load_bundle(bundle_dir).report is None
+    (bundle_dir / "sub").mkdir()
+    (bundle_dir / "sub" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match=r"sub/extra\.bin"):
+        load_bundle(bundle_dir)
+
+
+def test_one_hex_digit_changed_in_the_manifest_is_refused(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    digest = manifest["files"]["weights.pt"]
+    manifest["files"]["weights.pt"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")  # the last digit only
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"weights\.pt"):
+        load_bundle(bundle_dir)
+
+
+def test_pinned_hash_accepts_that_bundle_only(bundle_dir):
+    digest = load_bundle(bundle_dir).sha256
+    assert load_bundle(bundle_dir, expected_sha256=digest.upper()).sha256 == digest
+    other = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    with pytest.raises(BundleError, match="not the pinned one"):
+        load_bundle(bundle_dir, expected_sha256=other)
+    with pytest.raises(BundleError, match="64 hex digits"):
+        load_bundle(bundle_dir, expected_sha256=digest[:12])
+
+
+def _as_format_1(bundle_dir, detector_bytes: bytes):
+    """The layout bundles had before: detector.joblib (a pickle), format_version 1."""
+    (bundle_dir / "detector.skops").unlink()
+    (bundle_dir / "detector.joblib").write_bytes(detector_bytes)
+    config = json.loads((bundle_dir / "config.json").read_text())
+    config["format_version"] = 1
+    (bundle_dir / "config.json").write_text(json.dumps(config))
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bundle_dir.iterdir()
+             if p.name != "manifest.json"}
+    (bundle_dir / "manifest.json").write_text(json.dumps({"format_version": 1, "files": files}))
+
+
+def test_a_pickled_bundle_is_refused_with_the_command_that_converts_it(bundle_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    _Exploit.marker = str(marker)
+    _as_format_1(bundle_dir, pickle.dumps(_Exploit()))
+    with pytest.raises(BundleError, match="detector-bundle convert .* --trust-pickle"):
+        load_bundle(bundle_dir)
+    assert not marker.exists()
+
+
+def test_convert_turns_a_trusted_pickled_bundle_into_the_current_format(bundle_dir, digits_test):
+    import io
+
+    import joblib
+
+    from training.bundle_tool import main
+
+    before = load_bundle(bundle_dir)
+    buffer = io.BytesIO()
+    joblib.dump(before.detector, buffer)
+    _as_format_1(bundle_dir, buffer.getvalue())
+    with pytest.raises(SystemExit):  # the flag is required: converting runs the pickle
+        main(["convert", str(bundle_dir)])
+    assert main(["convert", str(bundle_dir), "--trust-pickle"]) == 0
+    assert not (bundle_dir / "detector.joblib").exists()
+    after = load_bundle(bundle_dir)
+    x, _ = digits_test.batch(slice(0, 50))
+    a, b = before.detect(x), after.detect(x)
+    assert np.array_equal(a.adversarial_score, b.adversarial_score) and np.array_equal(a.adversarial, b.adversarial)
+    assert main(["verify", str(bundle_dir), "--sha256", after.sha256]) == 0
+    assert main(["verify", str(bundle_dir), "--sha256", "0" * 64]) == 1
 
 
 def test_manifest_cannot_point_outside(bundle_dir):
@@ -94,3 +199,18 @@ def test_unfitted_detector_is_not_saved(tmp_path, digits_model):
     with pytest.raises(ValueError, match="fitted"):
         save_bundle(tmp_path, model=digits_model, architecture="cnn", detector=UncannyValleyDetector(),
                     classes=["a"], input_spec=InputSpec(1, 8, 8, [0.0], [1.0]))
+
+
+def test_weights_of_another_architecture_are_summarised_not_listed():
+    from detector.models import build_network, load_weights
+
+    wrn = build_network("wrn", 10, 3, {"depth": 10, "width": 1})
+    cnn = build_network("cnn", 10, 3, {})
+    with pytest.raises(ValueError) as info:
+        load_weights(cnn, wrn.state_dict())
+    message = str(info.value)
+    assert len(message) < 400, message
+    assert "unexpected keys" in message and "missing keys" in message, message
+    assert f"the network has {len(cnn.state_dict())} keys, the weights {len(wrn.state_dict())}" in message
+    with pytest.raises(ValueError, match="not a state_dict"):
+        load_weights(cnn, [1, 2])

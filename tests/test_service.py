@@ -124,7 +124,8 @@ def server(default_bundle, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = clean_env(DETECTOR_DEFAULT_BUNDLE_DIR=str(default_bundle), DETECTOR_MAX_PIXELS=str(MAX_PIXELS),
-                    DETECTOR_PORT="1")  # the --port flag must win over the environment
+                    DETECTOR_PORT="1",  # the --port flag must win over the environment
+                    DETECTOR_BUNDLE_SHA256=verify_bundle(default_bundle).upper())  # pinned: serves that one
     cmd = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu",
            "--max-upload-bytes", str(MAX_UPLOAD), "--max-wait-ms", str(MAX_WAIT_MS),
            "--max-batch-files", str(MAX_BATCH_FILES), "--warmup-iterations", str(WARMUP_ITERATIONS),
@@ -631,7 +632,7 @@ def _broken_copies(default_bundle: Path, tmp_path: Path) -> tuple[Path, Path]:
     (missing / "weights.pt").unlink()
     tampered = tmp_path / "tampered"
     shutil.copytree(default_bundle, tampered)
-    with open(tampered / "detector.joblib", "ab") as f:
+    with open(tampered / "detector.skops", "ab") as f:
         f.write(b"\x00")
     return missing, tampered
 
@@ -643,7 +644,7 @@ def test_broken_bundle_stops_startup_naming_the_file(default_bundle, tmp_path):
     port_a, port_b = free_port(), free_port()
     runs.append((start([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                         "--host", "127.0.0.1", "--port", str(port_a)],
-                       clean_env(DETECTOR_BUNDLE=str(tampered)), tmp_path / "a.log", port_a), "detector.joblib"))
+                       clean_env(DETECTOR_BUNDLE=str(tampered)), tmp_path / "a.log", port_a), "detector.skops"))
     runs.append((start([sys.executable, "-m", "service", "--bundle", str(missing), "--port", str(port_b)],
                        clean_env(), tmp_path / "b.log", port_b), "weights.pt"))
     deadline = time.monotonic() + START_TIMEOUT
@@ -660,3 +661,67 @@ def test_broken_bundle_stops_startup_naming_the_file(default_bundle, tmp_path):
         assert name in out, out
     assert "does not match its SHA-256" in runs[0][0].output()
     assert "is missing" in runs[1][0].output()
+
+
+class _TouchOnUnpickle:
+    """A pickle that creates a file when loaded: what an attacker with write access to a bundle plants."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_with_a_rewritten_hash_never_runs_in_the_server(default_bundle, tmp_path):
+    import hashlib
+    import json
+    import pickle
+
+    planted = tmp_path / "planted"
+    shutil.copytree(default_bundle, planted)
+    marker = tmp_path / "pwned"
+    (planted / "detector.skops").write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    manifest = json.loads((planted / "manifest.json").read_text())
+    manifest["files"]["detector.skops"] = hashlib.sha256((planted / "detector.skops").read_bytes()).hexdigest()
+    (planted / "manifest.json").write_text(json.dumps(manifest))
+    port = free_port()  # uvicorn on the app factory: the worker's own load refuses it
+    srv = start([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+                 "--port", str(port)], clean_env(DETECTOR_BUNDLE=str(planted)), tmp_path / "a.log", port)
+    try:
+        srv.proc.wait(timeout=START_TIMEOUT)
+    finally:
+        stop(srv)
+    assert srv.proc.returncode != 0 and "detector.skops" in srv.output(), srv.output()
+    assert not marker.exists()
+
+
+def test_a_pinned_hash_refuses_any_other_bundle(default_bundle, tmp_path):
+    other = verify_bundle(default_bundle)[::-1]
+    run = subprocess.run([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(free_port()),
+                          "--bundle-sha256", other], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                         timeout=START_TIMEOUT)
+    assert run.returncode == 2 and "not the pinned one" in run.stderr, run.stderr
+    port = free_port()  # and the worker checks the pin too, when started without detector-serve
+    srv = start([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+                 "--port", str(port)], clean_env(DETECTOR_BUNDLE=str(default_bundle), DETECTOR_BUNDLE_SHA256=other),
+                tmp_path / "b.log", port)
+    try:
+        srv.proc.wait(timeout=START_TIMEOUT)
+    finally:
+        stop(srv)
+    assert srv.proc.returncode != 0 and "not the pinned one" in srv.output(), srv.output()
+
+
+def test_pinned_server_reports_the_pinned_hash(client, default_bundle):
+    assert client.get("/model").json()["sha256"] == verify_bundle(default_bundle)
+
+
+def test_a_taken_port_fails_fast_with_a_hint_before_the_bundle_loads(server, default_bundle):
+    port = int(server.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port)],
+                         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert run.returncode == 2, run.stderr
+    assert f"127.0.0.1:{port}" in run.stderr and "--port" in run.stderr, run.stderr
+    assert "verified" not in run.stderr and time.monotonic() - started < 30

@@ -66,7 +66,7 @@ def check_bundle(out: Path, report: dict) -> None:
     one the report measured."""
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     for name in ("report.json", "report.md", "figure1_trajectory.png", "roc.png", "distributions.png",
-                 "trajectory.csv", "split.json", "weights.pt", "detector.joblib", "config.json"):
+                 "trajectory.csv", "split.json", "weights.pt", "detector.skops", "config.json"):
         assert name in manifest, name
         assert (out / name).stat().st_size > 0, name
     for png in ("figure1_trajectory.png", "roc.png", "distributions.png"):

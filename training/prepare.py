@@ -16,7 +16,7 @@ import torch
 
 from detector import ImageClassifier, ImageDataset, InputSpec, analyze, load_dataset
 from detector.datasets import DatasetNotFoundError
-from detector.models import MODELS, build_network
+from detector.models import MODELS, build_network, load_weights
 
 from .classifier import accuracy, predict, train_classifier
 from .options import (
@@ -259,9 +259,11 @@ def prepare(options: TrainOptions) -> Prepared:
         if whole:
             state = {**state, "mean": model.mean, "std": model.std}  # given --mean/--std win
         try:
-            target.load_state_dict(state)
-        except RuntimeError as exc:
-            raise PipelineError(f"--weights {options.weights!r} do not fit {architecture!r}: {exc}") from exc
+            load_weights(target, state)
+        except ValueError as exc:
+            hint = (" (the built-in resnet18 is the CIFAR-stem variant: 3×3 first convolution, no max-pool; "
+                    "ImageNet weights do not fit it)" if architecture == "resnet18" else "")
+            raise PipelineError(f"--weights {options.weights!r} do not fit {architecture!r}: {exc}{hint}") from exc
     layer = _resolve_layer(model, options.layer)
     _check_outputs(model, train, layer, architecture)
     timing["classifier_build"] = time.perf_counter() - start
