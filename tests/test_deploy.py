@@ -533,7 +533,7 @@ def test_compose_gpu_deployment_and_cpu_override():
     assert container_env(detector, {})["DETECTOR_DEVICE"] == "cuda"
     assert detector["restart"] in ("always", "unless-stopped", "on-failure")
     assert detector["healthcheck"]["test"][0] == "CMD"
-    assert detector["ports"] == ["8000:8000"]
+    assert detector["ports"] == ["127.0.0.1:8000:8000"]  # this host only unless the operator says otherwise
     assert compose_model(GPU_FILES, {"PUBLISH_PORT": "9000"})["services"]["detector"]["ports"] == ["9000:8000"]
     assert "profiles" not in detector, "`docker compose up` must start the service"
     assert train["profiles"] == ["train"], "`docker compose up` must not start the trainer"
