@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from detector.devices import DeviceError, resolve_device
 
+from .protocol import PROTOCOL
 from .settings import ENV_PREFIX, Settings
 
 __all__ = ["build_parser", "ensure_default_bundle", "main", "settings_from_args"]
@@ -45,6 +46,14 @@ _FLAGS = {
     "--max-batch-files": ("max_batch_files", int, "most files per /predict/batch (default 64)"),
     "--decode-threads": ("decode_threads", int, "images decoded at once"),
     "--torch-threads": ("torch_threads", int, "PyTorch CPU threads (default 0: PyTorch's choice, one per core)"),
+    "--max-header-bytes": ("max_header_bytes", int, "byte cap of a request head (default 16 KiB; 431 beyond)"),
+    "--max-headers": ("max_headers", int, "most headers per request (default 100; 431 beyond)"),
+    "--header-timeout-s": ("header_timeout_s", float, "seconds a request head may take (default 10; 408 beyond)"),
+    "--body-timeout-s": ("body_timeout_s", float, "seconds a request body may take after its head (default 60)"),
+    "--max-connections": ("max_connections", int,
+                          "open connections per worker (default 0: min(1000, open-file limit − 128))"),
+    "--max-connections-per-client": ("max_connections_per_client", int,
+                                     "open connections per client address per worker (default 128; 0: no cap)"),
     "--warmup-iterations": ("warmup_iterations", int, "warm-up inferences before readiness (default 1)"),
     "--host": ("host", str, "interface to bind (default 127.0.0.1)"),
     "--port": ("port", int, "port (default 8000)"),
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        http=PROTOCOL,  # uvicorn's httptools protocol with head, time and connection limits
     )
     return 0
 

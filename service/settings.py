@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, description="PyTorch intra-op threads for CPU inference; 0 keeps PyTorch's default (one per core).")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Byte cap of a request's head (request line and headers); 431 beyond.")
+    max_headers: int = Field(100, ge=8, description="Most headers in one request; 431 beyond.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a request head may take to arrive, from the connection's start (or the "
+                                "next request's first byte); 408 and close beyond. Also ends connections that "
+                                "send nothing.")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a request body may take to arrive after its head; 408 and close beyond.")
+    max_connections: int = Field(
+        0, ge=0, description="Open connections per worker beyond which new ones get 503 and are closed; 0: "
+                             "min(1000, the open-file limit − 128).")
+    max_connections_per_client: int = Field(
+        128, ge=0, description="Open connections per client address per worker; 0: no cap (behind a proxy, "
+                               "every client has the proxy's address).")
     warmup_iterations: int = Field(
         1, ge=1, description="Warm-up inferences (at batch size 1 and max_batch_size) before readiness."
     )
@@ -103,6 +118,21 @@ class Settings(BaseSettings):
     def bundle_dir(self) -> Path:
         """The bundle to serve: ``bundle`` if given, else the embedded default's directory."""
         return self.bundle if self.bundle is not None else self.default_bundle_dir
+
+    @property
+    def effective_max_connections(self) -> int:
+        """``max_connections``, or when 0 a cap that leaves file descriptors for the model and the logs."""
+        if self.max_connections:
+            return self.max_connections
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return 1000
+        if soft == resource.RLIM_INFINITY:
+            return 1000
+        return max(16, min(1000, soft - 128))
 
     @property
     def uses_default_bundle(self) -> bool:

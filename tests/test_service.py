@@ -725,3 +725,123 @@ def test_a_taken_port_fails_fast_with_a_hint_before_the_bundle_loads(server, def
     assert run.returncode == 2, run.stderr
     assert f"127.0.0.1:{port}" in run.stderr and "--port" in run.stderr, run.stderr
     assert "verified" not in run.stderr and time.monotonic() - started < 30
+
+
+# -- connection limits: heads, slow clients, connection caps ---------------------------------------
+GUARD = {"max_header_bytes": 4096, "max_headers": 20, "header_timeout_s": 1.5, "body_timeout_s": 2.0,
+         "max_connections": 12, "max_connections_per_client": 6}
+
+
+@pytest.fixture(scope="module")
+def guarded(default_bundle, tmp_path_factory):
+    """A server with small connection limits, attacked over raw sockets."""
+    port = free_port()
+    flags = [x for k, v in GUARD.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
+                 "--device", "cpu", "--torch-threads", "1", *flags], clean_env(),
+                tmp_path_factory.mktemp("guarded") / "server.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(srv)
+
+
+def _connect(server: Server, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
+    port = int(server.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def _answer(s: socket.socket) -> bytes:
+    """Everything until the server closes (or the socket's timeout, which fails the caller's check)."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except TimeoutError:
+        out += b"<still open>"
+    return out
+
+
+def _head(size: int = 0, headers: int = 0) -> bytes:
+    """A GET whose head is exactly ``size`` bytes (when given) with ``headers`` extra headers."""
+    lines = [b"GET /health/live HTTP/1.1", b"Host: x"] + [b"X-%d: 1" % i for i in range(headers)]
+    head = b"\r\n".join(lines) + b"\r\n"
+    if size:
+        pad = size - len(head) - len(b"X-Pad: \r\n\r\n")
+        head += b"X-Pad: " + b"a" * pad + b"\r\n"
+    return head + b"\r\n"
+
+
+def test_request_heads_are_capped_at_the_byte_and_header_limits(guarded):
+    for head, status in ((_head(size=GUARD["max_header_bytes"]), b"200"),
+                         (_head(size=GUARD["max_header_bytes"] + 1), b"431"),
+                         (_head(size=64 * 1024), b"431"),
+                         (_head(headers=GUARD["max_headers"] - 1), b"200"),  # + Host: exactly the cap
+                         (_head(headers=GUARD["max_headers"]), b"431")):
+        with _connect(guarded) as s:
+            s.sendall(head)
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 " + status), (len(head), answer[:200])
+        if status == b"431":
+            assert b'"headers_too_large"' in answer or b'"too_many_headers"' in answer
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline(guarded):
+    started = time.monotonic()
+    with _connect(guarded) as s:
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer[:200]
+    assert GUARD["header_timeout_s"] - 0.2 <= time.monotonic() - started < GUARD["header_timeout_s"] + 3
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(guarded):
+    started = time.monotonic()
+    with _connect(guarded) as s:
+        s.sendall(b"GET /health/live HTTP/1.1\r\n")
+        try:
+            for _ in range(40):  # 10 s of trickle if nobody stops it
+                s.sendall(b"X")
+                time.sleep(0.25)
+        except OSError:
+            pass
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < GUARD["header_timeout_s"] + 3
+
+
+def test_a_body_that_never_finishes_is_cut_off(guarded, good_png):
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    started = time.monotonic()
+    with _connect(guarded) as s:
+        s.sendall(head + b"--b\r\n")
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 408") and b"body" in answer, answer[:300]
+    assert time.monotonic() - started < GUARD["body_timeout_s"] + 3
+    with httpx.Client(base_url=guarded.url, timeout=30) as client:
+        assert_serving(client, good_png)
+    assert "Traceback" not in guarded.output()
+
+
+def test_connections_are_capped_per_client_and_in_all(guarded, good_png):
+    cap, per_client = GUARD["max_connections"], GUARD["max_connections_per_client"]
+    held = [_connect(guarded, "127.0.0.1") for _ in range(per_client)]
+    try:
+        time.sleep(0.2)
+        with _connect(guarded, "127.0.0.1") as extra:
+            answer = _answer(extra)
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer[:300]
+        assert b"MAX_CONNECTIONS_PER_CLIENT" in answer
+        held += [_connect(guarded, "127.0.0.2") for _ in range(cap - per_client)]  # another client fills the rest
+        time.sleep(0.2)
+        with _connect(guarded, "127.0.0.3") as extra:
+            answer = _answer(extra)
+        assert answer.startswith(b"HTTP/1.1 503") and b"DETECTOR_MAX_CONNECTIONS)" in answer, answer[:300]
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    with httpx.Client(base_url=guarded.url, timeout=30) as client:  # the slots come back
+        assert_serving(client, good_png)
