@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from .estimator import UncannyValleyDetector
 from .features import detector_features, output_weight_norm
 from .layers import feature_rows
-from .models import ImageClassifier, build_classifier, load_weights
+from .models import MODELS, ImageClassifier, build_classifier, load_weights
 
 __all__ = [
     "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "convert_pickled_bundle",
@@ -327,9 +328,15 @@ def _load_detector(data: bytes) -> UncannyValleyDetector:
 
 
 def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                expected_sha256: str | None = None) -> Bundle:
+                expected_sha256: str | None = None, trusted_architectures: Collection[str] = ()) -> Bundle:
     """Verify, then load a bundle written by :func:`save_bundle`; with ``expected_sha256`` (the
-    hash :attr:`Bundle.sha256` reports), any other bundle is refused."""
+    hash :attr:`Bundle.sha256` reports), any other bundle is refused.
+
+    A bundle of a built-in architecture (:data:`detector.models.MODELS`) loads as it is. A
+    bring-your-own one names a ``package.module:callable`` that loading imports and calls with the
+    bundle's keyword arguments, which is running code the bundle chooses: it loads only when that name
+    is in ``trusted_architectures``.
+    """
     root = Path(path)
     bundle_hash = verify_bundle(root, expected_sha256)
     files, manifest_hash, _ = _read_manifest(root)
@@ -347,6 +354,12 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         layer = config.get("layer")
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"bundle file {CONFIG} is malformed: {exc}") from exc
+    if architecture not in MODELS and architecture not in trusted_architectures:
+        raise BundleError(
+            f"bundle {str(root)!r} names the architecture {architecture!r}, a factory that loading would import "
+            f"and call; it is not one of the built-in {sorted(MODELS)}. If you trust it, allow it by name "
+            f"(detector-serve: DETECTOR_TRUSTED_ARCHITECTURES={architecture}; detector-evaluate: "
+            f"--trust-architecture {architecture})")
     try:
         model = build_classifier(architecture, len(classes), spec.channels, spec.mean, spec.std, model_config)
     except (ValueError, TypeError) as exc:

@@ -97,7 +97,8 @@ class Service:
             raise StartupError(str(exc)) from exc
         try:
             # load_bundle checks every file against the manifest before deserialising anything.
-            self.engine = await anyio.to_thread.run_sync(Engine.load, path, device, s.bundle_sha256)
+            self.engine = await anyio.to_thread.run_sync(Engine.load, path, device, s.bundle_sha256,
+                                                          s.trusted_architecture_list)
         except BundleError as exc:
             raise StartupError(f"cannot serve bundle {str(path)!r}: {exc}") from exc
         except Exception as exc:  # e.g. out of device memory

@@ -34,6 +34,9 @@ _FLAGS = {
     "--bundle": ("bundle", str, "bundle directory (default: the embedded default, trained if missing)"),
     "--bundle-sha256": ("bundle_sha256", str, "refuse to start unless the bundle's SHA-256 is this one "
                                              "(`detector-bundle verify BUNDLE` prints it)"),
+    "--trusted-architectures": ("trusted_architectures", str,
+                                "comma-separated bring-your-own architectures (package.module:callable) a bundle "
+                                "may name; loading imports and calls them (default: built-in ones only)"),
     "--default-bundle-dir": ("default_bundle_dir", str, "where the embedded default bundle lives"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps (default auto: cuda when available)"),
     "--max-batch-size": ("max_batch_size", int, "largest micro-batch (1 = no batching; default 32)"),

@@ -7,6 +7,7 @@ the prediction, ψ, κ and the detector's answer all come from it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,12 @@ class Engine:
         self.valley_threshold = float(bundle.detector.valley_threshold_)
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device, expected_sha256: str | None = None) -> Engine:
+    def load(cls, path: str | Path, device: torch.device, expected_sha256: str | None = None,
+             trusted_architectures: Sequence[str] = ()) -> Engine:
         """Verify every file of the bundle against its manifest (and the bundle against the pinned
         hash, when given), then load it onto ``device``."""
-        bundle = load_bundle(path, map_location=device, expected_sha256=expected_sha256)
+        bundle = load_bundle(path, map_location=device, expected_sha256=expected_sha256,
+                             trusted_architectures=trusted_architectures)
         return cls(bundle, device)
 
     @property

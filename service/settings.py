@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     bundle_sha256: str | None = Field(
         None, description="Pin: the only bundle hash (manifest.json's SHA-256, /model's sha256, "
                           "`detector-bundle verify`) start-up accepts. Empty or unset: any verified bundle.")
+    trusted_architectures: str = Field(
+        "", description="Comma-separated bring-your-own architectures ('package.module:callable') a bundle may "
+                        "name: loading imports and calls them. Empty: built-in architectures only.")
     default_bundle_dir: Path = Field(
         Path("artifacts/default"),
         description="Where the embedded default bundle (digits) lives; detector-serve trains it there if missing.",
@@ -133,6 +136,10 @@ class Settings(BaseSettings):
         if soft == resource.RLIM_INFINITY:
             return 1000
         return max(16, min(1000, soft - 128))
+
+    @property
+    def trusted_architecture_list(self) -> list[str]:
+        return [name.strip() for name in self.trusted_architectures.split(",") if name.strip()]
 
     @property
     def uses_default_bundle(self) -> bool:

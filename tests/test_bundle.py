@@ -214,3 +214,16 @@ def test_weights_of_another_architecture_are_summarised_not_listed():
     assert f"the network has {len(cnn.state_dict())} keys, the weights {len(wrn.state_dict())}" in message
     with pytest.raises(ValueError, match="not a state_dict"):
         load_weights(cnn, [1, 2])
+
+
+def test_a_bundle_naming_an_importable_callable_never_calls_it(bundle_dir, tmp_path):
+    """config.json is data an attacker can rewrite: 'subprocess:run' with arguments would run a command."""
+    marker = tmp_path / "pwned"
+    config = json.loads((bundle_dir / "config.json").read_text())
+    config["architecture"] = "subprocess:run"
+    config["model_config"] = {"args": ["touch", str(marker)]}
+    (bundle_dir / "config.json").write_text(json.dumps(config))
+    _rehash(bundle_dir, "config.json")
+    with pytest.raises(BundleError, match="subprocess:run.*trust"):
+        load_bundle(bundle_dir)
+    assert not marker.exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector import load_bundle, load_dataset, pgd, verify_bundle
+from detector import BundleError, load_bundle, load_dataset, pgd, verify_bundle
 from detector.datasets import CIFAR10_CLASSES
 from detector.metrics import roc_rates
 from training.classifier import accuracy
@@ -72,7 +72,7 @@ def check_bundle(out: Path, report: dict) -> None:
     for png in ("figure1_trajectory.png", "roc.png", "distributions.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verify_bundle(out)
-    bundle = load_bundle(out)
+    bundle = load_bundle(out, trusted_architectures=[report["classifier"]["architecture"]])
     assert json.loads((out / "report.json").read_text()) == report == bundle.report
     split = json.loads((out / "split.json").read_text())
     assert split["fit"] and split["held_out"] and split["calibration"]
@@ -273,14 +273,17 @@ def test_bring_your_own_model(byo_checkpoint, tmp_path, monkeypatch, capsys):
     kappa = np.array(report["trajectory"]["mean_sharpness"])
     assert kappa.max() > 3 * kappa[0] and kappa[-1] < 0.5 * kappa.max()
     # The service rebuilds it from the bundle alone (factory + kwargs + weights + layer).
-    bundle = load_bundle(out)
+    with pytest.raises(BundleError, match="byo_models:make_digits_net.*trust"):
+        load_bundle(out)  # a factory to import and call: only on the user's word
+    bundle = load_bundle(out, trusted_architectures=["byo_models:make_digits_net"])
     assert bundle.architecture == "byo_models:make_digits_net" and bundle.layer == "net.classifier"
     assert accuracy(bundle.model, load_dataset("digits", train=False)) == pytest.approx(acc)
     # The attack suite judges it too, at its own output layer (the adaptive attacks read it).
     from training.evaluate import main as evaluate_main
 
     assert evaluate_main(["--bundle", str(out), "--suite", "quick", "--max-images", "60", "--out",
-                          str(tmp_path / "byo-ev"), "--no-progress"]) == 0
+                          str(tmp_path / "byo-ev"), "--no-progress",
+                          "--trust-architecture", "byo_models:make_digits_net"]) == 0
     ev = json.loads((tmp_path / "byo-ev" / "evaluation.json").read_text())
     assert {a["attack"] for a in ev["attacks"]} >= {"fgsm", "pgd", "backoff", "margin-capped"}
     assert all(a["success"]["n"] > 0 for a in ev["attacks"])

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference L∞ radius the suite's radii are scaled to (default: the bundle's PGD ε)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--trust-architecture", action="append", default=[], metavar="MODULE:CALLABLE",
+                   help="a bring-your-own architecture the bundle may name: loading imports and calls it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -61,7 +63,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     """Evaluate ``args.bundle`` and write the files; returns the evaluation as a dict."""
     bundle_dir = Path(args.bundle)
     device = resolve_device(args.device)
-    bundle = load_bundle(bundle_dir, map_location=device)
+    bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=args.trust_architecture)
     report = bundle.report or {}
     options = report.get("options", {})
     split_file = bundle_dir / "split.json"
