@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from detector import BundleError
 from detector.devices import DeviceError, resolve_device
 
-from .batching import MicroBatcher, Overloaded
+from .batching import InferenceFailed, MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
 from .images import (
     ALLOWED_FORMATS,
@@ -85,6 +85,8 @@ class Service:
         self.detail: str | None = "the bundle is not loaded yet"
         self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
         self._warmup: asyncio.Task | None = None
+        self._failed_batches = 0  # micro-batches in a row in which the model failed on every image
+        self._last_probe = float("-inf")
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,7 +110,7 @@ class Service:
                  *self.engine.size, device)
         self.batcher = MicroBatcher(
             self.engine.infer, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000.0,
-            max_queue=s.max_queue, on_batch=self.metrics.observe_batch,
+            max_queue=s.max_queue, on_batch=self._batch_passed, on_failure=self._batch_failed,
         )
         self.batcher.start()
         if s.torch_threads:
@@ -134,6 +136,41 @@ class Service:
         self.status, self.detail = "ready", None
         self.metrics.ready.set(1)
         log.info("ready: warm-up inference passed at batch sizes %s", list(sizes))
+
+    # -- health of the model ---------------------------------------------------------------------
+    def _batch_passed(self, size: int, seconds: float) -> None:
+        self.metrics.observe_batch(size, seconds)
+        self._failed_batches = 0
+
+    def _batch_failed(self, all_failed: bool) -> None:
+        """After a batch raised and its images were retried one by one."""
+        self._failed_batches = self._failed_batches + 1 if all_failed else 0
+        limit = self.settings.unready_after_failures
+        if self._failed_batches >= limit and self.status == "ready":
+            self.status = "failed"
+            self.detail = (f"the model failed on every image of {self._failed_batches} micro-batches in a row; "
+                           f"readiness returns once a probe inference passes")
+            self.metrics.ready.set(0)
+            log.error("%s", self.detail)
+
+    async def probe(self) -> None:
+        """When inference failures made the service unready: one warm-up inference, at most once a
+        second; ready again if it passes."""
+        if self.status != "failed" or self._failed_batches == 0 or self.batcher is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_probe < 1.0:
+            return
+        self._last_probe = now
+        try:
+            await self.batcher.run_in_worker(self.engine.warm_up, (1,), 1)
+        except Exception as exc:
+            log.error("probe inference failed: %s: %s", type(exc).__name__, exc)
+            return
+        self._failed_batches = 0
+        self.status, self.detail = "ready", None
+        self.metrics.ready.set(1)
+        log.info("probe inference passed: ready again")
 
     async def stop(self) -> None:
         task = self._warmup
@@ -174,6 +211,11 @@ class Service:
             self.metrics.rejected.labels("overloaded").inc()
             raise ApiError(503, "overloaded", f"the service is overloaded: {exc}; retry shortly",
                            headers={"Retry-After": "1"}) from exc
+        except InferenceFailed as exc:
+            self.metrics.inference_failures.inc()
+            raise ApiError(500, "inference_failed",
+                           "the model failed on this image (the other images of its micro-batch were answered); "
+                           "the server log has the error") from exc
         self.metrics.observe_results(results)
         ref = self.model_ref()
         tau = self.engine.valley_threshold
@@ -218,6 +260,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body over the byte cap, or image over the pixel cap."},
     415: {"model": ErrorResponse, "description": "Not an image, unsupported format, or a content type that does not match the data."},
     422: {"model": ErrorResponse, "description": "Missing or malformed form field."},
+    500: {"model": ErrorResponse, "description": "The model raised on this image, run on its own (`inference_failed`)."},
     503: {"model": ErrorResponse, "description": "Not ready yet (warming up) or overloaded; retry."},
 }
 
@@ -368,6 +411,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              responses={503: {"model": Readiness, "description": "Loading, warming up, or failed."}},
              summary="The model is loaded and a warm-up inference has passed")
     async def ready(svc: ServiceDep, response: Response) -> Readiness:
+        await svc.probe()
         model = svc.model_ref() if svc.engine is not None else None
         if not svc.ready:
             response.status_code = 503

@@ -6,6 +6,10 @@ and gathers more until the batch holds ``max_batch_size`` images or the oldest o
 keeps accepting and decoding uploads) and hands every image its answer.  While a batch runs, new
 images queue up and form the next one; a lone request waits at most ``max_wait_s``.
 ``max_batch_size = 1`` turns batching off.
+
+When a batch fails, each of its images is run again on its own, so that an input that makes the
+model raise fails only its own request (:class:`InferenceFailed`); ``on_failure(all_failed)`` tells the
+caller whether anything in the batch could be answered.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-__all__ = ["MicroBatcher", "Overloaded"]
+__all__ = ["InferenceFailed", "MicroBatcher", "Overloaded"]
 
 log = logging.getLogger("service.batching")
 
@@ -29,6 +33,10 @@ Out = TypeVar("Out")
 
 class Overloaded(RuntimeError):
     """The queue is full: the caller should answer 503 and let the client retry."""
+
+
+class InferenceFailed(RuntimeError):
+    """The model raised on this item, run on its own."""
 
 
 @dataclass
@@ -41,7 +49,8 @@ class _Item(Generic[In]):
 class MicroBatcher(Generic[In, Out]):
     """Gathers single items into batches for ``infer(list[In]) -> list[Out]`` (same order, same length).
 
-    ``on_batch(size, seconds)`` is called after each batch (for metrics).
+    ``on_batch(size, seconds)`` is called after each batch (for metrics); ``on_failure(all_failed)``
+    after each batch that raised, once its items were retried one by one.
     """
 
     def __init__(
@@ -51,6 +60,7 @@ class MicroBatcher(Generic[In, Out]):
         max_wait_s: float = 0.005,
         max_queue: int = 4096,
         on_batch: Callable[[int, float], None] | None = None,
+        on_failure: Callable[[bool], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -61,6 +71,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_failure = on_failure
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -168,11 +179,9 @@ class MicroBatcher(Generic[In, Out]):
                     if not item.future.done():
                         item.future.set_exception(Overloaded("the service is shutting down"))
                 raise
-            except Exception as exc:  # the model failed: every request of the batch learns it
-                log.exception("inference failed for a batch of %d", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except Exception as exc:
+                log.error("inference failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc)
+                await self._isolate(batch, exc)
                 continue
             elapsed = self._loop.time() - start
             for item, result in zip(batch, results):
@@ -183,3 +192,37 @@ class MicroBatcher(Generic[In, Out]):
                     self.on_batch(len(batch), elapsed)
                 except Exception:  # metrics must never stop the worker
                     log.exception("on_batch callback failed")
+
+    async def _isolate(self, batch: list[_Item], error: Exception) -> None:
+        """Run the items of a failed batch one by one: only those the model fails on get the error."""
+        failed = 0
+        for item in batch:
+            if item.future.done():
+                continue
+            if len(batch) == 1:
+                outcome: Exception | Any = error
+            else:
+                try:
+                    (outcome,) = await self._loop.run_in_executor(self._executor, self.infer, [item.value])
+                except asyncio.CancelledError:
+                    for rest in batch:
+                        if not rest.future.done():
+                            rest.future.set_exception(Overloaded("the service is shutting down"))
+                    raise
+                except Exception as exc:
+                    outcome = exc
+            if item.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                failed += 1
+                failure = InferenceFailed(f"{type(outcome).__name__}: {outcome}")
+                item.future.set_exception(failure)
+            else:
+                item.future.set_result(outcome)
+        if failed:
+            log.error("%d of %d images of the batch fail on their own", failed, len(batch))
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failed == len(batch))
+            except Exception:
+                log.exception("on_failure callback failed")

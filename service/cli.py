@@ -57,6 +57,8 @@ _FLAGS = {
                           "open connections per worker (default 0: min(1000, open-file limit − 128))"),
     "--max-connections-per-client": ("max_connections_per_client", int,
                                      "open connections per client address per worker (default 128; 0: no cap)"),
+    "--unready-after-failures": ("unready_after_failures", int,
+                                 "failed micro-batches in a row that turn readiness to 503 (default 3)"),
     "--warmup-iterations": ("warmup_iterations", int, "warm-up inferences before readiness (default 1)"),
     "--host": ("host", str, "interface to bind (default 127.0.0.1)"),
     "--port": ("port", int, "port (default 8000)"),

@@ -56,6 +56,8 @@ class Metrics:
             registry=r)
         self.rejected = Counter(
             "detector_rejected_uploads", "Uploads refused, by reason code.", ["reason"], registry=r)
+        self.inference_failures = Counter(
+            "detector_inference_failures", "Requests answered 500: the model raised on one of their images, run on its own.", registry=r)
         self.queue = Gauge(
             "detector_queue_images", "Images waiting for the model.", registry=r, multiprocess_mode="livesum")
         self.ready = Gauge(

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     max_connections_per_client: int = Field(
         128, ge=0, description="Open connections per client address per worker; 0: no cap (behind a proxy, "
                                "every client has the proxy's address).")
+    unready_after_failures: int = Field(
+        3, ge=1, description="Micro-batches in a row in which the model failed on every image, after which "
+                             "readiness answers 503 until a probe inference passes again.")
     warmup_iterations: int = Field(
         1, ge=1, description="Warm-up inferences (at batch size 1 and max_batch_size) before readiness."
     )

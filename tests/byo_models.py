@@ -36,3 +36,34 @@ class DigitsNet(nn.Module):
 
 def make_digits_net(hidden: int = 64, num_classes: int = 10) -> DigitsNet:
     return DigitsNet(hidden, num_classes)
+
+
+class FaultyNet(nn.Module):
+    """A small digits network that fails the way a production model can, on purpose:
+
+    - an all-white image (every pixel 1.0) makes the forward pass raise, for that batch only (a
+      poison input);
+    - an image of pixels 64/255 breaks it for good, as a device fault would: every later forward
+      pass raises.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 32),
+                                  nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+        self.broken = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        if bool(((flat - 64 / 255).abs() < 1e-3).all(dim=1).any()):
+            self.broken = True
+        if self.broken:
+            raise RuntimeError("device fault: the model no longer runs")
+        if bool((flat >= 1.0).all(dim=1).any()):
+            raise RuntimeError("poison input")
+        return self.fc(self.body(x))
+
+
+def make_faulty_net(num_classes: int = 10) -> FaultyNet:
+    return FaultyNet(num_classes)

@@ -845,3 +845,66 @@ def test_connections_are_capped_per_client_and_in_all(guarded, good_png):
     time.sleep(0.3)
     with httpx.Client(base_url=guarded.url, timeout=30) as client:  # the slots come back
         assert_serving(client, good_png)
+
+
+# -- failure isolation -------------------------------------------------------------------------------
+FAULTY = "byo_models:make_faulty_net"
+
+
+@pytest.fixture(scope="module")
+def faulty_bundle(tmp_path_factory, digits_train):
+    """A bundle of :class:`byo_models.FaultyNet` (untrained: only its failures matter here)."""
+    import byo_models
+
+    from detector import ImageClassifier, InputSpec, UncannyValleyDetector, save_bundle
+
+    torch.manual_seed(0)
+    model = ImageClassifier(byo_models.make_faulty_net(), [0.0], [1.0]).eval()
+    x, _ = digits_train.batch(slice(0, 200))
+    info = analyze(model, x)
+    labels = np.random.default_rng(0).integers(0, 2, 200)
+    detector = UncannyValleyDetector().fit(info.psi.numpy(), labels, kappa=info.sharpness.numpy())
+    return save_bundle(tmp_path_factory.mktemp("faulty") / "bundle", model=model, architecture=FAULTY,
+                       detector=detector, classes=digits_train.classes, input_spec=InputSpec(1, 8, 8, [0.0], [1.0]))
+
+
+def test_one_failing_input_fails_only_its_request_and_a_broken_model_turns_readiness_off(
+        faulty_bundle, digits, tmp_path):
+    port = free_port()
+    env = clean_env(PYTHONPATH=str(REPO / "tests"))
+    srv = start([sys.executable, "-m", "service", "--bundle", str(faulty_bundle), "--port", str(port),
+                 "--device", "cpu", "--torch-threads", "1", "--trusted-architectures", FAULTY,
+                 "--max-wait-ms", "400", "--unready-after-failures", "2"], env, tmp_path / "server.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+
+        def png(pixels: np.ndarray) -> bytes:
+            return encode(Image.fromarray(pixels.astype(np.uint8), "L"), "PNG")
+
+        images = [png(d) for d in digits[0][:5]] + [png(np.full((8, 8), 255))]
+
+        async def send_all():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                return await asyncio.gather(*(c.post("/predict", files={"file": ("x.png", data, "image/png")})
+                                              for data in images))
+
+        answers = asyncio.run(send_all())
+        assert [r.status_code for r in answers] == [200] * 5 + [500], [r.text for r in answers]
+        assert answers[-1].json()["code"] == "inference_failed"
+        assert "poison" not in answers[-1].text  # the server's internals stay in its log
+        assert "inference failed for a batch of 6" in srv.output(), srv.output()
+        assert httpx.get(srv.url + "/health/ready", timeout=5).status_code == 200  # the model still works
+
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            statuses = [c.post("/predict", files={"file": ("x.png", png(np.full((8, 8), 64)), "image/png")}).status_code]
+            statuses.append(c.post("/predict", files={"file": ("x.png", images[0], "image/png")}).status_code)
+            assert statuses == [500, 500]
+            ready = c.get("/health/ready")
+            assert ready.status_code == 503 and "micro-batches in a row" in ready.json()["detail"], ready.text
+            time.sleep(1.1)  # the probe inference runs again and fails again: still unready
+            assert c.get("/health/ready").status_code == 503
+            assert c.post("/predict", files={"file": ("x.png", images[0], "image/png")}).status_code == 503
+        assert "Traceback" not in srv.output()
+    finally:
+        stop(srv)
