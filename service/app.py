@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, File, Request
+from fastapi import Depends, FastAPI, File, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import BundleError
 from detector.devices import DeviceError, resolve_device
 
+from .access import AccessError, AccessMiddleware, ApiKeys, RateLimiter, read_api_keys
+from .audit import AuditTrail, RequestIdMiddleware, request_id
 from .batching import InferenceFailed, MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
 from .images import (
@@ -47,6 +50,7 @@ from .schemas import (
     ServiceLimits,
     SingleUpload,
     UploadInfoModel,
+    Verdict,
 )
 from .settings import Settings
 
@@ -85,6 +89,9 @@ class Service:
         self.detail: str | None = "the bundle is not loaded yet"
         self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
         self._warmup: asyncio.Task | None = None
+        self.keys = ApiKeys(read_api_keys(settings.api_keys, settings.api_keys_file))
+        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.effective_rate_limit_burst)
+        self.audit = AuditTrail(settings.audit_log, settings.quarantine_dir, settings.quarantine_max_bytes)
         self._failed_batches = 0  # micro-batches in a row in which the model failed on every image
         self._last_probe = float("-inf")
 
@@ -97,6 +104,10 @@ class Service:
             device = resolve_device(s.device)
         except DeviceError as exc:
             raise StartupError(str(exc)) from exc
+        try:
+            self.audit.open()
+        except OSError as exc:
+            raise StartupError(f"cannot open the audit log or the quarantine: {exc}") from exc
         try:
             # load_bundle checks every file against the manifest before deserialising anything.
             self.engine = await anyio.to_thread.run_sync(Engine.load, path, device, s.bundle_sha256,
@@ -182,6 +193,7 @@ class Service:
                 pass
         if self.batcher is not None:
             await self.batcher.stop()
+        await anyio.to_thread.run_sync(self.audit.close)  # queued quarantine writes finish first
         self.metrics.ready.set(0)
 
     # -- requests --------------------------------------------------------------------------------
@@ -198,15 +210,17 @@ class Service:
                          size=self.engine.size, max_pixels=self.settings.max_pixels)
         try:
             if is_small_image(data):  # cheaper here than a hop to a decode thread and back
-                return decode()
-            return await anyio.to_thread.run_sync(decode, limiter=self.decode_limiter)
+                return (*decode(), data)
+            return (*await anyio.to_thread.run_sync(decode, limiter=self.decode_limiter), data)
         except ImageRejected as exc:
             self.metrics.rejected.labels(exc.code).inc()
             raise ApiError(exc.status, exc.code, f"{where}: {exc.message}") from exc
 
-    async def classify(self, decoded: list[tuple[Any, UploadInfo]]) -> list[Prediction]:
+    async def classify(self, decoded: list[tuple[Any, UploadInfo, bytes]], request: Request,
+                       client: str) -> list[Prediction]:
+        """Answers for decoded uploads ``(array, info, bytes)``; flagged ones go to the audit trail."""
         try:
-            results: list[ImageResult] = await self.batcher.submit_many([array for array, _ in decoded])
+            results: list[ImageResult] = await self.batcher.submit_many([array for array, _, _ in decoded])
         except Overloaded as exc:
             self.metrics.rejected.labels("overloaded").inc()
             raise ApiError(503, "overloaded", f"the service is overloaded: {exc}; retry shortly",
@@ -221,8 +235,14 @@ class Service:
         tau = self.engine.valley_threshold
         # vars(), not dataclasses.asdict: the fields are already plain values, no deep copy needed.
         size = self.engine.size
-        return [Prediction(**vars(r), valley_threshold=tau, input=_upload_info(info, size), model=ref)
-                for r, (_, info) in zip(results, decoded, strict=True)]
+        answers = [Prediction(**vars(r), valley_threshold=tau, input=_upload_info(info, size), model=ref)
+                   for r, (_, info, _) in zip(results, decoded, strict=True)]
+        flagged = [(i, data, info.format, a) for i, (a, (_, info, data)) in enumerate(zip(answers, decoded))
+                   if a.adversarial]
+        if flagged:
+            self.audit.record(request_id=request_id(request.scope), client=client, route=request.url.path,
+                              bundle_sha256=ref.sha256, flagged=flagged)
+        return answers
 
 
 def _upload_info(info: UploadInfo, size: tuple[int, int]) -> UploadInfoModel:
@@ -252,14 +272,38 @@ async def get_ready_service(service: Annotated[Service, Depends(get_service)]) -
     return service
 
 
+_bearer = HTTPBearer(auto_error=False, description="An API key, when the service is configured with some.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (instead of Authorization).")
+
+
+async def get_client(request: Request,
+                     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+                     api_key: Annotated[str | None, Security(_api_key)]) -> str:
+    """The client's name: its API key's id, or its address (set by :class:`AccessMiddleware`, which
+    has already refused requests without an accepted key). The parameters document the schemes."""
+    return request.scope.get("state", {}).get("client", "ip:unknown")
+
+
+def spend(service: Service, client: str, images: int) -> None:
+    """Take ``images`` from the client's rate limit, or answer 429."""
+    try:
+        service.limiter.take(client, images)
+    except AccessError as exc:
+        service.metrics.rejected.labels(exc.code).inc()
+        raise ApiError(exc.status, exc.code, exc.detail, exc.headers) from exc
+
+
 ServiceDep = Annotated[Service, Depends(get_service)]
+ClientDep = Annotated[str, Depends(get_client)]
 ReadyServiceDep = Annotated[Service, Depends(get_ready_service)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or truncated image, zero dimensions, bad multipart, too many files."},
+    401: {"model": ErrorResponse, "description": "API keys are configured and the request has no accepted one."},
     413: {"model": ErrorResponse, "description": "Body over the byte cap, or image over the pixel cap."},
     415: {"model": ErrorResponse, "description": "Not an image, unsupported format, or a content type that does not match the data."},
     422: {"model": ErrorResponse, "description": "Missing or malformed form field."},
+    429: {"model": ErrorResponse, "description": "Over the client's rate limit (`Retry-After` says when to retry)."},
     500: {"model": ErrorResponse, "description": "The model raised on this image, run on its own (`inference_failed`)."},
     503: {"model": ErrorResponse, "description": "Not ready yet (warming up) or overloaded; retry."},
 }
@@ -380,28 +424,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def setting_for(path: str) -> str:
         return "DETECTOR_MAX_BATCH_UPLOAD_BYTES" if path == PREDICT_BATCH else "DETECTOR_MAX_UPLOAD_BYTES"
 
+    # Added last = runs first: ids and metrics see every request, keys are checked before the body is read.
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for)
+    app.add_middleware(AccessMiddleware, keys=service.keys, protected=frozenset({PREDICT, PREDICT_BATCH, "/model",
+                                                                                 "/metrics"}))
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(RequestIdMiddleware)
+    Answer = Verdict if settings.verdict_only else Prediction
 
-    @app.post(PREDICT, response_model=Prediction, responses=_ERRORS, tags=["predict"],
+    def answer(predictions: list[Prediction]) -> list:
+        if not settings.verdict_only:
+            return predictions
+        return [Verdict(label=p.label, class_name=p.class_name, adversarial=p.adversarial,
+                        uncanny_valley=p.uncanny_valley, input=p.input, model=p.model) for p in predictions]
+
+    @app.post(PREDICT, response_model=Answer, responses=_ERRORS, tags=["predict"],
               form_limits={"max_files": 1, "max_fields": 16}, summary="Classify one image and check it")
-    async def predict(upload: Annotated[SingleUpload, File()], svc: ReadyServiceDep) -> Prediction:
+    async def predict(upload: Annotated[SingleUpload, File()], svc: ReadyServiceDep, client: ClientDep,
+                      request: Request):
         """One image (field `file`) → prediction, ψ, κ and the detector's verdict."""
+        spend(svc, client, 1)
         decoded = await svc.decode(upload.file, _where(upload.file, None))
-        (prediction,) = await svc.classify([decoded])
-        return prediction
+        return answer(await svc.classify([decoded], request, client))[0]
 
-    @app.post(PREDICT_BATCH, response_model=list[Prediction], responses=_ERRORS, tags=["predict"],
+    @app.post(PREDICT_BATCH, response_model=list[Answer], responses=_ERRORS, tags=["predict"],
               form_limits={"max_files": settings.max_batch_files, "max_fields": 16},
               summary="Classify several images and check them")
-    async def predict_batch(upload: Annotated[BatchUpload, File()], svc: ReadyServiceDep) -> list[Prediction]:
+    async def predict_batch(upload: Annotated[BatchUpload, File()], svc: ReadyServiceDep, client: ClientDep,
+                            request: Request):
         """Several images (field `files`, repeated) → one answer each, in order."""
         files = upload.files
         if len(files) > settings.max_batch_files:
             raise ApiError(400, "too_many_files", f"{len(files)} files in one request; at most "
                                                   f"{settings.max_batch_files} (DETECTOR_MAX_BATCH_FILES)")
+        spend(svc, client, len(files))
         decoded = await asyncio.gather(*(svc.decode(f, _where(f, i)) for i, f in enumerate(files)))
-        return await svc.classify(list(decoded))
+        return answer(await svc.classify(list(decoded), request, client))
 
     @app.get("/health/live", response_model=Liveness, tags=["health"], summary="The process is up")
     async def live() -> Liveness:
@@ -419,7 +477,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/model", response_model=ModelMetadata, tags=["model"],
              responses={503: {"model": ErrorResponse}}, summary="The bundle's metadata and metrics")
-    async def model(svc: ServiceDep) -> ModelMetadata:
+    async def model(svc: ServiceDep, client: ClientDep) -> ModelMetadata:
         engine = svc.engine
         if engine is None:
             raise ApiError(503, "not_ready", "the bundle is not loaded yet")
@@ -436,7 +494,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return ModelMetadata(
             coverage=coverage, name=engine.name, sha256=engine.sha256, architecture=bundle.architecture, layer=bundle.layer,
             classes=bundle.classes, input_spec=InputSpecModel(**bundle.input_spec.to_dict()),
-            thresholds=bundle.thresholds, detection_metrics=metrics, device=str(engine.device),
+            thresholds={} if s.verdict_only else bundle.thresholds, detection_metrics=metrics,
+            device=str(engine.device),
             limits=ServiceLimits(
                 max_upload_bytes=s.max_upload_bytes, max_batch_upload_bytes=s.max_batch_upload_bytes,
                 max_pixels=s.max_pixels, max_batch_files=s.max_batch_files, max_batch_size=s.max_batch_size,
@@ -448,7 +507,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format."}})
-    async def metrics(svc: ServiceDep) -> Response:
+    async def metrics(svc: ServiceDep, client: ClientDep) -> Response:
         if svc.batcher is not None:
             svc.metrics.queue.set(svc.batcher.queued)
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

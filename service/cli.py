@@ -57,6 +57,13 @@ _FLAGS = {
                           "open connections per worker (default 0: min(1000, open-file limit − 128))"),
     "--max-connections-per-client": ("max_connections_per_client", int,
                                      "open connections per client address per worker (default 128; 0: no cap)"),
+    "--api-keys-file": ("api_keys_file", str, "file with one API key per line; with keys, requests need one"),
+    "--rate-limit-per-s": ("rate_limit_per_s", float, "images a second per client and worker (default 0: no limit)"),
+    "--rate-limit-burst": ("rate_limit_burst", int, "images a client may send at once (default: max batch files)"),
+    "--verdict-only": ("verdict_only", str, "true: answer label and flags only, no probabilities, ψ, κ or scores"),
+    "--audit-log": ("audit_log", str, "append an audit line (JSON) per flagged image to this file"),
+    "--quarantine-dir": ("quarantine_dir", str, "keep flagged uploads here as <sha256>.<format>"),
+    "--quarantine-max-bytes": ("quarantine_max_bytes", int, "bytes the quarantine may hold (default 1 GiB)"),
     "--unready-after-failures": ("unready_after_failures", int,
                                  "failed micro-batches in a row that turn readiness to 503 (default 3)"),
     "--warmup-iterations": ("warmup_iterations", int, "warm-up inferences before readiness (default 1)"),
@@ -137,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detector-serve: error: {exc}", file=sys.stderr)
         return 2
 
+    from .access import read_api_keys
+
+    try:
+        read_api_keys(settings.api_keys, settings.api_keys_file)
+    except ValueError as exc:
+        print(f"detector-serve: error: {exc}", file=sys.stderr)
+        return 2
     problem = port_in_use(settings.host, settings.port)
     if problem is not None:
         print(f"detector-serve: error: {problem}; pick another with --port (or {ENV_PREFIX}PORT)", file=sys.stderr)

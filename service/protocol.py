@@ -72,6 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # raw bytes of the head received so far
         self._head_fields = 0  # header name/value bytes and URL bytes the parser handed over
         self._headers_seen = 0
+        self._body_done = True  # the current request's body has been read whole
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._client_key: str | None = None
@@ -158,19 +159,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The whole head: "METHOD URL HTTP/1.1\r\n", each "Name: value\r\n", and the blank line.
         self._count_head(len(self.parser.get_method()) + len(" HTTP/1.1\r\n\r\n") + 1)
         self._in_head = False
+        self._body_done = False
         self._cancel_head_timer()
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._body_done = True
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._in_head = True  # answered early (a 413): the rest of that body has now been read
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.pipeline and not self.transport.is_closing():
+        if self._body_done and not self.pipeline and not self.transport.is_closing():
             self._in_head = True  # the next request's head: its timer starts with its first byte
 
     # -- limits ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = [
     "Prediction",
     "UploadInfoModel",
     "Readiness",
+    "Verdict",
     "ServiceLimits",
     "SingleUpload",
 ]
@@ -96,6 +97,19 @@ class Readiness(BaseModel):
     status: Literal["ready", "loading", "failed"]
     detail: str | None = Field(None, description="Why it is not ready.")
     model: ModelRef | None = None
+
+
+class Verdict(BaseModel):
+    """The answer when the service runs with DETECTOR_VERDICT_ONLY: the label and the detector's flags,
+    without the probabilities, ψ, κ and scores an adaptive attacker would steer by."""
+
+    label: int = Field(description="Predicted class index.")
+    class_name: str = Field(description="Name of the predicted class.")
+    adversarial: bool = Field(description="The detector flags the image as adversarial.")
+    uncanny_valley: bool = Field(description="Flagged adversarial AND at least as flat as typical clean data.")
+    input: UploadInfoModel | None = Field(None, description="What the upload was, and whether it was resized "
+                                                            "or converted on the way to the model.")
+    model: ModelRef
 
 
 class InputSpecModel(BaseModel):

@@ -6,6 +6,7 @@ Every field reads ``DETECTOR_<FIELD NAME IN CAPITALS>``; ``detector-serve`` flag
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -73,6 +74,27 @@ class Settings(BaseSettings):
     max_connections_per_client: int = Field(
         128, ge=0, description="Open connections per client address per worker; 0: no cap (behind a proxy, "
                                "every client has the proxy's address).")
+    api_keys: str = Field(
+        "", description="Comma-separated API keys (at least 16 characters each); with any key configured, "
+                        "/predict, /predict/batch, /model and /metrics need one (Authorization: Bearer KEY or "
+                        "X-API-Key: KEY). Prefer api_keys_file.")
+    api_keys_file: Path | None = Field(
+        None, description="A file with one API key per line ('#' comments), e.g. a Docker or Kubernetes secret.")
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="Images a second each client (API key, or address without keys) may send, per "
+                               "worker; 429 beyond. 0: no limit.")
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Images a client may send at once under the rate limit; 0: max(max_batch_files, "
+                             "the rate).")
+    verdict_only: bool = Field(
+        False, description="Answer only the verdict (label, class name, adversarial, uncanny_valley): no "
+                           "probabilities, ψ, κ or scores, which an adaptive attacker would use as an oracle.")
+    audit_log: Path | None = Field(
+        None, description="Also append the audit line of every flagged image (JSON) to this file.")
+    quarantine_dir: Path | None = Field(
+        None, description="Keep every flagged upload here, as <sha256>.<format>.")
+    quarantine_max_bytes: int = Field(
+        1024 * MiB, ge=0, description="Bytes the quarantine may hold; once full, new flagged images are not kept.")
     unready_after_failures: int = Field(
         3, ge=1, description="Micro-batches in a row in which the model failed on every image, after which "
                              "readiness answers 503 until a probe inference passes again.")
@@ -84,9 +106,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the model).")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
-    @field_validator("bundle", mode="before")
+    @field_validator("bundle", "api_keys_file", "audit_log", "quarantine_dir", mode="before")
     @classmethod
-    def _empty_bundle_is_default(cls, value):
+    def _empty_path_is_unset(cls, value):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return value
@@ -139,6 +161,12 @@ class Settings(BaseSettings):
         if soft == resource.RLIM_INFINITY:
             return 1000
         return max(16, min(1000, soft - 128))
+
+    @property
+    def effective_rate_limit_burst(self) -> int:
+        if self.rate_limit_burst:
+            return self.rate_limit_burst
+        return max(self.max_batch_files, math.ceil(self.rate_limit_per_s))
 
     @property
     def trusted_architecture_list(self) -> list[str]:

@@ -908,3 +908,114 @@ def test_one_failing_input_fails_only_its_request_and_a_broken_model_turns_readi
         assert "Traceback" not in srv.output()
     finally:
         stop(srv)
+
+
+# -- access control, verdict-only answers, the audit trail ---------------------------------------
+KEYS = ("k-alpha-0123456789abcdef", "k-bravo-0123456789abcdef")
+RATE = {"rate_limit_per_s": 1.0, "rate_limit_burst": 4}
+
+
+@pytest.fixture(scope="module")
+def locked(default_bundle, tmp_path_factory):
+    """A server with API keys (from a file), a rate limit, verdict-only answers, an audit log and a
+    quarantine."""
+    root = tmp_path_factory.mktemp("locked")
+    (root / "keys").write_text(f"# issued 2026\n{KEYS[0]}\n\n{KEYS[1]}\n")
+    port = free_port()
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
+                 "--device", "cpu", "--torch-threads", "1", "--api-keys-file", str(root / "keys"),
+                 "--rate-limit-per-s", str(RATE["rate_limit_per_s"]), "--rate-limit-burst", str(RATE["rate_limit_burst"]),
+                 "--verdict-only", "true", "--audit-log", str(root / "audit.jsonl"),
+                 "--quarantine-dir", str(root / "quarantine")], clean_env(), root / "server.log", port)
+    srv.root = root
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(srv)
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_keys_are_required_and_checked_before_the_body(locked, good_png):
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        r = c.post("/predict", files={"file": ("x.png", good_png, "image/png")})
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+        assert c.post("/predict", files={"file": ("x.png", good_png, "image/png")},
+                      headers=_bearer("k-wrong-0123456789abcdef")).status_code == 401
+        assert c.get("/model").status_code == 401 and c.get("/metrics").status_code == 401
+        assert c.get("/health/ready").status_code == 200 and c.get("/health/live").status_code == 200
+        assert c.get("/model", headers={"X-API-Key": KEYS[1]}).status_code == 200
+        assert c.get("/metrics", headers=_bearer(KEYS[1])).status_code == 200
+    # A declared 100 MB body without a key: 401 at once, not 413 and not after reading it.
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 104857600\r\n\r\n")
+    assert _raw_request(locked, head, b"--b\r\n").startswith(b"HTTP/1.1 401")
+
+
+def test_verdict_only_answers_hold_no_scores(locked, good_png):
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        r = c.post("/predict", files={"file": ("x.png", good_png, "image/png")}, headers=_bearer(KEYS[0]))
+        assert r.status_code == 200, r.text
+        assert set(r.json()) == {"label", "class_name", "adversarial", "uncanny_valley", "input", "model"}
+        assert c.get("/model", headers=_bearer(KEYS[0])).json()["thresholds"] == {}
+        schema = c.get("/openapi.json").json()["components"]["schemas"]
+        assert "Verdict" in schema and "psi" not in schema["Verdict"]["properties"]
+
+
+def test_rate_limit_counts_images_per_key(locked, good_png):
+    time.sleep(RATE["rate_limit_burst"] / RATE["rate_limit_per_s"])  # full buckets
+    files = [("files", (f"{i}.png", good_png, "image/png")) for i in range(RATE["rate_limit_burst"])]
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        assert c.post("/predict/batch", files=files, headers=_bearer(KEYS[0])).status_code == 200  # the burst
+        r = c.post("/predict", files={"file": ("x.png", good_png, "image/png")}, headers=_bearer(KEYS[0]))
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
+        # Another key has its own bucket.
+        assert c.post("/predict", files={"file": ("x.png", good_png, "image/png")},
+                      headers={"X-API-Key": KEYS[1]}).status_code == 200
+        time.sleep(1.1)
+        assert c.post("/predict", files={"file": ("x.png", good_png, "image/png")},
+                      headers=_bearer(KEYS[0])).status_code == 200
+
+
+def _flagged_png(library, digits) -> bytes:
+    """A PGD adversarial of a test digit that the bundle's detector flags, as PNG bytes."""
+    images, labels = digits
+    x = torch.from_numpy(images[:40]).float().div(255)[:, None]
+    y = torch.from_numpy(labels[:40]).long()
+    adv = pgd(library.model, x, y, eps=0.2, alpha=0.05, steps=10)
+    pixels = (adv * 255).round().to(torch.uint8)
+    det = library.detect(pixels.float() / 255)
+    for i in np.flatnonzero(det.adversarial):
+        return encode(Image.fromarray(pixels[i, 0].numpy(), "L"), "PNG")
+    raise AssertionError("no PGD adversarial of the first 40 digits is flagged")
+
+
+def test_flagged_images_are_audited_and_quarantined_and_kept_on_stop(locked, library, digits, good_png,
+                                                                      default_bundle):
+    import hashlib
+    import json
+
+    data = _flagged_png(library, digits)
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        time.sleep(RATE["rate_limit_burst"] / RATE["rate_limit_per_s"])
+        r = c.post("/predict/batch", files=[("files", ("clean.png", good_png, "image/png")),
+                                            ("files", ("adv.png", data, "image/png"))],
+                   headers={**_bearer(KEYS[1]), "X-Request-ID": "audit-test-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "audit-test-1", r.text
+        assert [a["adversarial"] for a in r.json()] == [False, True]
+    digest = hashlib.sha256(data).hexdigest()
+    lines = [json.loads(line) for line in (locked.root / "audit.jsonl").read_text().splitlines()]
+    mine = [e for e in lines if e["request_id"] == "audit-test-1"]
+    assert [e["image_sha256"] for e in mine] == [digest], mine
+    entry = mine[0]
+    assert entry["index"] == 1 and entry["client"] == "key:" + hashlib.sha256(KEYS[1].encode()).hexdigest()[:8]
+    assert entry["bundle_sha256"] == verify_bundle(default_bundle) and entry["route"] == "/predict/batch"
+    assert entry["quarantined"] == f"{digest}.png"
+    stop(locked)  # nothing is lost when the server stops
+    assert (locked.root / "quarantine" / f"{digest}.png").read_bytes() == data
+    assert not list((locked.root / "quarantine").glob(".*"))
+

@@ -368,3 +368,42 @@ def test_jpeg_draft_decoding_matches_full_decoding_closely():
     fast = decode_image(data, None, channels=1, size=(8, 8), max_pixels=10**6)[..., 0].astype(int)
     full = np.asarray(Image.open(io.BytesIO(data)).convert("L").resize((8, 8), Image.BILINEAR)).astype(int)
     assert np.abs(fast - full).max() <= 12
+
+
+# -- access control --------------------------------------------------------------------------------
+def test_rate_limiter_refills_at_its_rate_and_caps_the_burst():
+    from service.access import AccessError, RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=4, clock=lambda: now[0])
+    limiter.take("a", 4)  # the whole burst at once
+    with pytest.raises(AccessError) as info:
+        limiter.take("a", 1)
+    assert info.value.status == 429 and info.value.headers == {"Retry-After": "1"}
+    limiter.take("b", 1)  # its own bucket
+    now[0] = 0.5  # one token back
+    limiter.take("a", 1)
+    with pytest.raises(AccessError):
+        limiter.take("a", 1)
+    now[0] = 100.0  # refills to the burst, no further
+    limiter.take("a", 4)
+    with pytest.raises(AccessError, match="more than the burst"):
+        limiter.take("a", 5)
+    RateLimiter(rate=0.0, burst=0).take("a", 10_000)  # off
+
+
+def test_api_keys_name_clients_and_refuse_weak_keys(tmp_path):
+    from service.access import AccessError, ApiKeys, read_api_keys
+
+    (tmp_path / "keys").write_text("# comment\nk-0123456789abcdef\n")
+    keys = ApiKeys(read_api_keys("k-fedcba9876543210", tmp_path / "keys"))
+    assert keys.client("Bearer k-0123456789abcdef", None, "1.2.3.4").startswith("key:")
+    assert keys.client(None, "k-fedcba9876543210", None) != keys.client(None, "k-0123456789abcdef", None)
+    for auth, header in ((None, None), ("Basic k-0123456789abcdef", None), ("Bearer k-0123456789abcdeX", None)):
+        with pytest.raises(AccessError):
+            keys.client(auth, header, "1.2.3.4")
+    assert ApiKeys([]).client(None, None, "1.2.3.4") == "ip:1.2.3.4"
+    with pytest.raises(ValueError, match="shorter than 16"):
+        read_api_keys("short", None)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_api_keys("", tmp_path / "absent")
