@@ -30,7 +30,7 @@ from .common import REPO, Section, Table, Target
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "BENCHMARKS.md"
-ITEMS = ("overhead", "kappa", "pgd", "service")
+ITEMS = ("overhead", "kappa", "pgd", "service", "decode")
 COMMAND = "python -m benchmarks"
 
 
@@ -103,6 +103,10 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
 
             sections.append(service_load.run(device, quick=args.quick, bundle=args.bundle,
                                              threads=torch.get_num_threads(), log=log))
+        elif item == "decode":
+            from . import decode_cost
+
+            sections.append(decode_cost.run(quick=args.quick, log=log))
         else:
             raise SystemExit(f"unknown item {item!r}; choose from {', '.join(ITEMS)}")
         s = sections[-1]
@@ -149,7 +153,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         f"{COMMAND} --device cuda   # GPU suite: batch sizes up to 1024, fp32 + bf16/fp16 autocast\n"
         "```\n\n"
         "Scripts: `benchmarks/overhead.py` (1), `benchmarks/kappa.py` (2), `benchmarks/pgd_throughput.py` (3), "
-        "`benchmarks/service_load.py` (4), `benchmarks/run_all.py` (this document). Raw numbers: "
+        "`benchmarks/service_load.py` (4), `benchmarks/decode_cost.py` (5), `benchmarks/run_all.py` (this document). Raw numbers: "
         "`benchmarks/results/<device>.json`. ψ, κ, PGD and the detector are imported from `detector`; "
         "only the baselines being compared against (per-sample loop, autograd Hessian, peer detectors) are "
         "written in the benchmarks, and labelled as such.\n\n"
@@ -170,7 +174,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
             for t in s.targets:
                 rows.append([kind, t.name, t.target, t.measured, _verdict(t.met)])
     if "cuda" not in runs:
-        rows.append(["cuda", "5. the suite on a GPU (batch ≤ 1024, bf16/fp16 autocast, ψ in float32)",
+        rows.append(["cuda", "6. the suite on a GPU (batch ≤ 1024, bf16/fp16 autocast, ψ in float32)",
                      "tables below", "not yet measured (no GPU lent in this task)", "not measured"])
     out.append(_md_table(["device", "what", "target", "measured", "verdict"], rows) + "\n")
     for kind, run in runs.items():
@@ -206,7 +210,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
             if s.notes:
                 out.append("")
     if "cuda" not in runs:
-        out.append("## 5. On a GPU\n")
+        out.append("## 6. On a GPU\n")
         out.append("**Not yet measured: no GPU was lent in this task.** The scripts support it as they are: "
                    f"`{COMMAND} --device cuda` runs items 1–4 on the GPU with batch sizes 1, 32, 256, 1024 and, "
                    "for item 1, the model under fp32 and bf16/fp16 autocast (ψ and κ are lifted to float32 by "

@@ -458,7 +458,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, "too_many_files", f"{len(files)} files in one request; at most "
                                                   f"{settings.max_batch_files} (DETECTOR_MAX_BATCH_FILES)")
         spend(svc, client, len(files))
-        decoded = await asyncio.gather(*(svc.decode(f, _where(f, i)) for i, f in enumerate(files)))
+        # At most half the decode threads per request: one client's batch of large images cannot hold
+        # them all, and the limiter's queue is first come, first served.
+        share = anyio.CapacityLimiter(max(1, settings.decode_threads // 2))
+
+        async def decode(i: int, f) -> tuple:
+            async with share:
+                return await svc.decode(f, _where(f, i))
+
+        decoded = await asyncio.gather(*(decode(i, f) for i, f in enumerate(files)))
         return answer(await svc.classify(list(decoded), request, client))
 
     @app.get("/health/live", response_model=Liveness, tags=["health"], summary="The process is up")

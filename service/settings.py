@@ -51,8 +51,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Byte cap of a /predict/batch request body; unset: 4 × max_upload_bytes."
     )
     max_pixels: int = Field(
-        40_000_000, ge=1, description="Largest width × height accepted, checked from the header before decoding."
-    )
+        4096 * 4096, ge=1, description="Largest width × height accepted, checked from the header before decoding; "
+                                       "it bounds each image's decode time (formats without reduced decoding, "
+                                       "such as PNG and WebP, are decoded whole).")
     max_batch_files: int = Field(64, ge=1, description="Most files in one /predict/batch request.")
     decode_threads: int = Field(
         max(2, min(4, os.cpu_count() or 1)), ge=1, description="Images decoded at once (bounds decoder memory)."

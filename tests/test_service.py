@@ -1019,3 +1019,28 @@ def test_flagged_images_are_audited_and_quarantined_and_kept_on_stop(locked, lib
     assert (locked.root / "quarantine" / f"{digest}.png").read_bytes() == data
     assert not list((locked.root / "quarantine").glob(".*"))
 
+
+
+def test_one_clients_batch_of_large_images_does_not_starve_another_client(guarded):
+    """16 lossless WebPs of 4096×4096 (a few hundred bytes each, ~0.2 s each to decode) in one batch:
+    a request sent meanwhile gets a decode thread of its own instead of queueing behind all 16."""
+    big = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(big, "WEBP", lossless=True)
+    medium = encode(Image.new("L", (300, 300), 128), "PNG")  # decoded in a thread, not inline
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=guarded.url, timeout=60) as c:
+            started = time.monotonic()
+            batch = asyncio.create_task(c.post("/predict/batch", files=[("files", (f"{i}.webp", big.getvalue(), "image/webp"))
+                                                                        for i in range(16)]))
+            await asyncio.sleep(0.3)  # the batch's decoding is under way
+            sent = time.monotonic()
+            single = await c.post("/predict", files={"file": ("m.png", medium, "image/png")})
+            single_s = time.monotonic() - sent
+            answer = await batch
+            return answer, time.monotonic() - started, single, single_s
+
+    answer, batch_s, single, single_s = asyncio.run(scenario())
+    assert answer.status_code == 200 and single.status_code == 200, (answer.text[:200], single.text[:200])
+    assert batch_s > 1.0, batch_s  # the batch is heavy enough for the comparison to mean something
+    assert single_s < 0.5 * batch_s, (single_s, batch_s)
