@@ -130,7 +130,12 @@ class Service:
             torch.set_num_threads(s.torch_threads)
             await self.batcher.run_in_worker(torch.set_num_threads, s.torch_threads)  # OpenMP: per thread
         self.status, self.detail = "loading", "warming up"
-        self._warmup = asyncio.create_task(self._warm_up(), name="warm-up")
+        if s.workers > 1:
+            # Workers share one listening socket: a worker must not take connections before it can answer
+            # them, or a request that lands on it while another worker serves would get 503.
+            await self._warm_up()
+        else:
+            self._warmup = asyncio.create_task(self._warm_up(), name="warm-up")
 
     async def _warm_up(self) -> None:
         engine, s = self.engine, self.settings

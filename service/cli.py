@@ -70,6 +70,8 @@ _FLAGS = {
     "--host": ("host", str, "interface to bind (default 127.0.0.1)"),
     "--port": ("port", int, "port (default 8000)"),
     "--workers": ("workers", int, "uvicorn worker processes, each with its own model (default 1)"),
+    "--worker-healthcheck-timeout-s": ("worker_healthcheck_timeout_s", int,
+                                       "seconds a worker may take to answer uvicorn's health check (default 60)"),
     "--log-level": ("log_level", str, "critical | error | warning | info | debug | trace"),
 }
 
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
         http=PROTOCOL,  # uvicorn's httptools protocol with head, time and connection limits
+        # uvicorn's default of 5 s is shorter than importing PyTorch on a busy host: the workers would be
+        # killed and restarted forever.
+        timeout_worker_healthcheck=settings.worker_healthcheck_timeout_s,
     )
     return 0
 

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the model).")
+    worker_healthcheck_timeout_s: int = Field(
+        60, ge=1, description="With workers > 1: seconds a worker may take to answer uvicorn's health check, at "
+                              "start (importing PyTorch and the app) and later; one that does not is killed and "
+                              "restarted.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("bundle", "api_keys_file", "audit_log", "quarantine_dir", mode="before")

@@ -1044,3 +1044,31 @@ def test_one_clients_batch_of_large_images_does_not_starve_another_client(guarde
     assert answer.status_code == 200 and single.status_code == 200, (answer.text[:200], single.text[:200])
     assert batch_s > 1.0, batch_s  # the batch is heavy enough for the comparison to mean something
     assert single_s < 0.5 * batch_s, (single_s, batch_s)
+
+
+# -- several workers ---------------------------------------------------------------------------------
+def test_workers_that_start_slowly_are_not_killed_and_metrics_add_up_across_them(default_bundle, good_png, tmp_path):
+    """Each process sleeps 7 s at interpreter start (a sitecustomize), as importing PyTorch does on a
+    busy host: longer than uvicorn's own 5 s worker health check."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(7)\n")
+    port = free_port()
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port), "--device", "cpu",
+                 "--torch-threads", "1", "--workers", "2"], clean_env(PYTHONPATH=str(slow)), tmp_path / "server.log", port)
+    try:
+        deadline = time.monotonic() + 150
+        while srv.output().count("Application startup complete") < 2:  # both workers up (and warmed up)
+            assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
+            time.sleep(0.2)
+        wait_ready(srv)
+        n = 12
+        for _ in range(n):  # a new connection each time: the kernel spreads them over the workers
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                assert predict(c, good_png, "x.png", "image/png").status_code == 200
+        samples = metric_samples(httpx.Client(base_url=srv.url, timeout=30))
+        assert metric(samples, "detector_images_total") == n
+        out = srv.output()
+        assert "was not ready in time" not in out and out.count("Started server process") == 2, out
+    finally:
+        stop(srv)
