@@ -119,8 +119,8 @@ def _torchvision_cifar(kind: str, root: str, train: bool, download: bool) -> Ima
         raise DatasetNotFoundError(
             f"{kind} not found under {os.path.abspath(root)!r}: torchvision expects the folder "
             f"{cls.base_folder!r} there (from {cls.url}, unpacked). Pass --download when online, "
-            f"or use an offline copy, e.g. --data npz:PATH. ({exc})"
-        ) from exc
+            f"or use an offline copy, e.g. --data npz:PATH."
+        ) from exc  # torchvision's own message says "use download=True", a keyword our users never see
     except OSError as exc:  # URLError and socket errors while downloading
         raise DatasetNotFoundError(
             f"could not download {kind} from {cls.url} into {os.path.abspath(root)!r}: {exc}. "

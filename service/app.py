@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, File, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -302,6 +303,12 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 ClientDep = Annotated[str, Depends(get_client)]
 ReadyServiceDep = Annotated[Service, Depends(get_ready_service)]
 
+def _image_encoding(field: str) -> dict[str, Any]:
+    """OpenAPI: the multipart part ``field`` holds an image of the formats the service takes."""
+    types = ", ".join(types[0] for types in ALLOWED_FORMATS.values())
+    return {"requestBody": {"content": {"multipart/form-data": {"encoding": {field: {"contentType": types}}}}}}
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or truncated image, zero dimensions, bad multipart, too many files."},
     401: {"model": ErrorResponse, "description": "API keys are configured and the request has no accepted one."},
@@ -344,6 +351,10 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
             detail = (f"too many files in one request: at most {limit} "
                       + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or request.url.path == PREDICT_BATCH
                          else "per /predict request; use /predict/batch for several"))
+        elif exc.status_code == 405:
+            allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            detail = f"method {request.method} is not allowed on {request.url.path}" + (
+                f"; use {allowed}" if allowed else "")
         elif exc.status_code == 400 and request.url.path in (PREDICT, PREDICT_BATCH):
             code = "bad_multipart"
             detail = f"the multipart/form-data body cannot be parsed: {detail}"
@@ -410,7 +421,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Uncanny-valley adversarial-example detector",
         version="0.1.0",
         description=(
@@ -444,7 +455,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         uncanny_valley=p.uncanny_valley, input=p.input, model=p.model) for p in predictions]
 
     @app.post(PREDICT, response_model=Answer, responses=_ERRORS, tags=["predict"],
-              form_limits={"max_files": 1, "max_fields": 16}, summary="Classify one image and check it")
+              form_limits={"max_files": 1, "max_fields": 16}, summary="Classify one image and check it",
+              openapi_extra=_image_encoding("file"))
     async def predict(upload: Annotated[SingleUpload, File()], svc: ReadyServiceDep, client: ClientDep,
                       request: Request):
         """One image (field `file`) → prediction, ψ, κ and the detector's verdict."""
@@ -454,7 +466,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(PREDICT_BATCH, response_model=list[Answer], responses=_ERRORS, tags=["predict"],
               form_limits={"max_files": settings.max_batch_files, "max_fields": 16},
-              summary="Classify several images and check them")
+              summary="Classify several images and check them", openapi_extra=_image_encoding("files"))
     async def predict_batch(upload: Annotated[BatchUpload, File()], svc: ReadyServiceDep, client: ClientDep,
                             request: Request):
         """Several images (field `files`, repeated) → one answer each, in order."""

@@ -37,6 +37,7 @@ __all__ = [
     "decode_upload",
     "header_dimensions",
     "is_small_image",
+    "jpeg_min_bytes",
     "sniff_format",
 ]
 
@@ -167,6 +168,42 @@ def header_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
     return None
 
 
+def jpeg_min_bytes(data: bytes) -> int | None:
+    """The fewest bytes a complete JPEG of the frame its SOF announces can have, or ``None``.
+
+    Every 8×8 block of every component costs at least one bit of entropy-coded data (its DC code; a
+    sequential scan adds an end-of-block code). A file shorter than that was cut: libjpeg decodes such
+    a file without an error when it ends in an EOI marker, filling what is missing with grey.
+    """
+    i = 2
+    try:
+        while i + 4 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+                continue
+            if marker in (0x01, *range(0xD0, 0xD8)):
+                i += 2
+                continue
+            (length,) = struct.unpack(">H", data[i + 2:i + 4])
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                height, width, n = struct.unpack(">HHB", data[i + 5:i + 10])
+                factors = [(data[i + 11 + 3 * c] >> 4, data[i + 11 + 3 * c] & 0x0F) for c in range(n)]
+                h_max, v_max = max(f[0] for f in factors), max(f[1] for f in factors)
+                if h_max == 0 or v_max == 0:
+                    return None
+                blocks = sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) for h, v in factors)
+                return blocks // 8
+            if marker == 0xDA or length < 2:
+                return None
+            i += 2 + length
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
 def is_small_image(data: bytes) -> bool:
     """Whether ``data`` is short and its header announces at most :data:`INLINE_DECODE_PIXELS` pixels.
 
@@ -266,6 +303,13 @@ def decode_upload(
     announced = header_dimensions(data, fmt)
     if announced is not None:  # the pixel cap, before PIL touches the file
         _check_dimensions(fmt, *announced, max_pixels, "header")
+    if fmt == "JPEG":
+        needed = jpeg_min_bytes(data)
+        if needed is not None and len(data) < needed:
+            w, h = announced or (0, 0)
+            raise ImageRejected(400, "corrupt_image",
+                                f"the JPEG is truncated: a complete {w}×{h} JPEG has at least {needed:,} bytes of "
+                                f"image data, this file has {len(data):,} bytes in all")
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
@@ -311,5 +355,15 @@ def decode_upload(
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """What went wrong, in our words: the decoder's own message names its internals, not the client's file."""
+    import zlib
+
+    if isinstance(exc, (EOFError, OSError)) and "truncated" in str(exc).lower():
+        return "the data ends before the image does"
+    if isinstance(exc, zlib.error):
+        return "its compressed data is corrupt"
+    if isinstance(exc, (SyntaxError, struct.error, EOFError)):
+        return "its structure is malformed"
+    if isinstance(exc, ValueError):
+        return "it uses a feature the decoder does not support"
+    return "its data does not decode"

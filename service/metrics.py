@@ -18,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
@@ -87,6 +88,23 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def route_template(scope: Scope) -> str:
+    """The route a request matched, as its template (``/predict``, ``/static-offline-docs/{path}``), or
+    ``<unmatched>``. FastAPI's own routes record themselves in the scope; plain Starlette routes (the
+    OpenAPI document) and mounts (the docs' assets) are found by their endpoint or app."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    endpoint, router = scope.get("endpoint"), scope.get("router")
+    if endpoint is not None:
+        for candidate in getattr(router, "routes", ()):
+            if isinstance(candidate, Mount) and candidate.app is endpoint:
+                return candidate.path + "/{path}"
+            if getattr(candidate, "endpoint", None) is endpoint:
+                return candidate.path
+    return "<unmatched>"
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by route template (not raw path) and times it."""
 
@@ -110,8 +128,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "<unmatched>"
+            path = route_template(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)

@@ -36,7 +36,8 @@ class BatchUpload(BaseModel):
     """``multipart/form-data`` with several images, each under the field name ``files``."""
 
     files: list[UploadFile] = Field(
-        description="The images, answered in this order (at most DETECTOR_MAX_BATCH_FILES).")
+        min_length=1, description="The images, answered in this order (at least one, at most "
+                                  "DETECTOR_MAX_BATCH_FILES); PNG, JPEG, BMP, WebP or GIF each.")
 
 
 # -- responses ---------------------------------------------------------------------------------

@@ -264,6 +264,12 @@ def test_openapi_documents_every_model(client):
     assert batch_op["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"].endswith("Prediction")
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert schemas["BatchUpload"]["properties"]["files"]["minItems"] == 1
+    for op, field in ((predict_op, "file"), (batch_op, "files")):
+        encoding = op["requestBody"]["content"]["multipart/form-data"]["encoding"][field]["contentType"]
+        assert {"image/png", "image/jpeg", "image/webp"} <= {t.strip() for t in encoding.split(",")}
+    for status in ("401", "429", "500"):
+        assert status in predict_op["responses"], status
 
 
 # -- predictions -------------------------------------------------------------------------------
@@ -371,6 +377,14 @@ def _bad_crc_png(good: bytes) -> bytes:
     return bytes(broken)
 
 
+def _cut_jpeg() -> bytes:
+    """The head of a 1000×1000 JPEG closed by an end-of-image marker after 1 KB: libjpeg decodes it
+    without an error, filling what is missing with grey."""
+    full = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (90, 120, 30)).save(full, "JPEG", quality=50)
+    return full.getvalue()[:1024] + b"\xff\xd9"
+
+
 def _bomb_png() -> bytes:
     """A real PNG: 8000×8000 black, 64 MP, a few tens of kB compressed."""
     return encode(Image.new("L", (8000, 8000)), "PNG", optimize=False, compress_level=9)
@@ -397,6 +411,7 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
         "html posing as png": ("/predict", one(b"<html><body>hi</body></html>", "image/png"), 415, "not_an_image"),
         "truncated png": ("/predict", one(_truncated(good_png)), 400, "corrupt_image"),
         "truncated jpeg": ("/predict", one(_truncated(jpeg)), 400, "corrupt_image"),
+        "jpeg cut short but closed": ("/predict", one(_cut_jpeg()), 400, "corrupt_image"),
         "corrupt png data": ("/predict", one(_bad_crc_png(good_png)), 400, "corrupt_image"),
         "png signature only": ("/predict", one(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), 400, "corrupt_image"),
         "tiff": ("/predict", one(encode(Image.fromarray(digit), "TIFF"), "image/tiff"), 415, "unsupported_format"),
@@ -430,7 +445,8 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
 
 BAD = [
     "no body", "json body", "multipart without parts", "missing field", "field is text", "garbled multipart",
-    "empty file", "not an image", "html posing as png", "truncated png", "truncated jpeg", "corrupt png data",
+    "empty file", "not an image", "html posing as png", "truncated png", "truncated jpeg", "jpeg cut short but closed",
+    "corrupt png data",
     "png signature only", "tiff", "ico", "png declared jpeg", "png declared text", "jpeg declared gif",
     "png 0 wide", "gif 0 high", "bmp 0x0", "jpeg 0 wide", "png header 100k x 100k", "gif header 65535 x 65535",
     "bmp header 50k x 50k", "webp header 16384 x 16384", "jpeg header 60k x 60k", "real png bomb 8000 x 8000",
@@ -453,6 +469,8 @@ def test_bad_request_gets_4xx_json_and_server_keeps_serving(client, good_png, ba
     body = r.json()
     assert body["code"] == code
     assert isinstance(body["detail"], str) and len(body["detail"]) > 10
+    for internal in ("not processed", "OSError", "SyntaxError", "Error:"):  # the decoder's words stay inside
+        assert internal not in body["detail"], body["detail"]
     assert_serving(client, good_png)
 
 
@@ -466,6 +484,7 @@ def test_bad_file_in_batch_is_named(client, good_png):
 def test_wrong_method_and_unknown_path_are_json(client, good_png):
     r = client.get("/predict")
     assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST" and "use POST" in r.json()["detail"]
     r = client.get("/nope")
     assert r.status_code == 404 and r.json()["code"] == "not_found"
     assert_serving(client, good_png)
@@ -1072,3 +1091,14 @@ def test_workers_that_start_slowly_are_not_killed_and_metrics_add_up_across_them
         assert "was not ready in time" not in out and out.count("Started server process") == 2, out
     finally:
         stop(srv)
+
+
+def test_docs_work_offline_and_are_counted_by_route(client):
+    html = client.get("/docs").text
+    assert "cdn.jsdelivr" not in html and "/static-offline-docs/swagger-ui-bundle.js" in html
+    js = client.get("/static-offline-docs/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert "cdn" not in client.get("/redoc").text.lower().split("redoc.standalone.js")[0][-200:]
+    assert client.get("/openapi.json").status_code == 200
+    routes = {dict(k[1])["route"] for k in metric_samples(client) if k[0] == "detector_http_requests_total"}
+    assert {"/docs", "/redoc", "/openapi.json", "/static-offline-docs/{path}"} <= routes, routes
