@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1102,3 +1103,84 @@ def test_docs_work_offline_and_are_counted_by_route(client):
     assert client.get("/openapi.json").status_code == 200
     routes = {dict(k[1])["route"] for k in metric_samples(client) if k[0] == "detector_http_requests_total"}
     assert {"/docs", "/redoc", "/openapi.json", "/static-offline-docs/{path}"} <= routes, routes
+
+
+# -- limits at their boundaries ------------------------------------------------------------------------
+def _padded_png(png: bytes, size: int) -> bytes:
+    """``png`` grown to exactly ``size`` bytes by a private ancillary chunk before IEND (still valid)."""
+    import zlib
+
+    pad = size - len(png) - 12
+    assert pad >= 0
+    chunk = struct.pack(">I", pad) + b"paDd" + b"\0" * pad
+    chunk += struct.pack(">I", zlib.crc32(chunk[4:]) & 0xFFFFFFFF)
+    return png[:-12] + chunk + png[-12:]
+
+
+def _multipart_of_size(png: bytes, total: int) -> tuple[bytes, str]:
+    head = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    tail = b"\r\n--BOUNDARY--\r\n"
+    body = head + _padded_png(png, total - len(head) - len(tail)) + tail
+    assert len(body) == total
+    return body, "multipart/form-data; boundary=BOUNDARY"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["declared", "chunked"])
+def test_body_cap_takes_exactly_the_limit_and_refuses_one_byte_more(client, good_png, streamed):
+    for size, status in ((MAX_UPLOAD, 200), (MAX_UPLOAD + 1, 413)):
+        body, ctype = _multipart_of_size(good_png, size)
+        content = (body[i:i + 8192] for i in range(0, len(body), 8192)) if streamed else body
+        r = client.post("/predict", content=content, headers={"content-type": ctype})
+        assert r.status_code == status, (size, r.text[:200])
+        if status == 413:
+            assert r.json()["code"] == "request_too_large"
+    assert_serving(client, good_png)
+
+
+def test_pixel_cap_is_checked_on_the_header_and_again_on_what_the_decoder_reads(client):
+    side = int(MAX_PIXELS ** 0.5) + 1
+    png = io.BytesIO()
+    Image.new("L", (side, side)).save(png, "PNG")
+    r = predict(client, png.getvalue(), "big.png", "image/png")
+    assert r.status_code == 413 and "PNG header announces" in r.json()["detail"], r.text  # before PIL opens it
+    # A GIF whose logical screen says 10×10 while its frame is larger: only the decoder's size tells.
+    gif = io.BytesIO()
+    Image.new("P", (side, side), 3).save(gif, "GIF")
+    lying = bytearray(gif.getvalue())
+    lying[6:10] = struct.pack("<HH", 10, 10)
+    r = predict(client, bytes(lying), "lying.gif", "image/gif")
+    assert r.status_code == 413 and "GIF image announces" in r.json()["detail"], r.text
+
+
+def test_a_lone_request_waits_no_longer_than_the_batching_window(client, good_png):
+    """DETECTOR_MAX_WAIT_MS is 50 ms here: a request that no other joins is answered well within 10× that."""
+    times = []
+    for _ in range(5):
+        started = time.monotonic()
+        assert predict(client, good_png, "x.png", "image/png").status_code == 200
+        times.append(time.monotonic() - started)
+    assert sorted(times)[2] < 10 * MAX_WAIT_MS / 1000 * 0.8, times
+
+
+def test_a_full_queue_is_answered_503_with_retry_after_over_http(default_bundle, good_png, tmp_path):
+    port = free_port()
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port), "--device", "cpu",
+                 "--torch-threads", "1", "--max-queue", "2", "--max-batch-size", "32", "--max-wait-ms", "500"],
+                clean_env(), tmp_path / "server.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                return await asyncio.gather(*(c.post("/predict", files={"file": ("x.png", good_png, "image/png")})
+                                              for _ in range(8)))
+
+        answers = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}, statuses
+        refused = [r for r in answers if r.status_code == 503]
+        assert all(r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1" for r in refused)
+    finally:
+        stop(srv)
