@@ -451,3 +451,29 @@ def reference_detector(source: str = "digits", num_classes: int = 10, quick: boo
 def tree_description(det) -> str:
     tree = det.estimator_
     return f"DecisionTreeClassifier(min_samples_leaf=5): depth {tree.get_depth()}, {tree.get_n_leaves()} leaves"
+
+
+def reference_layers_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0):
+    """The product's default detector (``layers``: curvature features + earlier-layer distances, boosted
+    trees) on ``model``, as a :class:`detector.Bundle`: what ``Bundle.detect`` costs is what the
+    service pays per batch.  Timing only: the layer statistics come from ``n`` random CIFAR-shaped
+    images labelled by the model, and the trees are fitted on them against their FGSM adversarials
+    (real attack, real fit; its accuracy is not the point)."""
+    from detector import Bundle, InputSpec, fgsm
+    from detector.estimator import make_detector
+    from detector.layers import LayerGaussians, probe_layers
+
+    det = make_detector("layers", target_fpr=0.05, random_state=seed)
+    x, _ = cifar_batch(n, device, seed=seed)
+    with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
+        y = model(x).argmax(1)
+    det.set_layer_statistics(LayerGaussians(probe_layers(model, det.probes), None).fit(model, x, y.cpu(), batch_size=64))
+    spec = InputSpec(3, 32, 32, model.mean.flatten().tolist(), model.std.flatten().tolist())
+    bundle = Bundle(model, det, [str(i) for i in range(10)], spec, "benchmark", {}, None, Path("."), "")
+    clean_rows, clean = bundle.features(x)
+    adv_rows, _ = bundle.features(fgsm(model, x, y, eps=8 / 255))
+    rows = np.concatenate([clean_rows, adv_rows])
+    labels = np.r_[np.zeros(len(clean_rows), int), np.ones(len(adv_rows), int)]
+    det.fit(rows, labels, calibration=clean_rows)
+    det.calibrate(clean.sharpness.cpu().numpy())
+    return bundle

@@ -226,6 +226,31 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def compare_service(before: dict[str, Any], now: dict[str, Any], before_command: str) -> Table | None:
+    """Requests/s and median latency of each (bundle, mode) row of the service section, previous run → this run."""
+    def rows(section: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
+        table = next((t for t in section["tables"] if t["title"].startswith("Saturation")), None)
+        if table is None:
+            return {}
+        return {(r[0], r[1]): dict(zip(table["columns"], r)) for r in table["rows"] if "→" not in str(r[1])}
+
+    def number(text: str) -> float:
+        return float(str(text).replace(",", ""))
+
+    old, new = rows(before), rows(now)
+    shared = [k for k in new if k in old]
+    if not shared:
+        return None
+    table = Table("Compared with the previous run of this item (same machine, same script)",
+                  ["bundle", "batching", "req/s before", "req/s now", "change", "p50 before", "p50 now"],
+                  notes=[f"Previous run: `{before_command}`."])
+    for key in shared:
+        a, b = old[key], new[key]
+        change = number(b["req/s"]) / number(a["req/s"]) - 1
+        table.add(key[0], key[1], a["req/s"], b["req/s"], f"{change:+.0%}", a["p50"], b["p50"])
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = common.resolve_device(args.device)
@@ -250,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
            "sections": [asdict(s) for s in sections]}
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{kind}.json"
+    if path.is_file():  # the service's throughput beside the previous run's: a change must not cost it
+        previous = json.loads(path.read_text())
+        for s in sections:
+            before = next((p for p in previous.get("sections", []) if p["key"] == s.key == "service"), None)
+            if before is not None:
+                table = compare_service(before, asdict(s), previous.get("command", "?"))
+                if table is not None:
+                    s.tables.append(table)
+                    run["sections"] = [asdict(x) for x in sections]
     # Keep the sections of items not re-run this time (e.g. --only service) from the previous run.
     if path.is_file() and set(args.only) != set(ITEMS):
         previous = json.loads(path.read_text())
