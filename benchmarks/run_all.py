@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=_names, default=ITEMS, help=f"items to run (default all: {','.join(ITEMS)})")
     p.add_argument("--bundle", default=None,
                    help="item 4: serve this bundle instead of building the default one with training.pipeline")
+    p.add_argument("--service-seconds", type=float, default=None,
+                   help="item 4: seconds of load per mode (default 20; 2 with --quick)")
+    p.add_argument("--service-clients", type=int, default=None,
+                   help="item 4: concurrent clients (default 64; 8 with --quick)")
     p.add_argument("--out", default=None,
                    help=f"the document to write (default {DOC.relative_to(REPO)}; with --quick "
                         "$TMPDIR/detector-benchmarks-quick/BENCHMARKS.md)")
@@ -102,7 +106,9 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
             from . import service_load
 
             sections.append(service_load.run(device, quick=args.quick, bundle=args.bundle,
-                                             threads=torch.get_num_threads(), log=log))
+                                             threads=torch.get_num_threads(), log=log,
+                                             duration_s=getattr(args, "service_seconds", None),
+                                             concurrency=getattr(args, "service_clients", None)))
         elif item == "decode":
             from . import decode_cost
 
@@ -215,7 +221,8 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
                    f"`{COMMAND} --device cuda` runs items 1–4 on the GPU with batch sizes 1, 32, 256, 1024 and, "
                    "for item 1, the model under fp32 and bf16/fp16 autocast (ψ and κ are lifted to float32 by "
                    "`detector.features`), synchronising the device around every timed sample. Its tables will appear "
-                   "here as \"Run on cuda\" next to the CPU ones.\n")
+                   "here as \"Run on cuda\" next to the CPU ones. For a short GPU lease, `bash benchmarks/gpu_run.sh` "
+                   "runs them in a budgeted mode after the WRN-28-4 reproduction (`benchmarks/gpu_run.py`).\n")
         out.append(_md_table(
             ["item", "model", "precision", "batch", "result"],
             [["1. overhead", m, p, "1, 32, 256, 1024", "not yet measured (no GPU lent in this task)"]

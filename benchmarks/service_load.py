@@ -15,7 +15,7 @@ server's and the client's CPU time, and from ``GET /metrics`` the mean micro-bat
 of wall time the model thread was busy.
 
 The ceiling: the same bundle in this process without HTTP: PNG decode (the service's own
-``service.images.decode_image``) + ``detector.analyze`` + ``bundle.detector.detect`` on batches of the
+``service.images.decode_image``) + ``Bundle.detect`` (what the service's engine calls) on batches of the
 service's maximum batch size, same torch threads.  Reported both with and without decode; the target
 (≥ 70 % of the ceiling with batching) is judged against decode + model, the work the server cannot
 avoid per image.
@@ -142,19 +142,20 @@ def _decoder(sample: bytes, spec):
 
 def ceiling(bundle_path: Path, files: list[bytes], batch: int, repeats: int, device: torch.device = CPU,
             min_sample_s: float = 0.25, log=print) -> dict[str, Any]:
-    """Images/s of decode + analyze + detect (and of analyze + detect alone) in batches of ``batch``."""
-    from detector import analyze, load_bundle
+    """Images/s of decode + ``Bundle.detect`` (and of ``Bundle.detect`` alone) in batches of ``batch``:
+    the call the service's engine makes per micro-batch, with the bundle's own detector."""
+    from detector import load_bundle
 
     bundle = load_bundle(bundle_path, map_location=device)
-    model, det, spec = bundle.model.to(device).eval(), bundle.detector, bundle.input_spec
+    bundle.model.to(device).eval()
+    spec = bundle.input_spec
     decode, decoder_name = _decoder(files[0], spec)
     chunk = [files[i % len(files)] for i in range(batch)]
 
     def model_only(arrays: list[np.ndarray]):
         # As the service's engine does: uint8 to the device, then float.
         x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-        out = analyze(model, x, layer=bundle.layer)
-        return det.detect(out.psi.cpu().numpy().astype(np.float64), out.sharpness.cpu().numpy().astype(np.float64))
+        return bundle.detect(x)
 
     arrays = [decode(f, spec) for f in chunk]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -573,8 +574,8 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
             "Mean batch and "
             "model-busy share: the server's `/metrics` (batch-size and inference-time histograms). CPU: server and "
             "client CPU seconds per wall second (2 cores = 2.0). Ceiling: the same bundle in-process, no HTTP, "
-            f"batches of {max_batch}: PNG decode (the service's own decoder) + `detector.analyze` + "
-            "`bundle.detector.detect`, same torch threads, in a thread of its own as in the service, measured "
+            f"batches of {max_batch}: PNG decode (the service's own decoder) + `Bundle.detect` (the engine's call, "
+            "with the bundle's own detector), same torch threads, in a thread of its own as in the service, measured "
             "before and after the server runs (the higher counts); the target is judged against that (decode is work the "
             "server cannot skip); the model-only ceiling is shown too, and the HTTP stack's own floor "
             "(GET /health/live with the same clients)."
@@ -588,8 +589,8 @@ def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = No
                    "server CPU / image", "RSS start → end (max)", "% of ceiling"])
     ceil_table = Table("Ceiling: the same bundle in-process, no HTTP (images/s, median (IQR) of repeats; the higher "
                        "of the measurements before and after the server runs); and the HTTP stack's own floor",
-                       ["bundle", "batch", "decode + analyze + detect (the ceiling)",
-                        "decode + analyze + detect, before / after the server runs", "analyze + detect only", "decoder",
+                       ["bundle", "batch", "decode + Bundle.detect (the ceiling)",
+                        "decode + Bundle.detect, before / after the server runs", "Bundle.detect only", "decoder",
                         "CPU per image (decode + model)", "GET /health/live req/s (same clients)"])
     raw: list[dict[str, Any]] = []
     targets_errors, targets_mem = [], []

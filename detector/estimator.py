@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-__all__ = ["DETECTORS", "Detection", "UncannyValleyDetector", "make_detector"]
+__all__ = ["DETECTORS", "ESTIMATORS", "Detection", "UncannyValleyDetector", "make_detector"]
 
 
 @dataclass
@@ -109,6 +112,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         )
         if sample_weight is None:
             self.estimator_.fit(X, y)
+        elif isinstance(self.estimator_, Pipeline):  # the weights belong to its last step
+            self.estimator_.fit(X, y, **{f"{self.estimator_.steps[-1][0]}__sample_weight":
+                                         np.asarray(sample_weight, dtype=np.float64)})
         else:
             self.estimator_.fit(X, y, sample_weight=np.asarray(sample_weight, dtype=np.float64))
         self.classes_ = np.array([0, 1])
@@ -230,12 +236,27 @@ DETECTORS = {
 }
 
 
-def make_detector(name: str, *, target_fpr: float | None = None, random_state: int | None = 0) -> UncannyValleyDetector:
-    """An unfitted detector of the kind ``name`` (one of :data:`DETECTORS`)."""
+#: The classifiers a detector can put on its features (``--estimator``): what each detector kind uses
+#: by default is in :data:`DETECTORS`; the others are there to compare against.
+ESTIMATORS = {
+    "tree": DecisionTreeClassifier(min_samples_leaf=5, random_state=0),
+    "boosting": _BOOSTED,
+    "logistic": Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression(C=1.0, max_iter=2000))]),
+}
+
+
+def make_detector(name: str, *, target_fpr: float | None = None, random_state: int | None = 0,
+                  estimator: str | None = None) -> UncannyValleyDetector:
+    """An unfitted detector of the kind ``name`` (one of :data:`DETECTORS`), with the classifier
+    ``estimator`` (one of :data:`ESTIMATORS`) instead of its own when given."""
     try:
         params = {k: clone(v) if hasattr(v, "get_params") else v for k, v in DETECTORS[name].items()}
     except KeyError:
         raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}") from None
+    if estimator is not None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+        params["estimator"] = clone(ESTIMATORS[estimator])
     if target_fpr is not None:
         params["target_fpr"] = target_fpr
     return UncannyValleyDetector(random_state=random_state, **params)

@@ -35,6 +35,7 @@ def test_cifar_missing_offline_says_where_to_put_it(tmp_path):
         load_dataset("cifar10", root=tmp_path / "nowhere")
     message = str(info.value)
     assert "cifar-10-batches-py" in message and "nowhere" in message and "--download" in message
+    assert "download=True" not in message  # torchvision's keyword, which a command-line user never sees
 
 
 def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):

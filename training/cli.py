@@ -14,7 +14,7 @@ import sys
 from fractions import Fraction
 
 from detector.datasets import DATASET_KINDS, DatasetNotFoundError
-from detector.estimator import DETECTORS
+from detector.estimator import DETECTORS, ESTIMATORS
 from detector.models import MODELS
 
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
@@ -126,6 +126,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
                             "curvature: the same without earlier layers; paper: the talk's decision tree on ψ, "
                             "flagged at P >= 0.5")
+        g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,
+                       help="the detector's classifier instead of its own (layers and curvature: boosting; "
+                            "paper: tree), to compare them")
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
                        help="share of clean calibration images the detector may flag")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
@@ -178,6 +181,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         max_samples=args.max_samples,
         test_fraction=getattr(args, "test_fraction", TrainOptions.test_fraction),
         detector=getattr(args, "detector", TrainOptions.detector),
+        estimator=getattr(args, "estimator", None),
         target_fpr=getattr(args, "target_fpr", TrainOptions.target_fpr),
         calibration_fraction=getattr(args, "calibration_fraction", TrainOptions.calibration_fraction),
         evaluate=getattr(args, "evaluate", TrainOptions.evaluate),

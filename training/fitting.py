@@ -183,12 +183,12 @@ REFERENCE_IMAGES = 5000
 def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fit_images: np.ndarray,
                  calibration_images: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
                  device: torch.device, batch_size: int, seed: int,
-                 reference: ImageDataset | None = None) -> FittedDetector:
+                 reference: ImageDataset | None = None, estimator: str | None = None) -> FittedDetector:
     """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
     the calibration images (clean only).  ``pgd_params`` are the recorded attack's (``eps``,
     ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
     earlier layers' statistics of detectors that read them."""
-    detector = make_detector(name, target_fpr=target_fpr, random_state=seed)
+    detector = make_detector(name, target_fpr=target_fpr, random_state=seed, estimator=estimator)
     weight_norm = output_weight_norm(model, layer)
     extract = Extractor(model, detector.features, weight_norm, layer)
     if detector.probes:

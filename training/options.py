@@ -66,6 +66,7 @@ class TrainOptions:
     random_start: bool = False
     # detector
     detector: str = "layers"
+    estimator: str | None = None  # the detector's classifier: its own (None), or tree, boosting, logistic
     target_fpr: float = 0.05
     max_samples: int = 2000
     test_fraction: float = 0.3

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from detector import Bundle, UncannyValleyDetector, save_bundle
-from detector.estimator import DETECTORS
+from detector.estimator import DETECTORS, ESTIMATORS
 from detector.evaluation import attack_suite, evaluate
 from detector.metrics import roc_rates, wilson_interval
 
@@ -111,6 +111,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
         raise PipelineError(str(exc)) from exc
     if options.detector not in DETECTORS:
         raise PipelineError(f"--detector must be one of {sorted(DETECTORS)}, got {options.detector!r}")
+    if options.estimator is not None and options.estimator not in ESTIMATORS:
+        raise PipelineError(f"--estimator must be one of {sorted(ESTIMATORS)}, got {options.estimator!r}")
     if not 0.0 <= options.target_fpr < 1.0 or not 0.0 < options.calibration_fraction < 1.0:
         raise PipelineError("--target-fpr must lie in [0, 1) and --calibration-fraction in (0, 1)")
     if options.evaluate not in ("none", "quick", "full"):
@@ -143,7 +145,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                           pgd_params={k: getattr(attack, k) for k in ("eps", "alpha", "steps", "norm", "random_start")},
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
-                          reference=prepared.train)
+                          reference=prepared.train, estimator=options.estimator)
     detector, fit_set = fitted.detector, fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
     if np.intersect1d(held_out.image, np.concatenate([fit_images, calibration_images])).size:

@@ -304,7 +304,7 @@ def prepare(options: TrainOptions) -> Prepared:
             "lr": options.lr if epochs else None,
             "batch_size": options.batch_size if epochs else None,
             "recipe": ("SGD momentum 0.9 (Nesterov), weight decay 5e-4, one-cycle LR, "
-                       "crop+flip for images >= 32 px, bf16 autocast on CUDA") if epochs else None,
+                       "crop+flip for images >= 32 px, bf16 autocast and channels-last on CUDA") if epochs else None,
             "mean": mean,
             "std": std,
             "normalisation": norm_source,
