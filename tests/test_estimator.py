@@ -63,3 +63,26 @@ def test_errors(features):
         det.detect(psi, kappa)  # not calibrated yet
     with pytest.raises(ValueError, match="finite"):
         det.calibrate([np.nan])
+
+
+@pytest.mark.parametrize("estimator", ["tree", "boosting", "logistic"])
+def test_every_estimator_fits_with_weights_and_survives_the_bundle_format(estimator):
+    """``--estimator``: each choice takes sample weights, scores continuously enough to set an operating
+    point, and is stored in the skops format with the trusted types alone."""
+    import skops.io
+
+    from detector.bundle import TRUSTED_TYPES
+    from detector.estimator import make_detector
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 6))
+    y = (X[:, 0] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    det = make_detector("curvature", estimator=estimator).fit(X, y, kappa=np.abs(X[:, 1]), calibration=X[y == 0],
+                                                              sample_weight=rng.uniform(0.5, 2.0, 400))
+    assert det.calibration_fpr_ <= 0.05
+    data = skops.io.dumps(det)
+    assert set(skops.io.get_untrusted_types(data=data)) <= set(TRUSTED_TYPES)
+    back = skops.io.loads(data, trusted=list(TRUSTED_TYPES))
+    assert np.array_equal(back.score_samples(X), det.score_samples(X))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        make_detector("curvature", estimator="forest")
