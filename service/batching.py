@@ -46,6 +46,13 @@ class _Item(Generic[In]):
     enqueued: float = field(default=0.0)
 
 
+def _shutting_down(items: list[_Item]) -> None:
+    """Answer every item still waiting: the worker is being stopped."""
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(Overloaded("the service is shutting down"))
+
+
 class MicroBatcher(Generic[In, Out]):
     """Gathers single items into batches for ``infer(list[In]) -> list[Out]`` (same order, same length).
 
@@ -175,9 +182,7 @@ class MicroBatcher(Generic[In, Out]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"infer returned {len(results)} answers for {len(batch)} inputs")
             except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(Overloaded("the service is shutting down"))
+                _shutting_down(batch)
                 raise
             except Exception as exc:
                 log.error("inference failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc)
@@ -205,9 +210,7 @@ class MicroBatcher(Generic[In, Out]):
                 try:
                     (outcome,) = await self._loop.run_in_executor(self._executor, self.infer, [item.value])
                 except asyncio.CancelledError:
-                    for rest in batch:
-                        if not rest.future.done():
-                            rest.future.set_exception(Overloaded("the service is shutting down"))
+                    _shutting_down(batch)
                     raise
                 except Exception as exc:
                     outcome = exc

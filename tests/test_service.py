@@ -109,6 +109,16 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT) -> None:
     raise AssertionError(f"server not ready after {timeout} s:\n{server.output()}")
 
 
+def serving(server: Server):
+    """A fixture's body: the server once live and ready, stopped afterwards whatever happened."""
+    try:
+        wait_live(server)
+        wait_ready(server)
+        yield server
+    finally:
+        stop(server)
+
+
 def stop(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.terminate()
@@ -757,15 +767,9 @@ def guarded(default_bundle, tmp_path_factory):
     """A server with small connection limits, attacked over raw sockets."""
     port = free_port()
     flags = [x for k, v in GUARD.items() for x in ("--" + k.replace("_", "-"), str(v))]
-    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
-                 "--device", "cpu", "--torch-threads", "1", *flags], clean_env(),
-                tmp_path_factory.mktemp("guarded") / "server.log", port)
-    try:
-        wait_live(srv)
-        wait_ready(srv)
-        yield srv
-    finally:
-        stop(srv)
+    yield from serving(start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
+                              "--device", "cpu", "--torch-threads", "1", *flags], clean_env(),
+                             tmp_path_factory.mktemp("guarded") / "server.log", port))
 
 
 def _connect(server: Server, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
@@ -948,12 +952,7 @@ def locked(default_bundle, tmp_path_factory):
                  "--verdict-only", "true", "--audit-log", str(root / "audit.jsonl"),
                  "--quarantine-dir", str(root / "quarantine")], clean_env(), root / "server.log", port)
     srv.root = root
-    try:
-        wait_live(srv)
-        wait_ready(srv)
-        yield srv
-    finally:
-        stop(srv)
+    yield from serving(srv)
 
 
 def _bearer(key: str) -> dict[str, str]:
