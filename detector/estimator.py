@@ -9,6 +9,7 @@ clean calibration inputs to a target false-positive rate, as ``LocalOutlierFacto
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,6 +191,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             # X is already checked (2-D, finite, n_features_in_ wide); the tree's own check would
             # only repeat that and cast to float32, which is done here: same answers, ~0.1 ms less.
             return self.estimator_.predict_proba(np.ascontiguousarray(X, dtype=np.float32), check_input=False)
+        compiled = _compiled_boosting(self.estimator_)
+        if compiled is not None and np.isfinite(X).all():
+            return compiled.predict_proba(X)
         # A fitted estimator always saw both classes (fit checks), so columns are [0, 1].
         return self.estimator_.predict_proba(X)
 
@@ -217,6 +221,70 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             raise ValueError(f"kappa has {kappa.size} values for {score.size} inputs")
         flagged = score >= self.operating_threshold
         return Detection(flagged, score, kappa, flagged & (kappa <= self.valley_threshold_))
+
+
+class _CompiledBoosting:
+    """A fitted binary ``HistGradientBoostingClassifier``'s ``predict_proba``, every tree at once.
+
+    scikit-learn walks its trees one by one from Python (about 4 µs a tree: 0.4 ms for 100 trees, most
+    of a single image's detection). Here all trees descend together, one numpy step per level, and the
+    leaf values are added in scikit-learn's order, to its baseline, so that the answers are bit-identical
+    (finite, numeric inputs only; anything else goes to scikit-learn).
+    """
+
+    def __init__(self, estimator: HistGradientBoostingClassifier):
+        trees = [iteration[0] for iteration in estimator._predictors]
+        sizes = np.array([len(t.nodes) for t in trees])
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        nodes = np.concatenate([t.nodes for t in trees])
+        shift = np.repeat(offsets, sizes)
+        self.roots = offsets
+        self.feature = nodes["feature_idx"].astype(np.intp)
+        self.threshold = nodes["num_threshold"].astype(np.float64)
+        self.leaf = nodes["is_leaf"].astype(bool)
+        self.left = np.where(self.leaf, 0, nodes["left"].astype(np.intp) + shift)
+        self.right = np.where(self.leaf, 0, nodes["right"].astype(np.intp) + shift)
+        self.value = nodes["value"].astype(np.float64)
+        self.levels = int(nodes["depth"].max())
+        self.baseline = estimator._baseline_prediction
+        self.loss = estimator._loss
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        n = X.shape[0]
+        node = np.broadcast_to(self.roots, (n, self.roots.size)).copy()
+        rows = np.arange(n)[:, None]
+        for _ in range(self.levels):
+            go_left = X[rows, self.feature[node]] <= self.threshold[node]
+            node = np.where(self.leaf[node], node, np.where(go_left, self.left[node], self.right[node]))
+        values = self.value[node]
+        raw = np.zeros((n, 1), dtype=self.baseline.dtype, order="F")
+        raw += self.baseline
+        for t in range(values.shape[1]):  # one tree at a time, as scikit-learn adds them
+            raw[:, 0] += values[:, t]
+        return self.loss.predict_proba(raw)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_boosting(estimator) -> _CompiledBoosting | None:
+    """The compiled view of a plain binary histogram-boosting classifier (cached), else None."""
+    if type(estimator) is not HistGradientBoostingClassifier:
+        return None
+    try:
+        return _COMPILED[estimator]
+    except KeyError:
+        pass
+    compiled = None
+    try:
+        plain = (estimator.n_trees_per_iteration_ == 1 and getattr(estimator, "is_categorical_", None) is None
+                 and not any(t[0].nodes["is_categorical"].any() for t in estimator._predictors))
+        if plain:
+            compiled = _CompiledBoosting(estimator)
+    except (AttributeError, KeyError, ValueError):  # another scikit-learn layout: use its own predict
+        compiled = None
+    _COMPILED[estimator] = compiled
+    return compiled
 
 
 #: Detectors by name: the paper's (a decision tree on ψ, flagged at P ≥ 0.5); ``curvature``

@@ -86,3 +86,30 @@ def test_every_estimator_fits_with_weights_and_survives_the_bundle_format(estima
     assert np.array_equal(back.score_samples(X), det.score_samples(X))
     with pytest.raises(ValueError, match="unknown estimator"):
         make_detector("curvature", estimator="forest")
+
+
+@pytest.mark.parametrize("max_depth", [3, None])
+def test_boosted_trees_scored_all_at_once_answer_bit_for_bit_as_scikit_learn(max_depth):
+    """The compiled histogram-boosting path (every tree descends together) against scikit-learn's own
+    predict_proba: the same floats, on the fitting rows, on rows far outside them, and one by one."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from detector.estimator import _compiled_boosting
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(600, 8))
+    y = (X[:, 0] * X[:, 1] + 0.3 * rng.normal(size=600) > 0).astype(int)
+    est = HistGradientBoostingClassifier(max_iter=60, max_depth=max_depth, early_stopping=False,
+                                         random_state=0).fit(X, y)
+    compiled = _compiled_boosting(est)
+    assert compiled is not None
+    edge = X[:100].copy()  # rows exactly on split thresholds: "<=" and "<" part ways there
+    splits = np.flatnonzero(~compiled.leaf)[:100]
+    edge[np.arange(len(splits)), compiled.feature[splits]] = compiled.threshold[splits]
+    for rows in (X, 10 * rng.normal(size=(200, 8)), X[:1], edge):
+        assert np.array_equal(compiled.predict_proba(rows), est.predict_proba(rows))
+    det = UncannyValleyDetector(estimator=est).fit(X, y)
+    assert np.array_equal(det.predict_proba(X), det.estimator_.predict_proba(X))
+    categorical = HistGradientBoostingClassifier(max_iter=5, categorical_features=[0]).fit(
+        np.c_[rng.integers(0, 3, 600), X[:, 1:]], y)
+    assert _compiled_boosting(categorical) is None  # scikit-learn's own path for what is not plain
