@@ -303,6 +303,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 ClientDep = Annotated[str, Depends(get_client)]
 ReadyServiceDep = Annotated[Service, Depends(get_ready_service)]
 
+
 def _image_encoding(field: str) -> dict[str, Any]:
     """OpenAPI: the multipart part ``field`` holds an image of the formats the service takes."""
     types = ", ".join(types[0] for types in ALLOWED_FORMATS.values())
@@ -510,7 +511,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         report = bundle.report or {}
         metrics = None
         if report:
-            metrics = {key: report[key] for key in ("detection", "valley", "attack") if key in report}
+            # Verdict-only answers keep τ to themselves: the "valley" section carries it.
+            keys = ("detection", "attack") if svc.settings.verdict_only else ("detection", "valley", "attack")
+            metrics = {key: report[key] for key in keys if key in report}
             classifier = report.get("classifier")
             if isinstance(classifier, dict) and "clean_accuracy" in classifier:
                 metrics["clean_accuracy"] = classifier["clean_accuracy"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -356,8 +357,6 @@ def decode_upload(
 
 def _reason(exc: BaseException) -> str:
     """What went wrong, in our words: the decoder's own message names its internals, not the client's file."""
-    import zlib
-
     if isinstance(exc, (EOFError, OSError)) and "truncated" in str(exc).lower():
         return "the data ends before the image does"
     if isinstance(exc, zlib.error):

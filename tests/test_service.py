@@ -980,7 +980,8 @@ def test_verdict_only_answers_hold_no_scores(locked, good_png):
         r = c.post("/predict", files={"file": ("x.png", good_png, "image/png")}, headers=_bearer(KEYS[0]))
         assert r.status_code == 200, r.text
         assert set(r.json()) == {"label", "class_name", "adversarial", "uncanny_valley", "input", "model"}
-        assert c.get("/model", headers=_bearer(KEYS[0])).json()["thresholds"] == {}
+        model = c.get("/model", headers=_bearer(KEYS[0])).json()
+        assert model["thresholds"] == {} and "valley" not in (model["detection_metrics"] or {})
         schema = c.get("/openapi.json").json()["components"]["schemas"]
         assert "Verdict" in schema and "psi" not in schema["Verdict"]["properties"]
 
