@@ -17,6 +17,7 @@ from detector.datasets import DATASET_KINDS, DatasetNotFoundError
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.models import MODELS
 
+from .classifier import ADVERSARIAL_TRAINING
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
@@ -110,6 +111,14 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_number, default=defaults.lr, help="peak learning rate (one-cycle)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="batch size for training and for the attack")
+    g.add_argument("--adversarial-training", choices=ADVERSARIAL_TRAINING, default=None,
+                   help="train (or fine-tune --weights) on adversarial inputs: pgd, PGD-k from a random start "
+                        "(Madry et al.); fast, one FGSM step from a random start (Wong et al.), about twice "
+                        "the cost of standard training")
+    g.add_argument("--train-eps", type=_number,
+                   help="adversarial-training radius, in the --norm of the attack (default: the attack's --eps)")
+    g.add_argument("--train-steps", type=int, default=defaults.train_steps,
+                   help="PGD steps per batch of --adversarial-training pgd")
     g = p.add_argument_group("attack (PGD)")
     g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.2 on digits); '8/255' works")
     g.add_argument("--alpha", type=_number,
@@ -173,6 +182,9 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        adversarial_training=args.adversarial_training,
+        train_eps=args.train_eps,
+        train_steps=args.train_steps,
         eps=args.eps,
         alpha=args.alpha,
         steps=args.steps,

@@ -58,6 +58,9 @@ class TrainOptions:
     epochs: int | None = None
     lr: float = 0.1
     batch_size: int = 128
+    adversarial_training: str | None = None  # None (standard), "pgd" or "fast"
+    train_eps: float | None = None  # the adversarial-training radius; None: the attack's ε
+    train_steps: int = 7  # PGD steps of --adversarial-training pgd
     # attack
     eps: float | None = None
     alpha: float | None = None

@@ -18,12 +18,19 @@ from detector import ImageClassifier, ImageDataset, InputSpec, analyze, load_dat
 from detector.datasets import DatasetNotFoundError
 from detector.models import MODELS, build_network, load_weights
 
-from .classifier import accuracy, predict, train_classifier
+from .classifier import (
+    AdversarialTraining,
+    accuracy,
+    predict,
+    robust_accuracy,
+    train_classifier,
+)
 from .options import (
     DEFAULT_EPOCHS,
     DEFAULT_EPOCHS_OTHER,
     PipelineError,
     TrainOptions,
+    attack_settings,
     resolve_device,
 )
 from .output import log
@@ -226,6 +233,26 @@ class Prepared:
     timing: dict[str, float]
 
 
+#: Test images the robust accuracy of an adversarially trained classifier is measured on.
+ROBUST_ACCURACY_IMAGES = 1000
+
+
+def adversarial_training(options: TrainOptions, epochs: int) -> AdversarialTraining | None:
+    """The attack to train on, or None for standard training."""
+    if options.adversarial_training is None:
+        if options.train_eps is not None:
+            raise PipelineError("--train-eps is the radius of --adversarial-training, which was not given")
+        return None
+    if epochs == 0:
+        raise PipelineError("--adversarial-training trains the classifier, but --epochs is 0")
+    attack = attack_settings(options)
+    eps = attack.eps if options.train_eps is None else float(options.train_eps)
+    try:
+        return AdversarialTraining(options.adversarial_training, eps, options.train_steps, attack.norm)
+    except ValueError as exc:
+        raise PipelineError(f"--adversarial-training: {exc}") from exc
+
+
 def prepare(options: TrainOptions) -> Prepared:
     """Load the data, then build, load and/or train the classifier and measure its accuracy."""
     timing: dict[str, float] = {}
@@ -244,6 +271,7 @@ def prepare(options: TrainOptions) -> Prepared:
         raise PipelineError("--epochs must be >= 0")
     if epochs == 0 and options.weights is None:
         raise PipelineError("--epochs 0 uses the given weights as they are, but no --weights were given")
+    adversary = adversarial_training(options, epochs)
     channels = train.input_shape[0]
     try:
         net = build_network(architecture, train.num_classes, channels, config)
@@ -269,9 +297,11 @@ def prepare(options: TrainOptions) -> Prepared:
     timing["classifier_build"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    history: list[dict] = []
     if epochs > 0:
         train_classifier(model, train, epochs, batch_size=options.batch_size, lr=options.lr,
-                         device=device, seed=options.seed, progress=options.progress)
+                         device=device, seed=options.seed, progress=options.progress, adversary=adversary,
+                         history=history)
     model.to(device).eval()
     timing["classifier_train"] = time.perf_counter() - start
 
@@ -282,6 +312,17 @@ def prepare(options: TrainOptions) -> Prepared:
     clean_accuracy = float(test_correct.mean())
     train_eval = train if len(train) <= 5_000 else train.subset(torch.arange(5_000))
     train_accuracy = accuracy(model, train_eval, batch_size=eval_batch, device=device)
+    robust = None
+    if adversary is not None:  # what the training bought, on test images it never saw
+        probe = test.subset(torch.arange(min(len(test), ROBUST_ACCURACY_IMAGES)))
+        x_probe, y_probe = probe.batch(slice(0, len(probe)))
+        robust = {
+            "accuracy": robust_accuracy(model, x_probe, y_probe, adversary.eps, norm=adversary.norm,
+                                        batch_size=eval_batch),
+            "attack": f"PGD-10 at the training radius ε = {adversary.eps:.4g} ({adversary.norm}), α = ε/4",
+            "n": len(probe),
+        }
+        log(f"robust accuracy {robust['accuracy']:.1%} under {robust['attack']} on {len(probe)} test images")
     timing["classifier_eval"] = time.perf_counter() - start
 
     info = {
@@ -305,6 +346,13 @@ def prepare(options: TrainOptions) -> Prepared:
             "batch_size": options.batch_size if epochs else None,
             "recipe": ("SGD momentum 0.9 (Nesterov), weight decay 5e-4, one-cycle LR, "
                        "crop+flip for images >= 32 px, bf16 autocast and channels-last on CUDA") if epochs else None,
+            "adversarial_training": None if adversary is None else {
+                "kind": adversary.kind, "eps": adversary.eps, "alpha": adversary.alpha,
+                "steps": 1 if adversary.kind == "fast" else adversary.steps, "norm": adversary.norm,
+                "described": adversary.describe(), "history": history,
+                "stopped": next((h["stopped"] for h in history if "stopped" in h), None),
+            },
+            "robust_accuracy": robust,
             "mean": mean,
             "std": std,
             "normalisation": norm_source,
