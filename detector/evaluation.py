@@ -7,6 +7,10 @@ baselines (max-softmax, entropy, κ alone, Mahalanobis distance on φ), each thr
 held-out clean calibration images at the same false-positive rate.  Every rate carries a 95%
 interval, and the image ids of every evaluated row are recorded and checked disjoint from the ids
 the detector was fitted and calibrated on.
+
+Across the attacks, each input's **evasion budget** is the smallest perturbation (L∞ and L2) at which
+any attack of the suite (or of one kind) got it misclassified and unflagged: what it costs an
+attacker to get past classifier and detector together (:func:`evasion_budgets`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from .datasets import ImageDataset
 from .estimator import flagging_threshold
 from .features import Analysis
 from .layers import LayerGaussians
-from .metrics import Rate, auroc, evasion_rate, rate
+from .metrics import Rate, auroc, budget_summary, evasion_budget, evasion_rate, rate
 from .shifts import SHIFTS, apply_shift
 
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
-    "baseline_scores", "check_disjoint", "evaluate",
+    "baseline_scores", "check_disjoint", "evaluate", "evasion_budgets",
 ]
 
 BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
@@ -124,6 +128,7 @@ class AttackRecord:
     norm: str
     params: dict[str, Any]
     n_attacked: int
+    accuracy_under_attack: float  # over all evaluated images: correct before and after the attack
     success: Rate  # over attacked (correctly classified) images
     detection: Rate  # over the successful adversarials, at the bundle's operating point
     evasion: Rate  # over attacked images: misclassified and not flagged
@@ -137,6 +142,9 @@ class AttackRecord:
     seconds: float
     image_ids: list[int] = field(repr=False)  # attacked images, positions in the test split
     scores: list[float] = field(repr=False)  # detector score of each successful adversarial
+    linf: list[float] = field(repr=False)  # per attacked image, in image_ids order
+    l2: list[float] = field(repr=False)
+    evaded: list[bool] = field(repr=False)  # misclassified and not flagged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,13 +175,46 @@ class Evaluation:
     shifts: list[ShiftRecord]
     image_ids: dict[str, list[int]]
     seconds: float
+    evasion_budget: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "detector": self.detector, "target_fpr": self.target_fpr, "clean": self.clean,
             "attacks": [a.to_dict() for a in self.attacks], "shifts": [s.to_dict() for s in self.shifts],
-            "image_ids": self.image_ids, "seconds": self.seconds,
+            "evasion_budget": self.evasion_budget, "image_ids": self.image_ids, "seconds": self.seconds,
         }
+
+
+def evasion_budgets(attacks: Sequence[AttackRecord], n_misclassified_clean: int = 0) -> dict[str, Any]:
+    """Per input, the smallest perturbation at which an attack got it past classifier and detector.
+
+    Groups: every attack of the suite, then each kind present (``minimal``: attacks that stop at the
+    decision boundary).  For each group, L∞ and L2 budgets over the attacked (correctly classified)
+    images, their median with a 95% interval and quartiles, and the share evaded at all; ``over_all``
+    adds the ``n_misclassified_clean`` evaluated images the classifier already gets wrong, at budget 0
+    (an attacker needs no perturbation for them).  ``per_input`` holds each attacked image's budgets
+    in the attacks' ``image_ids`` order (None: no attack of the group evaded on it).
+    """
+    if not attacks:
+        return {}
+    ids = attacks[0].image_ids
+    if any(a.image_ids != ids for a in attacks):
+        raise ValueError("every attack must run on the same images, in the same order")
+    groups = {"all attacks": list(attacks)}
+    for kind in dict.fromkeys(a.kind for a in attacks):
+        groups[kind] = [a for a in attacks if a.kind == kind]
+    out: dict[str, Any] = {"over": "attacked images: correctly classified held-out images", "groups": {}}
+    for name, members in groups.items():
+        evaded = np.array([m.evaded for m in members], dtype=bool).reshape(len(members), len(ids))
+        entry: dict[str, Any] = {"attacks": [m.label for m in members]}
+        for norm in ("linf", "l2"):
+            size = np.array([getattr(m, norm) for m in members], dtype=np.float64).reshape(evaded.shape)
+            budget = evasion_budget(size, evaded)
+            entry[norm] = budget_summary(budget)
+            entry[f"{norm}_over_all"] = budget_summary(np.r_[np.zeros(n_misclassified_clean), budget])
+            entry[f"per_input_{norm}"] = [float(b) if np.isfinite(b) else None for b in budget]
+        out["groups"][name] = entry
+    return out
 
 
 def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
@@ -327,7 +368,8 @@ def evaluate(
         record = AttackRecord(
             label=entry.label, attack=entry.attack, kind=info.kind, norm=info.norm,
             params={k: v for k, v in entry.params.items()},
-            n_attacked=int(len(targets)), success=rate(success), detection=rate(flagged[success]),
+            n_attacked=int(len(targets)), accuracy_under_attack=float((~success).sum() / len(held_out)),
+            success=rate(success), detection=rate(flagged[success]),
             evasion=evasion_rate(success, flagged),
             auroc=auroc(y_true, np.r_[clean_scores, merged["score"][success]]),
             uncanny_valley=rate(merged["valley"][success]),
@@ -336,6 +378,7 @@ def evaluate(
             evasion_budget_l2=_median(merged["l2"][unflagged]),
             baselines=baselines, seconds=round(time.perf_counter() - t0, 2),
             image_ids=targets.tolist(), scores=merged["score"][success].tolist(),
+            linf=merged["linf"].tolist(), l2=merged["l2"].tolist(), evaded=unflagged.tolist(),
         )
         if record.detection["n"] != int(success.sum()):
             raise AssertionError("detection counted over other rows than the successful adversarials")
@@ -366,4 +409,5 @@ def evaluate(
         image_ids={"calibration": calibration.tolist(), "evaluated": held_out.tolist(),
                    "excluded": np.asarray(excluded, dtype=np.int64).tolist()},
         seconds=round(time.perf_counter() - started, 2),
+        evasion_budget=evasion_budgets(records, int((~correct).sum())),
     )

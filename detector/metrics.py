@@ -11,7 +11,8 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["Rate", "auroc", "evasion_rate", "rate", "roc_point", "roc_rates", "tpr_at_fpr", "wilson_interval"]
+__all__ = ["Rate", "auroc", "budget_summary", "evasion_budget", "evasion_rate", "quantile_interval", "rate",
+           "roc_point", "roc_rates", "tpr_at_fpr", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -96,3 +97,53 @@ def roc_rates(fpr: np.ndarray, tpr: np.ndarray) -> tuple[float, float]:
     else:
         fpr_at = float(fpr[i - 1] + (fpr[i] - fpr[i - 1]) * (0.95 - tpr[i - 1]) / (tpr[i] - tpr[i - 1]))
     return tpr_at, 1.0 - fpr_at
+
+
+def evasion_budget(perturbation, evaded) -> np.ndarray:
+    """Per input, the smallest perturbation at which any attack evaded (misclassified and unflagged).
+
+    ``perturbation`` and ``evaded`` are ``[n_attacks, n_inputs]``; inputs no attack evaded get +inf
+    (their budget is beyond what the attacks tried).
+    """
+    perturbation = np.asarray(perturbation, dtype=np.float64)
+    evaded = np.asarray(evaded, dtype=bool)
+    if perturbation.shape != evaded.shape or perturbation.ndim != 2:
+        raise ValueError(f"perturbation {perturbation.shape} and evaded {evaded.shape} must be the same "
+                         f"[n_attacks, n_inputs] shape")
+    if perturbation.shape[0] == 0:
+        return np.full(perturbation.shape[1], np.inf)
+    return np.where(evaded, perturbation, np.inf).min(axis=0)
+
+
+def quantile_interval(values, q: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the ``q``-quantile from order statistics: the ranks a
+    Binomial(n, q) count falls between with ``confidence``.  Bounds may be ±inf."""
+    from scipy.stats import binom
+
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = v.size
+    if n == 0:
+        return float("nan"), float("nan")
+    lo = int(binom.ppf((1 - confidence) / 2, n, q))  # ranks, 1-based; 0 means "below the smallest"
+    hi = int(binom.ppf(1 - (1 - confidence) / 2, n, q)) + 1
+    return (float(v[lo - 1]) if lo >= 1 else -np.inf), (float(v[hi - 1]) if hi <= n else np.inf)
+
+
+def budget_summary(budget) -> dict:
+    """Median and quartiles of per-input evasion budgets (inf: not evaded), the median's 95% interval,
+    the share of inputs evaded at all and the median budget of those.  Quantiles are actual budgets (no interpolation), so
+    an infinite one means "more than the attacks tried" and is written as None."""
+    b = np.asarray(budget, dtype=np.float64).ravel()
+
+    def finite(x: float) -> float | None:
+        return float(x) if np.isfinite(x) else None
+
+    if b.size == 0:
+        return {"n": 0, "evaded": rate([]), "q1": None, "median": None, "q3": None, "median_interval": [None, None],
+                "median_of_evaded": None}
+    q1, median, q3 = (np.quantile(b, q, method="inverted_cdf") for q in (0.25, 0.5, 0.75))
+    low, high = quantile_interval(b, 0.5)
+    evaded = b[np.isfinite(b)]
+    return {"n": int(b.size), "evaded": rate(np.isfinite(b)), "q1": finite(q1), "median": finite(median),
+            "q3": finite(q3), "median_interval": [finite(max(low, 0.0)), finite(high)],
+            "median_of_evaded": float(np.quantile(evaded, 0.5, method="inverted_cdf")) if evaded.size else None}

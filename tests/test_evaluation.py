@@ -20,7 +20,16 @@ from detector.attacks import (
 )
 from detector.estimator import flagging_threshold, make_detector
 from detector.evaluation import attack_suite, check_disjoint, evaluate
-from detector.metrics import auroc, evasion_rate, rate, tpr_at_fpr, wilson_interval
+from detector.metrics import (
+    auroc,
+    budget_summary,
+    evasion_budget,
+    evasion_rate,
+    quantile_interval,
+    rate,
+    tpr_at_fpr,
+    wilson_interval,
+)
 from detector.shifts import SHIFTS, apply_shift
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -46,6 +55,30 @@ def test_rates_count_what_they_say():
     assert (ev["k"], ev["n"]) == (2, 5)
     with pytest.raises(ValueError):
         evasion_rate(success, flagged[:3])
+
+
+def test_evasion_budget_is_the_cheapest_evading_attack():
+    size = [[0.3, 0.1, 0.2, 0.5], [0.2, 0.4, 0.1, 0.5]]
+    evaded = [[True, True, False, False], [True, False, False, False]]
+    assert evasion_budget(size, evaded).tolist() == [0.2, 0.1, np.inf, np.inf]
+    summary = budget_summary(evasion_budget(size, evaded))
+    assert summary["evaded"]["k"] == 2 and summary["q1"] == 0.1 and summary["median"] == 0.2
+    assert summary["q3"] is None  # beyond every attack: not a number to quote
+    assert summary["median_of_evaded"] == 0.1
+    with pytest.raises(ValueError, match="shape"):
+        evasion_budget([[0.1, 0.2]], [[True]])
+    assert evasion_budget(np.zeros((0, 3)), np.zeros((0, 3), dtype=bool)).tolist() == [np.inf] * 3
+
+
+def test_median_interval_covers_the_median():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(200):  # a 95% interval for the median of U(0, 1) samples: covers 0.5 about 95% of the time
+        low, high = quantile_interval(rng.uniform(size=60), 0.5)
+        covered += low <= 0.5 <= high
+    assert 180 <= covered <= 200
+    low, high = quantile_interval([1.0, 2.0, 3.0], 0.5)  # too few for a finite interval
+    assert low == -np.inf and high == np.inf
 
 
 def test_auroc_and_tpr_at_fpr():
@@ -278,6 +311,27 @@ def test_small_real_suite_counts_agree(bundle_and_split):
     by_attack = {r.attack: r for r in ev.attacks}
     # the early-stopped attack spends less of its budget than PGD-10 at the same radius
     assert by_attack["pgd-early-stop"].median_linf < by_attack["pgd"].median_linf
+    # accuracy under attack: the held-out images right before and after the attack
+    n_correct = round(d["clean"]["accuracy"] * d["clean"]["n"])
+    for record in ev.attacks:
+        assert record.accuracy_under_attack == pytest.approx((n_correct - record.success["k"]) / d["clean"]["n"])
+        assert len(record.linf) == len(record.l2) == len(record.evaded) == record.n_attacked
+        assert sum(record.evaded) == record.evasion["k"]
+    # evasion budget: per image the cheapest evading attack, recomputed here from the records
+    budget = d["evasion_budget"]["groups"]
+    assert set(budget) == {"all attacks", "budget", "minimal"}
+    assert budget["minimal"]["attacks"] == [by_attack["pgd-early-stop"].label]
+    for name, members in (("all attacks", ev.attacks), ("minimal", [by_attack["pgd-early-stop"]])):
+        for norm in ("linf", "l2"):
+            expected = [min((getattr(r, norm)[i] for r in members if r.evaded[i]), default=None)
+                        for i in range(len(ev.attacks[0].image_ids))]
+            assert budget[name][f"per_input_{norm}"] == pytest.approx(expected), (name, norm)
+        evaded = [b is not None for b in budget[name]["per_input_linf"]]
+        assert budget[name]["linf"]["evaded"]["k"] == sum(evaded)
+        assert budget[name]["linf_over_all"]["n"] == d["clean"]["n"]
+    # more attacks can only make the budget smaller
+    for everything, minimal in zip(budget["all attacks"]["per_input_linf"], budget["minimal"]["per_input_linf"]):
+        assert minimal is None or everything <= minimal
     clean = d["clean"]
     # the operating point was set for 5% on calibration images; held out it stays in that region
     assert clean["false_positives_correct"]["rate"] <= 0.2
@@ -298,8 +352,10 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert len(ev["image_ids"]["evaluated"]) == 80
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
     assert [a["label"] for a in ev["attacks"]] == [e.label for e in attack_suite(0.2, 64, "quick")]
-    for png in ("evaluation_detection.png", "evaluation_roc.png", "evaluation_scores.png"):
+    for png in ("evaluation_detection.png", "evaluation_roc.png", "evaluation_scores.png", "evaluation_budget.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "Clean false positives" in (out / "evaluation.md").read_text()
+    assert "Evasion budget" in (out / "evaluation.md").read_text()
+    assert ev["evasion_budget"]["groups"]["all attacks"]["linf"]["n"] == ev["attacks"][0]["n_attacked"]
     with pytest.raises(SystemExit):
         main(["--bundle", str(tmp_path / "missing"), "--no-progress"])

@@ -299,14 +299,27 @@ def seen_in_fitting(report: dict[str, Any]) -> list[str]:
     return [name for name in clean if name != "clean images"] if isinstance(clean, dict) else []
 
 
+#: Per-row arrays of an attack record: in evaluation.json, not in report.json or /model.
+PER_ROW = ("image_ids", "scores", "linf", "l2", "evaded")
+
+
+def budget_without_rows(budget: dict[str, Any]) -> dict[str, Any]:
+    """The evasion-budget section without its per-input lists."""
+    if not budget:
+        return {}
+    return {**budget, "groups": {name: {k: v for k, v in group.items() if not k.startswith("per_input")}
+                                 for name, group in budget["groups"].items()}}
+
+
 def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The evaluation without its per-row arrays: what report.json and /model carry."""
     return {
         "detector": evaluation["detector"],
         "target_fpr": evaluation["target_fpr"],
         "clean": {k: v for k, v in evaluation["clean"].items() if k != "scores_correct"},
-        "attacks": [{k: v for k, v in a.items() if k not in ("image_ids", "scores")} for a in evaluation["attacks"]],
+        "attacks": [{k: v for k, v in a.items() if k not in PER_ROW} for a in evaluation["attacks"]],
         "shifts": [{k: v for k, v in s.items() if k != "scores"} for s in evaluation["shifts"]],
+        "evasion_budget": budget_without_rows(evaluation.get("evasion_budget", {})),
         "n_evaluated": len(evaluation["image_ids"]["evaluated"]),
         "seen_in_fitting": evaluation.get("seen_in_fitting", []),
     }

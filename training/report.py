@@ -211,6 +211,17 @@ def _described(det: dict, side: str) -> str:
     return str(fitted) if fitted else "n/a"
 
 
+def _adversarial_training_rows(c: dict) -> list[str]:
+    at = c.get("adversarial_training")
+    if not at:
+        return []
+    probe = " → ".join(_pct(h["probe_pgd10_accuracy"]) for h in at["history"] if "probe_pgd10_accuracy" in h)
+    rows = [f"| adversarial training | {at['described']}; PGD-10 accuracy on training images per epoch: {probe} |"]
+    if at.get("stopped"):
+        rows.append(f"| stopped early | {at['stopped']} |")
+    return rows
+
+
 def write_markdown(path: Path, report: dict) -> None:
     """A human-readable report: settings, figures, the per-step table, timing, machine."""
     d, c, a = report["data"], report["classifier"], report["attack"]
@@ -238,7 +249,10 @@ def write_markdown(path: Path, report: dict) -> None:
         f"| normalisation | {c['normalisation']}: mean {[round(x, 4) for x in c['mean']]}, "
         f"std {[round(x, 4) for x in c['std']]} |",
         f"| output layer | {c['layer'] or 'last nn.Linear'} |",
+        *_adversarial_training_rows(c),
         f"| **clean accuracy (test)** | **{_pct(c['clean_accuracy'])}** (train {_pct(c['train_accuracy'])}) |",
+        *([f"| **robust accuracy (test)** | **{_pct(c['robust_accuracy']['accuracy'])}** under "
+           f"{c['robust_accuracy']['attack']}, {c['robust_accuracy']['n']} images |"] if c.get("robust_accuracy") else []),
         "",
         "## Attack",
         "",
@@ -324,7 +338,10 @@ def summary_text(report: dict, out: str | Path | None = None) -> str:
         "=" * 72,
         f"classifier   {c['architecture']} on {report['data']['spec']}  ({c['epochs']} epochs, "
         f"{report['machine']['device']})",
-        f"             clean accuracy {_pct(c['clean_accuracy'])} on {report['data']['n_test']} test images",
+        f"             clean accuracy {_pct(c['clean_accuracy'])} on {report['data']['n_test']} test images"
+        + (f"; robust {_pct(c['robust_accuracy']['accuracy'])} (PGD-10 at eps="
+           f"{pixel_value(c['adversarial_training']['eps'])}, {c['adversarial_training']['kind']} adversarial "
+           f"training)" if c.get("robust_accuracy") else ""),
         f"attack       PGD-{a['steps']} {norm} eps={pixel_value(a['eps'])} alpha={pixel_value(a['alpha'])}: "
         f"success {_pct(a['success_rate'])} of {a['n_attacked']}",
         f"detection    accuracy {_pct(det['accuracy'])}  balanced {_pct(det['balanced_accuracy'])}  "
@@ -346,6 +363,14 @@ def summary_text(report: dict, out: str | Path | None = None) -> str:
         for a in ev["attacks"]:
             lines.insert(-1, f"             {a['label'][:52]:52s} {_pct(a['detection']['rate']):>6s} "
                              f"{_pct(a['evasion']['rate']):>6s} {_num(a['evasion_budget_linf'], 3):>7s}")
+        for name, g in ev.get("evasion_budget", {}).get("groups", {}).items():
+            if name in ("all attacks", "minimal"):
+                li = g["linf"]
+                median = ("beyond every attack" if li["median"] is None
+                          else f"{_budget(li['median'])} (quartiles {_budget(li['q1'])} – {_budget(li['q3'])})")
+                lines.insert(-1, f"budget       {name[:12]:12s} L∞ to get past both: median {median}; "
+                                 f"{_pct(li['evaded']['rate'])} of {li['n']} evaded at all, "
+                                 f"at a median {_budget(li['median_of_evaded'])}")
     for warning in report.get("warnings", []):
         lines.insert(-1, f"warning      {warning}")
     if out is not None:
@@ -360,6 +385,7 @@ EVALUATION_MD = "evaluation.md"
 DETECTION_PLOT = "evaluation_detection.png"
 ROC_PLOT = "evaluation_roc.png"
 SCORES_PLOT = "evaluation_scores.png"
+BUDGET_PLOT = "evaluation_budget.png"
 
 
 def _rate(r: dict | None) -> str:
@@ -386,24 +412,27 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         f"{_rate(clean['false_positives_all'])} of all. Baselines on correct images: "
         + ", ".join(f"{b} {_pct(r['rate'])}" for b, r in clean["baseline_false_positives_correct"].items()) + ".",
         "",
-        "| attack | kind | success | detected (95% CI) | evasion | AUROC | median L∞ / L2 | evasion budget L∞ / L2 | "
-        + " | ".join(f"{b}: det / AUROC" for b in baselines) + " |",
-        "|---|---|---|---|---|---:|---|---|" + "---|" * len(baselines),
+        "| attack | kind | accuracy under attack | success | detected (95% CI) | evasion | AUROC | median L∞ / L2 | "
+        "evasion budget L∞ / L2 | " + " | ".join(f"{b}: det / AUROC" for b in baselines) + " |",
+        "|---|---|---:|---|---|---|---:|---|---|" + "---|" * len(baselines),
     ]
     for a in evaluation["attacks"]:
         base = " | ".join(f"{_pct(a['baselines'][b]['detection'])} / {_num(a['baselines'][b]['auroc'], 3)}"
                           for b in baselines)
         lines.append(
-            f"| {a['label']} | {a['kind']} | {_pct(a['success']['rate'])} | {_rate(a['detection'])} | "
+            f"| {a['label']} | {a['kind']} | {_pct(a.get('accuracy_under_attack'))} | {_pct(a['success']['rate'])} | "
+            f"{_rate(a['detection'])} | "
             f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_num(a['median_linf'], 3)} / "
             f"{_num(a['median_l2'], 3)} | {_num(a['evasion_budget_linf'], 3)} / {_num(a['evasion_budget_l2'], 3)} | "
             f"{base} |")
     lines += [
         "",
-        "Success: share of the attacked (correctly classified) images misclassified. Detected: share of the "
-        "successful adversarials flagged. Evasion: share of attacked images misclassified and not flagged. "
-        "Evasion budget: median perturbation of the successful adversarials that were not flagged.",
+        "Accuracy under attack: share of all evaluated images classified correctly after the attack. Success: "
+        "share of the attacked (correctly classified) images misclassified. Detected: share of the successful "
+        "adversarials flagged. Evasion: share of attacked images misclassified and not flagged. Evasion budget "
+        "(per attack): median perturbation of the successful adversarials that were not flagged.",
         "",
+        *budget_markdown(evaluation.get("evasion_budget", {})),
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
         "|---|---|---|---:|",
     ]
@@ -413,6 +442,65 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
                      f"{_pct(sh['accuracy'])} |")
     return lines
+
+
+def _budget(value: float | None) -> str:
+    """A budget in 8-bit levels (``3.5/255``); None: beyond every attack of the group."""
+    return "not evaded" if value is None else f"{value * 255:.3g}/255"
+
+
+def budget_markdown(budget: dict) -> list[str]:
+    """The evasion-budget table: per group of attacks, what it costs to get past both."""
+    if not budget.get("groups"):
+        return []
+    lines = [
+        "**Evasion budget**: for each attacked image, the smallest perturbation at which an attack of the group "
+        "got it misclassified and unflagged (\"not evaded\": no attack of the group did; a quantile beyond "
+        "them reads the same). Over all evaluated images, those the classifier already gets wrong count at 0.",
+        "",
+        "| attacks | images evaded | L∞ median [95% CI] | L∞ quartiles | L∞ median of the evaded | L2 median | "
+        "L∞ median over all images |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for name, g in budget["groups"].items():
+        li, l2 = g["linf"], g["l2"]
+        low, high = li["median_interval"]
+        lines.append(f"| {name} | {_rate(li['evaded'])} | **{_budget(li['median'])}** [{_budget(low)}–"
+                     f"{_budget(high)}] | {_budget(li['q1'])} – {_budget(li['q3'])} | {_budget(li['median_of_evaded'])} | "
+                     f"{_num(l2['median'], 3)} | "
+                     f"{_budget(g['linf_over_all']['median'])} |")
+    return lines + [""]
+
+
+def _plot_budget(path: Path, curves: dict[str, dict], title: str) -> None:
+    """Evasion rate against L∞ budget (the share of attacked images an attacker gets past classifier and
+    detector with at most that perturbation), one line per evaluation and group."""
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    top = 0.0
+    for label, budget in curves.items():
+        b = np.array([np.inf if v is None else v for v in budget], dtype=np.float64) * 255
+        finite = np.sort(b[np.isfinite(b)])
+        if b.size == 0:
+            continue
+        top = max(top, finite.max() if finite.size else 0.0)
+        x = np.r_[0.0, finite]
+        y = np.r_[0.0, np.arange(1, finite.size + 1) / b.size]
+        ax.step(x, y, where="post", linewidth=1.3, label=f"{label} (median {_budget(_median_or_none(b / 255))})")
+    ax.set_xlim(0, max(top * 1.05, 1.0))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("budget: L∞ perturbation (/255)")
+    ax.set_ylabel("evasion rate (misclassified and unflagged)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _median_or_none(values: np.ndarray) -> float | None:
+    m = float(np.quantile(values, 0.5, method="inverted_cdf")) if values.size else np.inf
+    return m if np.isfinite(m) else None
 
 
 def _plot_detection(path: Path, evaluation: dict, title: str) -> None:
@@ -489,7 +577,7 @@ def _plot_scores(path: Path, evaluation: dict) -> None:
 
 
 def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | None = None) -> dict[str, str]:
-    """``evaluation.json``, ``evaluation.md`` and its three plots in ``out``; returns their names."""
+    """``evaluation.json``, ``evaluation.md`` and its plots in ``out``; returns their names."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -497,12 +585,22 @@ def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | 
     _plot_detection(out / DETECTION_PLOT, evaluation, title)
     _plot_attack_rocs(out / ROC_PLOT, evaluation)
     _plot_scores(out / SCORES_PLOT, evaluation)
+    groups = evaluation.get("evasion_budget", {}).get("groups", {})
+    if groups:
+        _plot_budget(out / BUDGET_PLOT, {name: g["per_input_linf"] for name, g in groups.items()},
+                     "evasion rate against budget, per group of attacks")
     lines = ["# Attack-suite evaluation", "", title, ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += evaluation_markdown(evaluation)
     lines += ["", f"![detection]({DETECTION_PLOT})", "", f"![ROC per attack]({ROC_PLOT})", "",
-              f"![scores]({SCORES_PLOT})", "", f"Took {evaluation['seconds']:.0f} s.", ""]
+              f"![scores]({SCORES_PLOT})", ""]
+    if groups:
+        lines += [f"![evasion rate against budget]({BUDGET_PLOT})", ""]
+    lines += [f"Took {evaluation['seconds']:.0f} s.", ""]
     (out / EVALUATION_MD).write_text("\n".join(lines))
-    return {"evaluation": EVALUATION_JSON, "evaluation_md": EVALUATION_MD, "evaluation_detection": DETECTION_PLOT,
-            "evaluation_roc": ROC_PLOT, "evaluation_scores": SCORES_PLOT}
+    files = {"evaluation": EVALUATION_JSON, "evaluation_md": EVALUATION_MD, "evaluation_detection": DETECTION_PLOT,
+             "evaluation_roc": ROC_PLOT, "evaluation_scores": SCORES_PLOT}
+    if groups:
+        files["evaluation_budget"] = BUDGET_PLOT
+    return files
