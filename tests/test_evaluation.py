@@ -359,3 +359,17 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert ev["evasion_budget"]["groups"]["all attacks"]["linf"]["n"] == ev["attacks"][0]["n_attacked"]
     with pytest.raises(SystemExit):
         main(["--bundle", str(tmp_path / "missing"), "--no-progress"])
+    # Two evaluations side by side (the same one twice here): a table and the budget plot.
+    from training.robustness import main as side_by_side
+
+    assert side_by_side([str(out), str(out / "evaluation.json"), "--names", "a", "b",
+                         "--out", str(tmp_path / "budget.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| | a | b |" in table and "evasion budget L∞, all attacks" in table
+    assert table.count("| PGD-10 L∞ 8/255 |") == 1
+    assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    other = dict(ev, attacks=ev["attacks"][:2])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as stop:
+        side_by_side([str(out), str(tmp_path / "other.json")])
+    assert stop.value.code == 2 and "another attack suite" in capsys.readouterr().err

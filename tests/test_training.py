@@ -155,6 +155,16 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     assert det["n_test"] == 2 * fooled
     md = (default_bundle / "report.md").read_text()
     assert "figure1_trajectory.png" in md and f"{100 * det['accuracy']:.1f}%" in md
+    # The first command's summary says what getting past classifier and detector costs.
+    from training.report import summary_text
+
+    budget = report["evaluation"]["evasion_budget"]["groups"]
+    assert {"all attacks", "minimal", "adaptive"} <= set(budget)
+    assert all("per_input_linf" not in g for g in budget.values())  # report.json: no per-row lists
+    assert budget["all attacks"]["linf"]["n"] == report["evaluation"]["attacks"][0]["n_attacked"]
+    summary = summary_text(report)
+    assert "budget       all attacks" in summary and "budget       minimal" in summary
+    assert "Evasion budget" in md
 
 
 def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp_path, capsys):

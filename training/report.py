@@ -222,6 +222,13 @@ def _adversarial_training_rows(c: dict) -> list[str]:
     return rows
 
 
+def _robust_accuracy_rows(c: dict) -> list[str]:
+    r = c.get("robust_accuracy")
+    if not r:
+        return []
+    return [f"| **robust accuracy (test)** | **{_pct(r['accuracy'])}** under {r['attack']}, {r['n']} images |"]
+
+
 def write_markdown(path: Path, report: dict) -> None:
     """A human-readable report: settings, figures, the per-step table, timing, machine."""
     d, c, a = report["data"], report["classifier"], report["attack"]
@@ -251,8 +258,7 @@ def write_markdown(path: Path, report: dict) -> None:
         f"| output layer | {c['layer'] or 'last nn.Linear'} |",
         *_adversarial_training_rows(c),
         f"| **clean accuracy (test)** | **{_pct(c['clean_accuracy'])}** (train {_pct(c['train_accuracy'])}) |",
-        *([f"| **robust accuracy (test)** | **{_pct(c['robust_accuracy']['accuracy'])}** under "
-           f"{c['robust_accuracy']['attack']}, {c['robust_accuracy']['n']} images |"] if c.get("robust_accuracy") else []),
+        *_robust_accuracy_rows(c),
         "",
         "## Attack",
         "",
@@ -367,10 +373,11 @@ def summary_text(report: dict, out: str | Path | None = None) -> str:
             if name in ("all attacks", "minimal"):
                 li = g["linf"]
                 median = ("beyond every attack" if li["median"] is None
-                          else f"{_budget(li['median'])} (quartiles {_budget(li['q1'])} – {_budget(li['q3'])})")
+                          else f"{budget_text(li['median'])} (quartiles {budget_text(li['q1'])} – "
+                               f"{budget_text(li['q3'])})")
                 lines.insert(-1, f"budget       {name[:12]:12s} L∞ to get past both: median {median}; "
                                  f"{_pct(li['evaded']['rate'])} of {li['n']} evaded at all, "
-                                 f"at a median {_budget(li['median_of_evaded'])}")
+                                 f"at a median {budget_text(li['median_of_evaded'])}")
     for warning in report.get("warnings", []):
         lines.insert(-1, f"warning      {warning}")
     if out is not None:
@@ -444,7 +451,7 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
     return lines
 
 
-def _budget(value: float | None) -> str:
+def budget_text(value: float | None) -> str:
     """A budget in 8-bit levels (``3.5/255``); None: beyond every attack of the group."""
     return "not evaded" if value is None else f"{value * 255:.3g}/255"
 
@@ -465,34 +472,36 @@ def budget_markdown(budget: dict) -> list[str]:
     for name, g in budget["groups"].items():
         li, l2 = g["linf"], g["l2"]
         low, high = li["median_interval"]
-        lines.append(f"| {name} | {_rate(li['evaded'])} | **{_budget(li['median'])}** [{_budget(low)}–"
-                     f"{_budget(high)}] | {_budget(li['q1'])} – {_budget(li['q3'])} | {_budget(li['median_of_evaded'])} | "
+        lines.append(f"| {name} | {_rate(li['evaded'])} | **{budget_text(li['median'])}** [{budget_text(low)}–"
+                     f"{budget_text(high)}] | {budget_text(li['q1'])} – {budget_text(li['q3'])} | "
+                     f"{budget_text(li['median_of_evaded'])} | "
                      f"{_num(l2['median'], 3)} | "
-                     f"{_budget(g['linf_over_all']['median'])} |")
+                     f"{budget_text(g['linf_over_all']['median'])} |")
     return lines + [""]
 
 
-def _plot_budget(path: Path, curves: dict[str, dict], title: str) -> None:
+def plot_evasion_budget(path: Path, curves: dict[str, list], title: str) -> None:
     """Evasion rate against L∞ budget (the share of attacked images an attacker gets past classifier and
-    detector with at most that perturbation), one line per evaluation and group."""
+    detector with at most that perturbation), one line per evaluation and group; budgets are per-input
+    lists with None where no attack evaded."""
+    budgets = {label: np.array([np.inf if v is None else v for v in values], dtype=np.float64) * 255
+               for label, values in curves.items() if len(values)}
+    finite = [b[np.isfinite(b)] for b in budgets.values()]
+    right = max([1.0] + [float(f.max()) for f in finite if f.size]) * 1.05
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    top = 0.0
-    for label, budget in curves.items():
-        b = np.array([np.inf if v is None else v for v in budget], dtype=np.float64) * 255
-        finite = np.sort(b[np.isfinite(b)])
-        if b.size == 0:
-            continue
-        top = max(top, finite.max() if finite.size else 0.0)
-        x = np.r_[0.0, finite]
-        y = np.r_[0.0, np.arange(1, finite.size + 1) / b.size]
-        ax.step(x, y, where="post", linewidth=1.3, label=f"{label} (median {_budget(_median_or_none(b / 255))})")
-    ax.set_xlim(0, max(top * 1.05, 1.0))
+    for label, b in budgets.items():
+        steps = np.sort(b[np.isfinite(b)])
+        x = np.r_[0.0, steps, right]  # flat after the last evasion: the rest were not evaded
+        y = np.r_[0.0, np.arange(1, steps.size + 1) / b.size, steps.size / b.size]
+        ax.step(x, y, where="post", linewidth=1.3,
+                label=f"{label} (median {budget_text(_median_or_none(b / 255))})")
+    ax.set_xlim(0, right)
     ax.set_ylim(0, 1)
     ax.set_xlabel("budget: L∞ perturbation (/255)")
     ax.set_ylabel("evasion rate (misclassified and unflagged)")
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -587,7 +596,7 @@ def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | 
     _plot_scores(out / SCORES_PLOT, evaluation)
     groups = evaluation.get("evasion_budget", {}).get("groups", {})
     if groups:
-        _plot_budget(out / BUDGET_PLOT, {name: g["per_input_linf"] for name, g in groups.items()},
+        plot_evasion_budget(out / BUDGET_PLOT, {name: g["per_input_linf"] for name, g in groups.items()},
                      "evasion rate against budget, per group of attacks")
     lines = ["# Attack-suite evaluation", "", title, ""]
     if command:

@@ -1,0 +1,106 @@
+"""``python -m training.robustness``: classifiers side by side under the same attack suite.
+
+Reads the ``evaluation.json`` that ``detector-evaluate`` wrote for each bundle (a standard and an
+adversarially trained classifier, say) and writes one Markdown table (clean accuracy and false
+positives, then per attack: accuracy under attack, detection, evasion; then the evasion budget per
+group of attacks) and one plot of evasion rate against L∞ budget with a line per bundle. ::
+
+    python -m training.robustness runs/standard-evaluation runs/robust-evaluation \\
+        --names standard robust --out docs/figures/robustness.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .report import _pct, budget_text, plot_evasion_budget
+
+__all__ = ["load", "main", "side_by_side"]
+
+
+def load(path: str | Path) -> dict:
+    """An evaluation (``evaluation.json`` or the folder holding it) and its bundle's report, if found."""
+    path = Path(path)
+    file = path / "evaluation.json" if path.is_dir() else path
+    evaluation = json.loads(file.read_text())
+    bundle = Path(evaluation.get("bundle", {}).get("path", ""))
+    report_file = bundle / "report.json"
+    evaluation["_report"] = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return evaluation
+
+
+def _classifier_line(evaluation: dict) -> str:
+    c = evaluation["_report"].get("classifier", {})
+    at = c.get("adversarial_training")
+    return at["described"] if at else ("standard training" if c.get("epochs") else "weights as given")
+
+
+def side_by_side(evaluations: dict[str, dict]) -> str:
+    """The Markdown table for ``{name: evaluation}``; every evaluation must have run the same suite."""
+    names = list(evaluations)
+    first = evaluations[names[0]]
+    labels = [a["label"] for a in first["attacks"]]
+    for name, ev in evaluations.items():
+        if [a["label"] for a in ev["attacks"]] != labels:
+            raise ValueError(f"{name} ran another attack suite than {names[0]}: compare like with like")
+    head = "| | " + " | ".join(names) + " |"
+    rule = "|---|" + "---|" * len(names)
+    lines = [head, rule]
+
+    def row(title: str, cell) -> None:
+        lines.append(f"| {title} | " + " | ".join(cell(evaluations[n]) for n in names) + " |")
+
+    row("classifier", _classifier_line)
+    row("clean accuracy (held out)", lambda ev: _pct(ev["clean"]["accuracy"]))
+    row("robust accuracy, PGD-10 at the training radius",
+        lambda ev: _pct((ev["_report"].get("classifier", {}).get("robust_accuracy") or {}).get("accuracy")))
+    row("clean flagged (correct images)", lambda ev: _pct(ev["clean"]["false_positives_correct"]["rate"]))
+    for group in first.get("evasion_budget", {}).get("groups", {}):
+        def cell(ev, group=group):
+            g = ev["evasion_budget"]["groups"][group]["linf"]
+            low, high = g["median_interval"]
+            return (f"**{budget_text(g['median'])}** [{budget_text(low)}–{budget_text(high)}]; "
+                    f"{_pct(g['evaded']['rate'])} evaded")
+        row(f"evasion budget L∞, {group}: median [95% CI]", cell)
+    lines += ["", "| attack | kind | " + " | ".join(f"{n}: acc. under attack / detected / evasion" for n in names)
+              + " |", "|---|---|" + "---|" * len(names)]
+    for i, label in enumerate(labels):
+        cells = []
+        for n in names:
+            a = evaluations[n]["attacks"][i]
+            cells.append(f"{_pct(a.get('accuracy_under_attack'))} / {_pct(a['detection']['rate'])} / "
+                         f"{_pct(a['evasion']['rate'])}")
+        lines.append(f"| {label} | {first['attacks'][i]['kind']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.robustness", description=__doc__.split("\n\n")[0])
+    p.add_argument("evaluations", nargs="+", help="evaluation.json files or the folders detector-evaluate wrote")
+    p.add_argument("--names", nargs="+", help="a name per evaluation (default: the folder names)")
+    p.add_argument("--groups", nargs="+", default=["all attacks", "minimal"],
+                   help="attack groups drawn in the plot")
+    p.add_argument("--out", help="write the plot of evasion rate against budget here (PNG)")
+    args = p.parse_args(argv)
+    names = args.names or [Path(e).name for e in args.evaluations]
+    if len(names) != len(args.evaluations):
+        p.error("give one name per evaluation")
+    try:
+        evaluations = {n: load(e) for n, e in zip(names, args.evaluations)}
+        table = side_by_side(evaluations)
+    except (OSError, ValueError, KeyError) as exc:
+        p.exit(2, f"python -m training.robustness: error: {exc}\n")
+    print(table)
+    if args.out:
+        curves = {f"{n}, {g}": ev["evasion_budget"]["groups"][g]["per_input_linf"]
+                  for n, ev in evaluations.items() for g in args.groups if g in ev["evasion_budget"]["groups"]}
+        plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names))
+        print(f"plot written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
