@@ -75,6 +75,9 @@ _FLAGS = {
     "--log-level": ("log_level", str, "critical | error | warning | info | debug | trace"),
 }
 
+#: Seconds uvicorn lets requests in flight finish after SIGTERM (orchestrators' grace periods exceed it).
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         http=PROTOCOL,  # uvicorn's httptools protocol with head, time and connection limits
         # uvicorn's default of 5 s is shorter than importing PyTorch on a busy host: the workers would be
         # killed and restarted forever.
