@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
+
 __all__ = ["DeviceError", "resolve_device"]
 
 
@@ -14,9 +16,12 @@ class DeviceError(RuntimeError):
 def resolve_device(spec: str) -> torch.device:
     """The torch device for ``spec``; ``auto`` is cuda when available, else cpu.
 
+    Under torchrun ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``: each process drives its own GPU.
     Raises :class:`DeviceError` when the name is not a device or an explicit device is not there.
     """
     spec = spec.strip().lower()
+    if spec in ("auto", "cuda") and distributed.launched() and torch.cuda.is_available():
+        spec = f"cuda:{distributed.local_rank()}"
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

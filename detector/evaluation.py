@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .attacks import get_attack
 from .bundle import Bundle
 from .datasets import ImageDataset
@@ -226,11 +227,6 @@ def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
 
 
 # -- the evaluation --------------------------------------------------------------------------------
-def _batches(index: np.ndarray, size: int):
-    for start in range(0, len(index), size):
-        yield index[start:start + size]
-
-
 def _with_logits(rows_and_analysis):
     rows, out = rows_and_analysis
     return out.logits, rows
@@ -293,21 +289,15 @@ def evaluate(
                          f"need at least 20 of each")
 
     def run_clean(index: np.ndarray):
-        parts: dict[str, list] = {"labels": [], "flagged": [], "score": [], "rows": [], "margin": [],
-                                  "baselines": []}
-        for idx in _batches(index, batch_size):
-            x, y = data.batch(torch.as_tensor(idx))
+        def clean_batch(positions: np.ndarray, _: int) -> dict[str, Any]:
+            x, y = data.batch(torch.as_tensor(index[positions]))
             answer, out = bundle.detect_with_analysis(x.to(device))
             top2 = out.logits.double().topk(2, dim=1).values
-            parts["labels"].append(answer.labels == y.numpy())
-            parts["flagged"].append(answer.adversarial)
-            parts["score"].append(answer.adversarial_score)
-            parts["rows"].append(answer.features)
-            parts["margin"].append((top2[:, 0] - top2[:, 1]).cpu().numpy())
-            parts["baselines"].append(baseline_scores(out, mahalanobis))
-        merged = {k: np.concatenate(v) for k, v in parts.items() if k != "baselines"}
-        merged["baselines"] = {b: np.concatenate([p[b] for p in parts["baselines"]]) for b in parts["baselines"][0]}
-        return merged
+            return {"labels": answer.labels == y.numpy(), "flagged": answer.adversarial,
+                    "score": answer.adversarial_score, "rows": answer.features,
+                    "margin": (top2[:, 0] - top2[:, 1]).cpu().numpy(), "baselines": baseline_scores(out, mahalanobis)}
+
+        return distributed.map_batches(len(index), batch_size, clean_batch)
 
     mahalanobis = None
     if reference is not None:  # fitted on φ of up to 2,000 clean training images it gets right
@@ -339,22 +329,22 @@ def evaluate(
         info = get_attack(entry.attack)
         t0 = time.perf_counter()
         params = {**entry.params, **{k: oracles[k] for k in info.needs}}
-        parts: dict[str, list] = {k: [] for k in ("success", "flagged", "score", "valley", "linf", "l2", "baselines")}
-        for idx in _batches(targets, batch_size):
-            x, y = data.batch(torch.as_tensor(idx))
+        def attack_batch(positions: np.ndarray, _: int, info=info, params=params) -> dict[str, Any]:
+            x, y = data.batch(torch.as_tensor(targets[positions]))
             x, y = x.to(device), y.to(device)
             x_adv = info.fn(bundle.model, x, y, **params)
             answer, out = bundle.detect_with_analysis(x_adv)
             delta = (x_adv - x).flatten(1)
-            parts["success"].append(answer.labels != y.cpu().numpy())
-            parts["flagged"].append(answer.adversarial)
-            parts["score"].append(answer.adversarial_score)
-            parts["valley"].append(answer.uncanny_valley)
-            parts["linf"].append(delta.abs().amax(dim=1).cpu().numpy())
-            parts["l2"].append(torch.linalg.vector_norm(delta, dim=1).cpu().numpy())
-            parts["baselines"].append(baseline_scores(out, mahalanobis))
-        merged = {k: np.concatenate(v) for k, v in parts.items() if k != "baselines"}
-        adv_baselines = {b: np.concatenate([p[b] for p in parts["baselines"]]) for b in parts["baselines"][0]}
+            return {"success": answer.labels != y.cpu().numpy(), "flagged": answer.adversarial,
+                    "score": answer.adversarial_score, "valley": answer.uncanny_valley,
+                    "linf": delta.abs().amax(dim=1).cpu().numpy(),
+                    "l2": torch.linalg.vector_norm(delta, dim=1).cpu().numpy(),
+                    "baselines": baseline_scores(out, mahalanobis)}
+
+        if len(targets) == 0:
+            raise ValueError("the classifier gets none of the evaluated images right: there is nothing to attack")
+        merged = distributed.map_batches(len(targets), batch_size, attack_batch)
+        adv_baselines = merged.pop("baselines")
         success = merged["success"]
         flagged = merged["flagged"]
         unflagged = success & ~flagged
@@ -389,16 +379,16 @@ def evaluate(
 
     shift_records = []
     for name in tqdm(shifts, desc="natural shifts", unit="shift", disable=not progress):
-        flagged, right, scores = [], [], []
-        for idx in _batches(held_out, batch_size):
-            x, y = data.batch(torch.as_tensor(idx))
+        def shift_batch(positions: np.ndarray, _: int, name=name) -> dict[str, np.ndarray]:
+            x, y = data.batch(torch.as_tensor(held_out[positions]))
             answer = bundle.detect(apply_shift(name, x.to(device)))
-            flagged.append(answer.adversarial)
-            right.append(answer.labels == y.numpy())
-            scores.append(answer.adversarial_score)
-        flagged, right = np.concatenate(flagged), np.concatenate(right)
+            return {"flagged": answer.adversarial, "right": answer.labels == y.numpy(),
+                    "score": answer.adversarial_score}
+
+        shifted = distributed.map_batches(len(held_out), batch_size, shift_batch)
+        flagged, right = shifted["flagged"], shifted["right"]
         shift_records.append(ShiftRecord(name, rate(flagged), rate(flagged[right]), float(right.mean()),
-                                         np.concatenate(scores).tolist()))
+                                         shifted["score"].tolist()))
 
     detector = bundle.detector
     return Evaluation(

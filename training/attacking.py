@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from detector import ImageDataset, analyze, pgd
+from detector import ImageDataset, analyze, distributed, pgd
 
 from .classifier import predict
 from .fitting import AttackedSet
@@ -34,33 +33,33 @@ def select_correct(model: torch.nn.Module, test: ImageDataset, max_samples: int,
 def attack_paths(model: torch.nn.Module, data: ImageDataset, index: np.ndarray, attack: AttackSettings,
                  *, layer: str | None, device: torch.device, batch_size: int, seed: int,
                  progress: bool = True) -> AttackedSet:
-    """PGD with ``record=True`` on ``data[index]`` in batches; everything comes back on the CPU."""
+    """PGD with ``record=True`` on ``data[index]`` in batches; everything comes back on the CPU.
+    Under torchrun each rank attacks its share and every rank gets the whole set."""
     model.to(device).eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "clean_psi", "clean_kappa", "psi", "sharpness", "loss", "predictions", "success", "linf", "l2",
-        "logits", "phi_sq")}
-    batches = range(0, len(index), batch_size)
-    for b, start in enumerate(tqdm(batches, desc="PGD attack", unit="batch", disable=not progress)):
-        idx = torch.as_tensor(index[start:start + batch_size])
-        x, y = data.batch(idx)
+
+    def attack_batch(positions: np.ndarray, b: int) -> dict[str, np.ndarray]:
+        x, y = data.batch(torch.as_tensor(index[positions]))
         x, y = x.to(device), y.to(device)
         clean = analyze(model, x, layer)
         result = pgd(model, x, y, eps=attack.eps, alpha=attack.alpha, steps=attack.steps,
                      norm=attack.norm, random_start=attack.random_start, record=True,
                      layer=layer, seed=seed + b)
         delta = (result.x_adv - x).flatten(1)
-        parts["clean_psi"].append(clean.psi.cpu().numpy())
-        parts["clean_kappa"].append(clean.sharpness.cpu().numpy())
-        parts["psi"].append(result.psi.float().cpu().numpy())
-        parts["sharpness"].append(result.sharpness.float().cpu().numpy())
-        parts["loss"].append(result.loss.float().cpu().numpy())
-        parts["predictions"].append(result.predictions.cpu().numpy())
-        parts["success"].append(result.success.cpu().numpy())
-        parts["linf"].append(delta.abs().amax(dim=1).cpu().numpy())
-        parts["l2"].append(torch.linalg.vector_norm(delta, dim=1).cpu().numpy())
-        parts["logits"].append(result.logits.float().cpu().numpy())
-        parts["phi_sq"].append(result.phi_sq.float().cpu().numpy())
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        return {
+            "clean_psi": clean.psi.cpu().numpy(),
+            "clean_kappa": clean.sharpness.cpu().numpy(),
+            "psi": result.psi.float().cpu().numpy(),
+            "sharpness": result.sharpness.float().cpu().numpy(),
+            "loss": result.loss.float().cpu().numpy(),
+            "predictions": result.predictions.cpu().numpy(),
+            "success": result.success.cpu().numpy(),
+            "linf": delta.abs().amax(dim=1).cpu().numpy(),
+            "l2": torch.linalg.vector_norm(delta, dim=1).cpu().numpy(),
+            "logits": result.logits.float().cpu().numpy(),
+            "phi_sq": result.phi_sq.float().cpu().numpy(),
+        }
+
+    arrays = distributed.map_batches(len(index), batch_size, attack_batch, desc="PGD attack", progress=progress)
     return AttackedSet(index=np.asarray(index), labels=data.labels[torch.as_tensor(index)].numpy(), **arrays)
 
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from detector import distributed
 from detector.attacks import pgd
 from detector.datasets import ImageDataset
 
@@ -101,16 +103,25 @@ def train_classifier(
     With an ``adversary`` every batch is replaced by its adversarial version before the update, and
     after each epoch PGD-10 accuracy on a fixed batch of training images guards against catastrophic
     overfitting (see :data:`OVERFITTING_FALL`).  ``history`` gets one dict per epoch.
+
+    Under torchrun (after :func:`detector.distributed.init`) the model trains with
+    DistributedDataParallel, each rank on its share of every epoch; ``batch_size`` is per rank.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     model.to(device).train()
     if cuda:
         model.to(memory_format=torch.channels_last)
+    # Under torchrun every rank draws the same epoch order (one generator, one seed) and takes its
+    # share of it, as DistributedSampler does; the augmentation is drawn per rank.
+    world, me = distributed.world_size(), distributed.rank()
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = generator if world == 1 else torch.Generator().manual_seed(seed + 1 + me)
     if augment is None:
         augment = min(data.input_shape[1:]) >= 32
-    steps_per_epoch = math.ceil(len(data) / batch_size)
+    per_rank = math.ceil(len(data) / world)
+    steps_per_epoch = math.ceil(per_rank / batch_size)
+    trained = model if world == 1 else DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     if max(epochs, 1) * steps_per_epoch >= 8:
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=max(epochs, 1),
@@ -125,11 +136,14 @@ def train_classifier(
     bar = tqdm(range(epochs), desc="train classifier" + (f" ({adversary.kind} adversarial)" if adversary else ""),
                unit="epoch", disable=not progress)
     for epoch in bar:
-        order = torch.randperm(len(data), generator=generator).to(device)
+        order = torch.randperm(len(data), generator=generator)
+        if world > 1:  # padded to a multiple of the world size, so that every rank takes as many steps
+            order = torch.cat([order, order[: per_rank * world - len(order)]])[me::world]
+        order = order.to(device)
         total = 0
         correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        batches = tqdm(range(0, len(data), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+        batches = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                        leave=False, disable=not progress)
         for start in batches:
             idx = order[start:start + batch_size]
@@ -138,13 +152,13 @@ def train_classifier(
             x = images[idx].float().div_(255)
             y = labels[idx]
             if augment:
-                x = _augment(x, generator)
+                x = _augment(x, augment_generator)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 if adversary is not None:
-                    x = adversary(model, x, y)
-                logits = model(x)
+                    x = adversary(model, x, y)  # the bare model: DDP synchronises the weights' gradients only
+                logits = trained(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,8 +172,8 @@ def train_classifier(
         record = {"epoch": epoch + 1, "loss": float(loss_sum) / total, "accuracy": int(correct) / total}
         if adversary is not None:
             x_probe = images[probe].float().div_(255)
-            record["probe_pgd10_accuracy"] = robust_accuracy(model, x_probe, labels[probe], adversary.eps,
-                                                             norm=adversary.norm)
+            record["probe_pgd10_accuracy"] = distributed.broadcast(  # every rank decides as rank 0 does
+                robust_accuracy(model, x_probe, labels[probe], adversary.eps, norm=adversary.norm))
             model.train()
             if best is None or record["probe_pgd10_accuracy"] > best[0]:
                 best = (record["probe_pgd10_accuracy"], copy.deepcopy(model.state_dict()))

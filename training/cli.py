@@ -13,6 +13,7 @@ import shlex
 import sys
 from fractions import Fraction
 
+from detector import distributed
 from detector.datasets import DATASET_KINDS, DatasetNotFoundError
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.models import MODELS
@@ -220,6 +221,7 @@ def _entry(argv: list[str] | None, trajectory: bool) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         options = options_from_args(args, _command(parser.prog, argv))
+        options.progress = options.progress and distributed.is_main()  # under torchrun: rank 0's bars only
         if trajectory:
             from .trajectory import run_trajectory
 
@@ -230,6 +232,10 @@ def _entry(argv: list[str] | None, trajectory: bool) -> int:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main():
+        return 0
     if trajectory:
         tr, a = result["trajectory"], result["attack"]
         print(f"clean accuracy {result['classifier']['clean_accuracy']:.1%}; PGD-{a['steps']} success "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import BundleError, load_bundle
+from detector import BundleError, distributed, load_bundle
 from detector.datasets import DatasetNotFoundError
 from detector.evaluation import attack_suite, evaluate
 
@@ -63,6 +63,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     """Evaluate ``args.bundle`` and write the files; returns the evaluation as a dict."""
     bundle_dir = Path(args.bundle)
     device = resolve_device(args.device)
+    distributed.init(device)  # under torchrun every rank attacks its share of the images
     bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=args.trust_architecture)
     report = bundle.report or {}
     options = report.get("options", {})
@@ -93,7 +94,8 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation = evaluate(
         bundle, test, images, excluded=excluded, calibration=calibration if calibration.size >= 20 else None,
         suite=attack_suite(eps, int(np.prod(test.input_shape)), args.suite, args.seed), reference=train,
-        target_fpr=args.target_fpr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        target_fpr=args.target_fpr, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress and distributed.is_main(),
     ).to_dict()
     evaluation["data"] = {"spec": data, "source": source}
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
@@ -101,11 +103,13 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["seen_in_fitting"] = seen_in_fitting(report)
     evaluation = json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
+    evaluation["out"] = str(out)
+    evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if not distributed.is_main():  # rank 0 writes
+        return evaluation
     title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
              f"{len(evaluation['image_ids']['evaluated'])} held-out images")
     reporting.write_evaluation(out, evaluation, title=title, command=command)
-    evaluation["out"] = str(out)
-    evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
     return evaluation
 
 
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"detector-evaluate: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "detector-evaluate: interrupted\n")
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main():
+        return 0
     print("\n".join(reporting.evaluation_markdown(evaluation)))
     print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md, plots) in "
           f"{evaluation['wall_seconds']:.0f} s")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detector import ImageDataset, UncannyValleyDetector, fgsm, pgd
+from detector import ImageDataset, UncannyValleyDetector, distributed, fgsm, pgd
 from detector.estimator import make_detector
 from detector.features import detector_features, output_weight_norm
 from detector.layers import LayerGaussians, feature_rows, probe_layers
@@ -129,17 +129,19 @@ class Extractor:
 
 def _batched_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, transform, device: torch.device,
                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Feature rows of ``transform(x, y)`` for the images ``data[index]``, and whether each is misclassified."""
-    rows, wrong = [], []
-    for start in range(0, len(index), batch_size):
-        x, y = data.batch(torch.as_tensor(index[start:start + batch_size]))
+    """Feature rows of ``transform(x, y)`` for the images ``data[index]``, and whether each is misclassified
+    (each rank of a torchrun computes its share)."""
+    if len(index) == 0:
+        return np.empty((0, 0)), np.empty(0, bool)
+
+    def rows_of(positions: np.ndarray, _: int) -> dict[str, np.ndarray]:
+        x, y = data.batch(torch.as_tensor(index[positions]))
         x, y = x.to(device), y.to(device)
         r, predicted = extract(transform(x, y))
-        rows.append(r)
-        wrong.append((predicted != y).cpu().numpy())
-    if not rows:
-        return np.empty((0, 0)), np.empty(0, bool)
-    return np.concatenate(rows), np.concatenate(wrong)
+        return {"rows": r, "wrong": (predicted != y).cpu().numpy()}
+
+    out = distributed.map_batches(len(index), batch_size, rows_of)
+    return out["rows"], out["wrong"]
 
 
 def calibration_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, *, device: torch.device,
@@ -156,16 +158,17 @@ def _rerun_path_rows(extract: Extractor, data: ImageDataset, attacked: AttackedS
                      device: torch.device, batch_size: int) -> np.ndarray:
     """Feature rows ``[N, T+1, F]`` of every iterate, from PGD run again exactly as the recorded one
     (same batches, same seeds), for features the recorded logits do not give (earlier layers)."""
-    out = []
-    for b, start in enumerate(range(0, len(attacked.index), batch_size)):
-        x, y = data.batch(torch.as_tensor(attacked.index[start:start + batch_size]))
+    def path_rows(positions: np.ndarray, b: int) -> dict[str, np.ndarray]:
+        x, y = data.batch(torch.as_tensor(attacked.index[positions]))
         x, y = x.to(device), y.to(device)
         path = pgd(extract.model, x, y, record=True, keep_iterates=True, layer=extract.layer, seed=seed + b,
                    **pgd_params)
         n, t1 = path.iterates.shape[:2]
         rows, _ = extract(path.iterates.flatten(0, 1))
-        out.append(rows.reshape(n, t1, -1))
-    return np.concatenate(out)
+        return {"rows": rows.reshape(n, t1, -1)}
+
+    # The same batches (and so the same random starts) as attack_paths, on one process or many.
+    return distributed.map_batches(len(attacked.index), batch_size, path_rows)["rows"]
 
 
 @dataclass

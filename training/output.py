@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
+
+from detector import distributed
 
 from .options import PipelineError
 
@@ -31,6 +34,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if distributed.is_distributed():
+        devices = [None] * distributed.world_size()
+        torch.distributed.all_gather_object(devices, f"{platform.node()}:{device}")
+        info["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend(),
+                               "devices": devices, "launcher": "torchrun"}
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -90,8 +98,10 @@ def json_safe(value: Any) -> Any:
 
 
 def log(message: str) -> None:
-    """A line for the user while the run goes on (stderr, so that the summary stays on stdout)."""
-    print(message, file=sys.stderr, flush=True)
+    """A line for the user while the run goes on (stderr, so that the summary stays on stdout); under
+    torchrun the main process speaks for all."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 def dump_json(path: Path, data: Any) -> None:

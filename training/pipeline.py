@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from detector import Bundle, UncannyValleyDetector, save_bundle
+from detector import Bundle, UncannyValleyDetector, distributed, save_bundle
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.evaluation import attack_suite, evaluate
 from detector.metrics import roc_rates, wilson_interval
@@ -29,7 +29,13 @@ from .fitting import (
     split_calibration,
     split_images,
 )
-from .options import PAPER_ATTACK, PipelineError, TrainOptions, attack_settings
+from .options import (
+    PAPER_ATTACK,
+    PipelineError,
+    TrainOptions,
+    attack_settings,
+    resolve_device,
+)
 from .output import (
     check_out_dir,
     dump_json,
@@ -118,6 +124,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if options.evaluate not in ("none", "quick", "full"):
         raise PipelineError(f"--evaluate must be none, quick or full, got {options.evaluate!r}")
     check_out_dir(Path(options.out))
+    distributed.init(resolve_device(options.device))  # under torchrun: join the other ranks
     prepared = prepare(options)
     model, device, timing = prepared.model, prepared.device, prepared.timing
 
@@ -146,7 +153,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
                           reference=prepared.train, estimator=options.estimator)
-    detector, fit_set = fitted.detector, fitted.fit_set
+    # Every rank fitted on the same rows; rank 0's detector is the one saved, so all ranks use it.
+    detector, fit_set = distributed.broadcast(fitted.detector), fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
     if np.intersect1d(held_out.image, np.concatenate([fit_images, calibration_images])).size:
         raise AssertionError("held-out rows come from images the detector was fitted or calibrated on")
@@ -248,6 +256,10 @@ def run(options: TrainOptions) -> dict[str, Any]:
         report["evaluation"] = summarize_evaluation(evaluation)
         timing["attack_suite"] = time.perf_counter() - start
 
+    if not distributed.is_main():  # rank 0 writes the bundle; the others have done their share
+        model.to(device)
+        distributed.barrier()
+        return json_safe(report)
     start = time.perf_counter()
     out = Path(options.out)
     stage = staging_dir(out)
@@ -280,6 +292,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     model.to(device)
+    distributed.barrier()
     return report
 
 

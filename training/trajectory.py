@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from detector import distributed
+
 from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
-from .options import PipelineError, TrainOptions, attack_settings
+from .options import PipelineError, TrainOptions, attack_settings, resolve_device
 from .output import dump_json, json_safe, machine_info
 from .prepare import prepare
 from .report import FIGURE1, figure_title, plot_trajectory, write_trajectory_csv
@@ -43,6 +45,7 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     with the path recorded, and write the plot and CSVs to ``options.out``; returns the summary."""
     total_start = time.perf_counter()
     attack = attack_settings(options)
+    distributed.init(resolve_device(options.device))  # under torchrun: join the other ranks
     prepared = prepare(options)
     timing = prepared.timing
     start = time.perf_counter()
@@ -65,6 +68,8 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
                        "mean_loss_successful": successful["mean_loss"]},
         "machine": machine_info(prepared.device),
     }
+    if not distributed.is_main():  # rank 0 writes
+        return json_safe(summary)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_trajectory(out / FIGURE1, stats, title=figure_title(json_safe(summary)))
