@@ -1,0 +1,325 @@
+"""``detector-scan``: score every image of a dataset split or a folder with a bundle, offline.
+
+The batch counterpart of ``POST /predict`` for auditing a store of uploads: the same
+:meth:`detector.Bundle.detect` call, one row per image (``index``, ``position`` or ``path``,
+``label``, ``class_name``, ``confidence``, ``adversarial``, ``adversarial_score``,
+``uncanny_valley``, ``relative_sharpness``), written as JSON Lines or, where pyarrow is installed,
+Parquet.  A folder is scanned as uploads are served: every image file under it, decoded and
+resized to the bundle's input as the service does; a file that is not a readable image gets a row
+with its ``error`` instead.
+
+Resumable: rows go to ``<out>.parts/`` as they are scored, one file per rank, flushed per batch;
+a rerun of the same command scores only what is missing there, then writes ``<out>`` in scan order
+(every image exactly once) and removes the parts.  Under ``torchrun`` each rank scores its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from detector import BundleError, distributed, load_bundle
+from detector.datasets import DatasetNotFoundError
+from detector.images import to_model_array
+
+from .options import PipelineError, TrainOptions, resolve_device
+from .prepare import load_splits
+
+__all__ = ["FORMATS", "ScanSource", "build_parser", "dataset_source", "folder_source", "main", "scan"]
+
+FORMATS = ("jsonl", "parquet")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ScanSource:
+    """What to scan: ``keys`` identify the images (dataset positions or relative paths) in scan order;
+    ``load(keys)`` gives the batch ``[N, C, H, W]`` of [0, 1] images that could be read, which of
+    the keys those are, and an error message for each of the others."""
+
+    description: str
+    key_name: str  # "position" or "path"
+    keys: list
+    load: Callable[[list], tuple[torch.Tensor, list, dict[Any, str]]]
+
+
+def dataset_source(spec: str, data_dir: str, split: str, input_shape: tuple[int, int, int],
+                   download: bool = False) -> ScanSource:
+    """Every image of a split of ``digits``, ``cifar10``, ``cifar100`` or ``npz:PATH``."""
+    train, test, _, source = load_splits(TrainOptions(data=spec, data_dir=data_dir, download=download))
+    data = train if split == "train" else test
+    if data.input_shape != tuple(input_shape):
+        raise PipelineError(f"{spec} images are {data.input_shape}, the bundle takes {tuple(input_shape)}")
+
+    def load(keys: list) -> tuple[torch.Tensor, list, dict]:
+        x, _ = data.batch(torch.as_tensor(keys))
+        return x, list(keys), {}
+
+    return ScanSource(f"{spec} {split} split ({source}), {len(data)} images", "position", list(range(len(data))), load)
+
+
+def folder_source(root: str | Path, input_shape: tuple[int, int, int]) -> ScanSource:
+    """Every image file under ``root`` (recursively, by suffix), in sorted order of relative path."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"no folder at {str(root)!r}")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    channels, height, width = input_shape
+
+    def load(keys: list) -> tuple[torch.Tensor, list, dict]:
+        arrays, good, errors = [], [], {}
+        for key in keys:
+            try:
+                with Image.open(root / key) as im:
+                    im.load()
+                    arrays.append(to_model_array(im, channels, (height, width)))
+                good.append(key)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file becomes a row saying why
+                errors[key] = f"{type(exc).__name__}: {exc}"[:300]
+        if not arrays:
+            return torch.empty((0, channels, height, width)), good, errors
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+        return x, good, errors
+
+    return ScanSource(f"folder {root} ({len(files)} image files)", "path", files, load)
+
+
+# -- part files: what has been scored so far --------------------------------------------------------
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _read_rows(path: Path) -> Iterator[dict]:
+    """The complete rows of a part file; a last line cut short by an interruption is not one."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def _repair(path: Path) -> None:
+    """Cut a trailing partial line (an interrupted write) so that appending starts on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def _done(parts: Path, key_name: str) -> dict:
+    rows: dict = {}
+    for path in sorted(parts.glob("rank*.jsonl")):
+        for row in _read_rows(path):
+            rows.setdefault(_hashable(row.get(key_name)), row)
+    return rows
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+# -- the scan -------------------------------------------------------------------------------------
+def _rows(bundle, source: ScanSource, keys: list, device: torch.device) -> list[dict]:
+    x, good, errors = source.load(keys)
+    rows = {}
+    if len(good):
+        answer = bundle.detect(x.to(device))
+        confidence = answer.probabilities.max(axis=1)
+        for i, key in enumerate(good):
+            label = int(answer.labels[i])
+            rows[_hashable(key)] = {
+                source.key_name: key, "label": label, "class_name": bundle.classes[label],
+                "confidence": float(confidence[i]), "adversarial": bool(answer.adversarial[i]),
+                "adversarial_score": float(answer.adversarial_score[i]),
+                "uncanny_valley": bool(answer.uncanny_valley[i]),
+                "relative_sharpness": float(answer.sharpness[i]),
+            }
+    for key, message in errors.items():
+        rows[_hashable(key)] = {source.key_name: key, "error": message}
+    return [rows[_hashable(k)] for k in keys]
+
+
+def _write(out: Path, rows: list[dict], fmt: str) -> None:
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), temp)
+        else:
+            with open(temp, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        os.replace(temp, out)  # readers never see a half-written file
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    scored = [r for r in rows if "error" not in r]
+    flagged = sum(r["adversarial"] for r in scored)
+    return {
+        "images": len(rows),
+        "scored": len(scored),
+        "unreadable": len(rows) - len(scored),
+        "flagged": flagged,
+        "flag_rate": flagged / len(scored) if scored else None,
+        "uncanny_valley": sum(r["uncanny_valley"] for r in scored),
+        "per_class": dict(sorted(Counter(r["class_name"] for r in scored).items())),
+        "flagged_per_class": dict(sorted(Counter(r["class_name"] for r in scored if r["adversarial"]).items())),
+    }
+
+
+def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_size: int = 256,
+         device: torch.device | str = "cpu", progress: bool = True,
+         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Score every image of ``source`` not already in ``<out>.parts/``, then write ``out`` (rank 0).
+
+    Returns the summary (flag rate, per-class counts) on the main process.
+    """
+    if fmt not in FORMATS:
+        raise PipelineError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PipelineError("--format parquet needs pyarrow: pip install pyarrow (or write JSON Lines)") from None
+    if batch_size < 1:
+        raise PipelineError("--batch-size must be at least 1")
+    parts = _parts_dir(out)
+    if out.exists() and not parts.is_dir():
+        raise PipelineError(f"{out} exists and no scan of it is under way ({parts.name}/ is absent): "
+                            f"remove it or choose another --out; nothing was overwritten")
+    distributed.barrier()  # every rank has looked before any creates the parts folder
+    if distributed.is_main():
+        parts.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    mine_file = parts / f"rank{distributed.rank()}.jsonl"
+    _repair(mine_file)
+    distributed.barrier()
+    done = _done(parts, source.key_name)
+    todo = [k for k in source.keys if _hashable(k) not in done]
+    mine = [todo[i] for i in distributed.shard(len(todo))]
+    if distributed.is_main() and done:
+        log(f"resuming: {len(done)} of {len(source.keys)} images already scored, {len(todo)} to go")
+    with open(mine_file, "a") as f:
+        starts = range(0, len(mine), batch_size)
+        for start in tqdm(starts, desc="scan", unit="batch", disable=not (progress and distributed.is_main())):
+            for row in _rows(bundle, source, mine[start:start + batch_size], device):
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
+    done = _done(parts, source.key_name)
+    missing = [k for k in source.keys if _hashable(k) not in done]
+    if missing:
+        raise PipelineError(f"{len(missing)} images have no row (e.g. {missing[:3]}); rerun to score them")
+    rows = [{"index": i, **done[_hashable(k)]} for i, k in enumerate(source.keys)]
+    _write(out, rows, fmt)
+    shutil.rmtree(parts)
+    return summarize(rows)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="detector-scan",
+        description="Score every image of a dataset split or a folder with a bundle (the service's own "
+                    "detection call) and write one row per image: JSON Lines, or Parquet where pyarrow is "
+                    "installed. Resumable; under torchrun every rank scores its share.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bundle", required=True, help="the bundle directory")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="digits, cifar10, cifar100, npz:PATH, or folder:PATH (every image file under PATH)")
+    p.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="dataset split (not for folder:)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the output file (.jsonl or .parquet)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: parquet for a .parquet --out, else jsonl)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--trust-architecture", action="append", default=[], metavar="MODULE:CALLABLE",
+                   help="a bring-your-own architecture the bundle may name: loading imports and calls it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _summary_text(summary: dict, out: Path, fmt: str) -> str:
+    rate = "n/a" if summary["flag_rate"] is None else f"{summary['flag_rate']:.1%}"
+    lines = [f"scanned {summary['images']} images: {summary['flagged']} flagged adversarial ({rate} of "
+             f"{summary['scored']} scored), {summary['uncanny_valley']} in the uncanny valley, "
+             f"{summary['unreadable']} unreadable",
+             "class        predicted   flagged"]
+    for name, count in summary["per_class"].items():
+        lines.append(f"{name[:12]:12s} {count:9d} {summary['flagged_per_class'].get(name, 0):9d}")
+    lines.append(f"written to {out} ({fmt})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``detector-scan``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    fmt = args.format or ("parquet" if out.suffix.lower() == ".parquet" else "jsonl")
+    try:
+        device = resolve_device(args.device)
+        distributed.init(device)
+        bundle = load_bundle(args.bundle, map_location=device, trusted_architectures=args.trust_architecture)
+        spec = bundle.input_spec
+        shape = (spec.channels, spec.height, spec.width)
+        kind, _, path = args.data.partition(":")
+        if kind == "folder":
+            if not path:
+                raise PipelineError("folder: needs a path, e.g. folder:/data/uploads")
+            source = folder_source(path, shape)
+        else:
+            source = dataset_source(args.data, args.data_dir, args.split, shape, args.download)
+        if not source.keys:
+            raise PipelineError(f"nothing to scan in {source.description}")
+        if distributed.is_main():
+            print(f"scanning {source.description} with {bundle.architecture} ({bundle.sha256[:12]}) on "
+                  f"{distributed.world_size()} process(es)", file=sys.stderr, flush=True)
+        summary = scan(bundle, source, out, fmt=fmt, batch_size=args.batch_size, device=device,
+                       progress=not args.no_progress,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (PipelineError, BundleError, DatasetNotFoundError, ValueError) as exc:
+        parser.exit(2, f"detector-scan: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"detector-scan: interrupted; rerun {' '.join(['detector-scan', *map(shlex.quote, argv)])} "
+                         f"to finish (rows scored so far are kept)\n")
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        print(_summary_text(summary, out, fmt))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
