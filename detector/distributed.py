@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["backend", "barrier", "broadcast", "gather_rows", "init", "is_distributed", "is_main", "launched",
+__all__ = ["backend", "barrier", "broadcast", "broadcast_module", "gather_rows", "init", "is_distributed", "is_main", "launched",
            "local_rank", "map_batches", "rank", "shard", "shutdown", "world_size"]
 
 
@@ -138,6 +138,16 @@ def _empty_like(template: Any) -> Any:
         return {k: _empty_like(v) for k, v in template.items()}
     template = np.asarray(template)
     return np.empty((0, *template.shape[1:]), dtype=template.dtype)
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers in ``module`` on every rank (after DDP training each rank's
+    batch-norm statistics come from its own last batches)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def broadcast(value: Any) -> Any:

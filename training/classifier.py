@@ -190,6 +190,9 @@ def train_classifier(
             break
     if cuda:
         model.to(memory_format=torch.contiguous_format)  # the bundle's weights are saved in the usual layout
+    # DDP aligns batch-norm statistics only before each forward: every rank now takes rank 0's model,
+    # the one that is saved, so that all ranks measure and attack the same classifier.
+    distributed.broadcast_module(model)
     model.eval()
     return model
 

@@ -103,13 +103,13 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["seen_in_fitting"] = seen_in_fitting(report)
     evaluation = json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
-    evaluation["out"] = str(out)
-    evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
     if not distributed.is_main():  # rank 0 writes
         return evaluation
     title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
              f"{len(evaluation['image_ids']['evaluated'])} held-out images")
     reporting.write_evaluation(out, evaluation, title=title, command=command)
+    evaluation["out"] = str(out)
+    evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
     return evaluation
 
 

@@ -129,7 +129,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
     model, device, timing = prepared.model, prepared.device, prepared.timing
 
     start = time.perf_counter()
-    index = sample_correct(prepared.test_correct, options.max_samples, options.seed)
+    index = distributed.broadcast(sample_correct(prepared.test_correct, options.max_samples, options.seed))
     if len(index) < 2 * MIN_ADVERSARIAL_PER_SIDE:
         raise PipelineError(f"the classifier gets only {len(index)} test images right; train it longer")
     attacked = attack_paths(model, prepared.test, index, attack, layer=prepared.layer, device=device,

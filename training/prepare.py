@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector import ImageClassifier, ImageDataset, InputSpec, analyze, load_dataset
+from detector import (
+    ImageClassifier,
+    ImageDataset,
+    InputSpec,
+    analyze,
+    distributed,
+    load_dataset,
+)
 from detector.datasets import DatasetNotFoundError
 from detector.models import MODELS, build_network, load_weights
 
@@ -259,6 +266,10 @@ def prepare(options: TrainOptions) -> Prepared:
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     start = time.perf_counter()
+    if options.download and distributed.is_distributed():  # one download, not one per rank into one folder
+        if distributed.is_main():
+            load_splits(options)
+        distributed.barrier()
     train, test, test_origin, source = load_splits(options)
     timing["data"] = time.perf_counter() - start
 

@@ -49,7 +49,7 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     prepared = prepare(options)
     timing = prepared.timing
     start = time.perf_counter()
-    index = sample_correct(prepared.test_correct, options.max_samples, options.seed)
+    index = distributed.broadcast(sample_correct(prepared.test_correct, options.max_samples, options.seed))
     if len(index) == 0:
         raise PipelineError("the classifier gets no test image right; there is no path to follow")
     attacked = attack_paths(prepared.model, prepared.test, index, attack, layer=prepared.layer,
