@@ -52,7 +52,7 @@ def test_scan_a_dataset_split(default_bundle, tmp_path, capsys):
     assert main(["--bundle", str(default_bundle), "--data", "digits", "--out", str(tmp_path / "scan.parquet"),
                  "--no-progress"]) == 0
     table = pq.read_table(tmp_path / "scan.parquet").to_pylist()
-    assert table == rows
+    assert table == [{**row, "error": None} for row in rows]  # Parquet has every column, null where unused
 
 
 def _write_folder(root: Path, test) -> list[str]:
@@ -83,6 +83,23 @@ def test_scan_a_folder_of_uploads(default_bundle, tmp_path, capsys):
     broken = [r for r in rows if "error" in r]
     assert [r["path"] for r in broken] == ["batch-a/broken.png"]
     assert "1 unreadable" in capsys.readouterr().out
+    # Parquet keeps every column, also when the first file in scan order is the unreadable one.
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "uploads" / "0-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    assert main(["--bundle", str(default_bundle), "--data", f"folder:{tmp_path / 'uploads'}", "--out",
+                 str(tmp_path / "uploads.parquet"), "--no-progress"]) == 0
+    table = pq.read_table(tmp_path / "uploads.parquet")
+    assert set(table.column_names) == {"index", "path", "label", "class_name", "confidence", "adversarial",
+                                       "adversarial_score", "uncanny_valley", "relative_sharpness", "error"}
+    parquet_rows = table.to_pylist()
+    assert parquet_rows[0]["path"] == "0-broken.jpg" and parquet_rows[0]["error"]
+    assert parquet_rows[0]["label"] is None
+    by_path = {r["path"]: r for r in parquet_rows}
+    for row in rows:  # other batches than the JSON run: floats agree to rounding
+        other = {k: v for k, v in by_path[row["path"]].items() if v is not None and k != "index"}
+        assert other.keys() == row.keys() - {"index"}
+        for key, value in other.items():
+            assert value == (pytest.approx(row[key], rel=1e-4, abs=1e-6) if isinstance(value, float) else row[key])
     # An 8×8 PNG scores as that digit does in the dataset.
     bundle = load_bundle(default_bundle)
     x, _ = test.batch(slice(1, 2))
@@ -176,6 +193,33 @@ def test_scan_every_dataset_kind(default_bundle, tmp_path, fake_cifar10, capsys)
         main(["--bundle", str(default_bundle), "--data", "cifar10", "--data-dir", str(fake_cifar10), "--out",
               str(tmp_path / "c.jsonl"), "--no-progress"])
     assert stop.value.code == 2 and "(3, 32, 32)" in capsys.readouterr().err
+
+
+def test_scan_resumes_only_the_same_scan(default_bundle, tmp_path, capsys):
+    """Rows left by a scan of another bundle or split are never mixed in; a file that could not be read
+    is tried again on resume."""
+    out = tmp_path / "scan.jsonl"
+    parts = tmp_path / "scan.jsonl.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps({"bundle_sha256": "0" * 64, "data": "digits", "split": "test",
+                                                     "format": "jsonl"}))
+    (parts / "rank0.jsonl").write_text(json.dumps({"position": 0, "label": 1}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", "digits", "--out", str(out), "--no-progress"])
+    assert stop.value.code == 2 and "another scan" in capsys.readouterr().err
+    assert (parts / "rank0.jsonl").is_file() and not out.exists()  # nothing lost, nothing written
+
+    uploads = tmp_path / "uploads"
+    names = _write_folder(uploads, load_dataset("digits", train=False))
+    sha = load_bundle(default_bundle).sha256
+    (parts / "manifest.json").write_text(json.dumps({"bundle_sha256": sha, "data": f"folder:{uploads}",
+                                                     "split": None, "format": "jsonl"}))
+    (parts / "rank0.jsonl").write_text(json.dumps({"path": names[1], "error": "OSError: still uploading"}) + "\n")
+    assert main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "1 unreadable before, tried again" in capsys.readouterr().err
+    rows = {r["path"]: r for r in rows_of(out)}
+    assert len(rows) == len(names) and "error" not in rows[names[1]] and "label" in rows[names[1]]
 
 
 def test_scan_refuses_what_it_cannot_do(default_bundle, tmp_path, capsys):

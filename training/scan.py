@@ -129,11 +129,39 @@ def _repair(path: Path) -> None:
 
 
 def _done(parts: Path, key_name: str) -> dict:
+    """Every key with a row so far; a scored row wins over an error row for the same image."""
     rows: dict = {}
     for path in sorted(parts.glob("rank*.jsonl")):
         for row in _read_rows(path):
-            rows.setdefault(_hashable(row.get(key_name)), row)
+            key = _hashable(row.get(key_name))
+            if key not in rows or ("error" in rows[key] and "error" not in row):
+                rows[key] = row
     return rows
+
+
+MANIFEST = "manifest.json"
+
+
+def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
+    """Create ``parts`` for a new scan or check that it belongs to this one; an error message, or None."""
+    if out.exists() and not parts.is_dir():
+        return (f"{out} exists and no scan of it is under way ({parts.name}/ is absent): remove it or choose "
+                f"another --out; nothing was overwritten")
+    parts.mkdir(parents=True, exist_ok=True)
+    manifest = parts / MANIFEST
+    if manifest.is_file():
+        try:
+            started = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            started = None
+        if started != identity:
+            return (f"{parts} holds the rows of another scan ({started}); this one is {identity}. Finish that "
+                    f"one with its own command, or remove {parts} to start afresh")
+    elif any(parts.glob("rank*.jsonl")):
+        return f"{parts} holds rows but no {MANIFEST}: remove it to start afresh"
+    else:
+        manifest.write_text(json.dumps(identity) + "\n")
+    return None
 
 
 def _hashable(key: Any) -> Any:
@@ -161,19 +189,39 @@ def _rows(bundle, source: ScanSource, keys: list, device: torch.device) -> list[
     return [rows[_hashable(k)] for k in keys]
 
 
-def _write(out: Path, rows: list[dict], fmt: str) -> None:
+def _columns(key_name: str):
+    """The Parquet schema: every column of a row, nullable (an unreadable file has only its key and error)."""
+    import pyarrow as pa
+
+    key_type = pa.int64() if key_name == "position" else pa.string()
+    return pa.schema([("index", pa.int64()), (key_name, key_type), ("label", pa.int64()),
+                      ("class_name", pa.string()), ("confidence", pa.float64()), ("adversarial", pa.bool_()),
+                      ("adversarial_score", pa.float64()), ("uncanny_valley", pa.bool_()),
+                      ("relative_sharpness", pa.float64()), ("error", pa.string())])
+
+
+def _write(out: Path, rows: list[dict], fmt: str, key_name: str) -> None:
+    """Write ``out`` whole, durably, then put it in place: readers never see half a file, and the part
+    files are removed only once it is on disk."""
     temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(rows), temp)
+            pq.write_table(pa.Table.from_pylist(rows, schema=_columns(key_name)), temp)
         else:
             with open(temp, "w") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
-        os.replace(temp, out)  # readers never see a half-written file
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, out)
+        directory = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -194,9 +242,11 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 
 
 def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_size: int = 256,
-         device: torch.device | str = "cpu", progress: bool = True,
+         device: torch.device | str = "cpu", progress: bool = True, identity: dict | None = None,
          log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Score every image of ``source`` not already in ``<out>.parts/``, then write ``out`` (rank 0).
+    """Score every image of ``source`` not already in ``<out>.parts/`` (images that could not be read
+    are tried again), then write ``out`` (rank 0).  ``identity`` (bundle hash, data, split) is kept
+    with the parts: a rerun resumes only the same scan.
 
     Returns the summary (flag rate, per-class counts) on the main process.
     """
@@ -210,21 +260,26 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
     if batch_size < 1:
         raise PipelineError("--batch-size must be at least 1")
     parts = _parts_dir(out)
-    if out.exists() and not parts.is_dir():
-        raise PipelineError(f"{out} exists and no scan of it is under way ({parts.name}/ is absent): "
-                            f"remove it or choose another --out; nothing was overwritten")
-    distributed.barrier()  # every rank has looked before any creates the parts folder
-    if distributed.is_main():
-        parts.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    # Rank 0 decides (the parts folder, what is left to do) and tells the others, so that every rank
+    # splits the same list.
+    problem = _open_parts(out, parts, identity or {}) if distributed.is_main() else None
+    problem = distributed.broadcast(problem)
+    if problem:
+        raise PipelineError(problem)
     mine_file = parts / f"rank{distributed.rank()}.jsonl"
     _repair(mine_file)
     distributed.barrier()
-    done = _done(parts, source.key_name)
-    todo = [k for k in source.keys if _hashable(k) not in done]
+    plan = None
+    if distributed.is_main():
+        done = _done(parts, source.key_name)
+        retry = sum("error" in row for row in done.values())
+        todo = [k for k in source.keys if _hashable(k) not in done or "error" in done[_hashable(k)]]
+        if done:
+            log(f"resuming: {len(done) - retry} of {len(source.keys)} images already scored, {len(todo)} to go"
+                + (f" ({retry} unreadable before, tried again)" if retry else ""))
+        plan = todo
+    todo = distributed.broadcast(plan)
     mine = [todo[i] for i in distributed.shard(len(todo))]
-    if distributed.is_main() and done:
-        log(f"resuming: {len(done)} of {len(source.keys)} images already scored, {len(todo)} to go")
     with open(mine_file, "a") as f:
         starts = range(0, len(mine), batch_size)
         for start in tqdm(starts, desc="scan", unit="batch", disable=not (progress and distributed.is_main())):
@@ -239,7 +294,7 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
     if missing:
         raise PipelineError(f"{len(missing)} images have no row (e.g. {missing[:3]}); rerun to score them")
     rows = [{"index": i, **done[_hashable(k)]} for i, k in enumerate(source.keys)]
-    _write(out, rows, fmt)
+    _write(out, rows, fmt, source.key_name)
     shutil.rmtree(parts)
     return summarize(rows)
 
@@ -301,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             source = folder_source(path, shape)
         else:
             source = dataset_source(args.data, args.data_dir, args.split, shape, args.download)
+        source.keys = distributed.broadcast(source.keys)  # one listing of a folder, rank 0's
         if not source.keys:
             raise PipelineError(f"nothing to scan in {source.description}")
         if distributed.is_main():
             print(f"scanning {source.description} with {bundle.architecture} ({bundle.sha256[:12]}) on "
                   f"{distributed.world_size()} process(es)", file=sys.stderr, flush=True)
+        identity = {"bundle_sha256": bundle.sha256, "data": args.data,
+                    "split": None if kind == "folder" else args.split, "format": fmt}
         summary = scan(bundle, source, out, fmt=fmt, batch_size=args.batch_size, device=device,
-                       progress=not args.no_progress,
+                       progress=not args.no_progress, identity=identity,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     except (PipelineError, BundleError, DatasetNotFoundError, ValueError) as exc:
         parser.exit(2, f"detector-scan: error: {exc}\n")
