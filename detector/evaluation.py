@@ -186,14 +186,15 @@ class Evaluation:
         }
 
 
-def evasion_budgets(attacks: Sequence[AttackRecord], n_misclassified_clean: int = 0) -> dict[str, Any]:
+def evasion_budgets(attacks: Sequence[AttackRecord], n_evaded_clean: int = 0) -> dict[str, Any]:
     """Per input, the smallest perturbation at which an attack got it past classifier and detector.
 
     Groups: every attack of the suite, then each kind present (``minimal``: attacks that stop at the
     decision boundary).  For each group, L∞ and L2 budgets over the attacked (correctly classified)
     images, their median with a 95% interval and quartiles, and the share evaded at all; ``over_all``
-    adds the ``n_misclassified_clean`` evaluated images the classifier already gets wrong, at budget 0
-    (an attacker needs no perturbation for them).  ``per_input`` holds each attacked image's budgets
+    adds the ``n_evaded_clean`` evaluated images the classifier already gets wrong and the detector
+    does not flag, at budget 0 (an attacker needs no perturbation for them; wrong but flagged clean
+    images were not attacked and are left out).  ``per_input`` holds each attacked image's budgets
     in the attacks' ``image_ids`` order (None: no attack of the group evaded on it).
     """
     if not attacks:
@@ -212,7 +213,7 @@ def evasion_budgets(attacks: Sequence[AttackRecord], n_misclassified_clean: int 
             size = np.array([getattr(m, norm) for m in members], dtype=np.float64).reshape(evaded.shape)
             budget = evasion_budget(size, evaded)
             entry[norm] = budget_summary(budget)
-            entry[f"{norm}_over_all"] = budget_summary(np.r_[np.zeros(n_misclassified_clean), budget])
+            entry[f"{norm}_over_all"] = budget_summary(np.r_[np.zeros(n_evaded_clean), budget])
             entry[f"per_input_{norm}"] = [float(b) if np.isfinite(b) else None for b in budget]
         out["groups"][name] = entry
     return out
@@ -399,5 +400,5 @@ def evaluate(
         image_ids={"calibration": calibration.tolist(), "evaluated": held_out.tolist(),
                    "excluded": np.asarray(excluded, dtype=np.int64).tolist()},
         seconds=round(time.perf_counter() - started, 2),
-        evasion_budget=evasion_budgets(records, int((~correct).sum())),
+        evasion_budget=evasion_budgets(records, int((~correct & ~clean["flagged"]).sum())),
     )

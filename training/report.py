@@ -463,7 +463,8 @@ def budget_markdown(budget: dict) -> list[str]:
     lines = [
         "**Evasion budget**: for each attacked image, the smallest perturbation at which an attack of the group "
         "got it misclassified and unflagged (\"not evaded\": no attack of the group did; a quantile beyond "
-        "them reads the same). Over all evaluated images, those the classifier already gets wrong count at 0.",
+        "them reads the same). Over all images: also the evaluated images the classifier already gets wrong "
+        "and the detector does not flag, at 0.",
         "",
         "| attacks | images evaded | L∞ median [95% CI] | L∞ quartiles | L∞ median of the evaded | L2 median | "
         "L∞ median over all images |",
@@ -480,18 +481,20 @@ def budget_markdown(budget: dict) -> list[str]:
     return lines + [""]
 
 
-def plot_evasion_budget(path: Path, curves: dict[str, list], title: str) -> None:
+def plot_evasion_budget(path: Path, curves: dict[str, list], title: str, *, up_to: float | None = None) -> None:
     """Evasion rate against L∞ budget (the share of attacked images an attacker gets past classifier and
     detector with at most that perturbation), one line per evaluation and group; budgets are per-input
-    lists with None where no attack evaded."""
+    lists with None where no attack evaded.  ``up_to`` ends the axis there (in /255)."""
     budgets = {label: np.array([np.inf if v is None else v for v in values], dtype=np.float64) * 255
                for label, values in curves.items() if len(values)}
     finite = [b[np.isfinite(b)] for b in budgets.values()]
     right = max([1.0] + [float(f.max()) for f in finite if f.size]) * 1.05
+    if up_to is not None:  # a closer look at small budgets (in 8-bit levels)
+        right = float(up_to)
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     for label, b in budgets.items():
-        steps = np.sort(b[np.isfinite(b)])
-        x = np.r_[0.0, steps, right]  # flat after the last evasion: the rest were not evaded
+        steps = np.sort(b[b <= right])
+        x = np.r_[0.0, steps, right]  # flat after the last evasion on the axis
         y = np.r_[0.0, np.arange(1, steps.size + 1) / b.size, steps.size / b.size]
         ax.step(x, y, where="post", linewidth=1.3,
                 label=f"{label} (median {budget_text(_median_or_none(b / 255))})")

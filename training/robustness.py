@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", nargs="+", default=["all attacks", "minimal"],
                    help="attack groups drawn in the plot")
     p.add_argument("--out", help="write the plot of evasion rate against budget here (PNG)")
+    p.add_argument("--up-to", type=float, default=None, metavar="LEVELS",
+                   help="end the plot's budget axis here, in /255 (default: the largest budget)")
     args = p.parse_args(argv)
     names = args.names or [Path(e).name for e in args.evaluations]
     if len(names) != len(args.evaluations):
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         curves = {f"{n}, {g}": ev["evasion_budget"]["groups"][g]["per_input_linf"]
                   for n, ev in evaluations.items() for g in args.groups if g in ev["evasion_budget"]["groups"]}
-        plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names))
+        plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names),
+                            up_to=args.up_to)
         print(f"plot written to {args.out}")
     return 0
 
