@@ -127,6 +127,11 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("bench-service", bench_module + bench + ["--only", "service", "--bundle", str(bundle)]
              + (["--quick"] if dry else ["--service-seconds", "10", "--service-clients", "64"]),
              300 if dry else 120, 10 if dry else 60, ("train",)),
+        # Per-image cost of a ResNet-50 forward and forward+backward pass: docs/DEPLOY.md's sizing table.
+        Step("bench-scaling", [sys.executable, "-m", "benchmarks.scaling", "--device", device, "--json",
+                               str(work / "benchmarks" / "scaling.json")]
+             + (["--batch-size", "2", "--repeats", "1"] if dry else ["--batch-size", "128", "--amp", "bf16"]),
+             120 if dry else 60, 5 if dry else 20),
     ]
     return steps
 

@@ -37,7 +37,7 @@ def test_dry_run_goes_through_every_step_and_returns_the_figures(tmp_path):
     statuses = {s["name"]: s["status"] for s in summary["steps"]}
     assert proc.returncode == 0 and set(statuses.values()) == {"passed"}, (statuses, proc.stdout[-3000:])
     assert list(statuses) == ["environment", "train", "evaluate", "bench-overhead", "bench-kappa-pgd",
-                              "bench-service"]
+                              "bench-service", "bench-scaling"]
     assert all(s["seconds"] > 0 for s in summary["steps"])  # each step reports its own time
     assert summary["wrn"]["epochs"] == 1 and 0.0 <= summary["wrn"]["clean_accuracy"] <= 1.0
     # What comes back from a lease: at most 8 files, flat.
