@@ -118,17 +118,29 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                path = route_template(scope)
+                method = scope.get("method", "")
+                self.metrics.requests.labels(path, method, str(status)).inc()
+                self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.pathsend" or (
+                    message["type"] == "http.response.body" and not message.get("more_body", False)):
+                # Counted before the last bytes leave: a client that has its whole answer (a file
+                # streamed in chunks included) finds its request in /metrics.
+                record()
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            path = route_template(scope)
-            method = scope.get("method", "")
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+            record()  # a request that ended without a complete answer counts too
