@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["backend", "barrier", "broadcast", "broadcast_module", "gather_rows", "init", "is_distributed", "is_main", "launched",
+__all__ = ["backend", "barrier", "broadcast", "broadcast_module", "init", "is_distributed", "is_main", "launched",
            "local_rank", "map_batches", "rank", "shard", "shutdown", "world_size"]
 
 
@@ -86,16 +86,6 @@ def shard(n_or_index: int | np.ndarray) -> np.ndarray:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def gather_rows(local: dict[str, Any], n: int) -> dict[str, Any]:
-    """Put the per-row arrays each rank computed for its :func:`shard` of ``range(n)`` back in order,
-    on every rank.  ``local`` maps names to arrays with the shard's rows first (nested dicts too)."""
-    if not is_distributed():
-        return local
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, local)  # pickled between our own ranks only, never from outside
-    return _interleave(parts, n)
 
 
 def map_batches(n: int, batch_size: int, fn: Callable[[np.ndarray, int], dict[str, Any]], *,
