@@ -361,6 +361,17 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert ev["evasion_budget"]["groups"]["all attacks"]["linf"]["n"] == ev["attacks"][0]["n_attacked"]
     with pytest.raises(SystemExit):
         main(["--bundle", str(tmp_path / "missing"), "--no-progress"])
+    # Another dataset of the same image shape is not the one the detector was fitted on.
+    small = tmp_path / "small"
+    small.mkdir()
+    test = load_dataset("digits", train=False)
+    for split in ("train", "test"):
+        np.savez(small / f"d_{split}.npz", x=test.images[:60, 0].numpy(), y=test.labels[:60].numpy())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", f"npz:{small}", "--max-images", "40", "--no-progress",
+              "--out", str(tmp_path / "wrong")])
+    assert stop.value.code == 2 and "not the dataset the detector was fitted on" in capsys.readouterr().err
     # Two evaluations side by side (the same one twice here): a table and the budget plot.
     from training.robustness import main as side_by_side
 

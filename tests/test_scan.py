@@ -232,6 +232,10 @@ def test_scan_refuses_what_it_cannot_do(default_bundle, tmp_path, capsys):
             main(["--bundle", str(default_bundle), "--out", str(tmp_path / "x.jsonl"), "--no-progress", *args])
         assert stop.value.code == 2
         assert message in capsys.readouterr().err, args
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--out", str(tmp_path / "x.parquet"), "--format", "jsonl",
+              "--data", "digits", "--no-progress"])
+    assert stop.value.code == 2 and "disagree" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         main(["--bundle", str(default_bundle), "--out", str(tmp_path / "y.jsonl"), "--data",

@@ -13,7 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from detector import BundleError, ImageClassifier, load_bundle, load_dataset, pgd, verify_bundle
+from detector import (
+    BundleError,
+    ImageClassifier,
+    load_bundle,
+    load_dataset,
+    pgd,
+    verify_bundle,
+)
 from detector.datasets import CIFAR10_CLASSES
 from detector.metrics import roc_rates
 from training.classifier import accuracy, robust_accuracy
@@ -367,8 +374,12 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         run(TrainOptions(mean=[0.5], out=str(tmp_path / "c"), progress=False))
     with pytest.raises(PipelineError, match="test-fraction"):
         run(TrainOptions(test_fraction=1.0, out=str(tmp_path / "d"), progress=False))
-    with pytest.raises(PipelineError, match="--train-eps is the radius of --adversarial-training"):
+    with pytest.raises(PipelineError, match="--train-eps sets --adversarial-training, which was not given"):
         run(TrainOptions(train_eps=0.1, out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--train-steps sets --adversarial-training"):
+        run(TrainOptions(train_steps=3, out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--train-steps applies to --adversarial-training pgd"):
+        run(TrainOptions(adversarial_training="fast", train_steps=3, out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--epochs is 0"):
         run(TrainOptions(adversarial_training="fast", epochs=0, weights=str(tmp_path / "x.pt"),
                          out=str(tmp_path / "d"), progress=False))

@@ -50,7 +50,7 @@ def _floats(values: list[str] | None) -> list[float] | None:
     return [_number(v) for item in values for v in item.split(",") if v.strip()]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one to show and the help does not already say it."""
 
     def _get_help_string(self, action):
@@ -72,7 +72,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
             "uncanny-valley detector on ψ and write the artifact bundle with report.json, "
             "report.md and plots. With no arguments: small CNN on digits, about a minute on a CPU.")
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("classifier")
     g.add_argument("--model", choices=sorted(MODELS), default=None,
                    help=f"built-in architecture (default {defaults.model})")
@@ -118,8 +118,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                         "the cost of standard training")
     g.add_argument("--train-eps", type=_number,
                    help="adversarial-training radius, in the --norm of the attack (default: the attack's --eps)")
-    g.add_argument("--train-steps", type=int, default=defaults.train_steps,
-                   help="PGD steps per batch of --adversarial-training pgd")
+    g.add_argument("--train-steps", type=int, default=None,
+                   help="PGD steps per batch of --adversarial-training pgd (default 7)")
     g = p.add_argument_group("attack (PGD)")
     g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.2 on digits); '8/255' works")
     g.add_argument("--alpha", type=_number,

@@ -22,7 +22,7 @@ from detector.datasets import DatasetNotFoundError
 from detector.evaluation import attack_suite, evaluate
 
 from . import report as reporting
-from .cli import _number
+from .cli import HelpFormatter, _number
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
 from .output import json_safe
 from .pipeline import seen_in_fitting
@@ -38,11 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "early-stopped PGD, CW-L2, DeepFool, APGD-CE, Square, and adaptive attacks that know the "
                     "detector) and natural shifts, on held-out test images, and report what the detector "
                     "catches at its operating point.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="the bundle directory (written by detector-train)")
     p.add_argument("--suite", choices=("quick", "full"), default="full", help="which attacks to run")
     p.add_argument("--data", help="dataset spec (default: the one in the bundle's report)")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--max-images", type=int, default=1000,
                    help="held-out test images to evaluate on (drawn at random from those not used in fitting)")
     p.add_argument("--target-fpr", type=_number, default=0.05,
@@ -78,11 +79,21 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     if not data:
         raise PipelineError("the bundle's report names no dataset: pass --data")
     train, test, _, source = load_splits(TrainOptions(data=data, data_dir=args.data_dir or options.get("data_dir", "data"),
-                                                      seed=options.get("seed", 0)))
+                                                      seed=options.get("seed", 0), download=args.download))
     if test.input_shape != (bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width):
         raise PipelineError(f"{data} images are {test.input_shape}, the bundle takes "
                             f"{(bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width)}")
     excluded = np.union1d(fitted, calibration)
+    # split.json names positions in the test split the detector was fitted on: they must exist here, and
+    # the held-out check means something only on that same split.
+    if excluded.size and excluded.max() >= len(test):
+        raise PipelineError(f"the bundle was fitted on test images up to position {int(excluded.max())}, but {data} "
+                            f"has {len(test)} test images: it is not the dataset the detector was fitted on "
+                            f"({options.get('data', 'see its report')})")
+    if options.get("data") and data != options["data"] and distributed.is_main():
+        print(f"detector-evaluate: warning: evaluating on {data}, the bundle was fitted on {options['data']}; "
+              f"images are told apart from the fitted ones by position in the test split only",
+              file=sys.stderr, flush=True)
     pool = np.setdiff1d(np.arange(len(test)), excluded)
     if args.max_images < 40:
         raise PipelineError("--max-images must be at least 40")
@@ -98,6 +109,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         progress=not args.no_progress and distributed.is_main(),
     ).to_dict()
     evaluation["data"] = {"spec": data, "source": source}
+    evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite
     evaluation["seen_in_fitting"] = seen_in_fitting(report)

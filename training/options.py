@@ -60,7 +60,7 @@ class TrainOptions:
     batch_size: int = 128
     adversarial_training: str | None = None  # None (standard), "pgd" or "fast"
     train_eps: float | None = None  # the adversarial-training radius; None: the attack's ε
-    train_steps: int = 7  # PGD steps of --adversarial-training pgd
+    train_steps: int | None = None  # PGD steps of --adversarial-training pgd; None: 7
     # attack
     eps: float | None = None
     alpha: float | None = None

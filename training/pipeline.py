@@ -252,6 +252,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
             seed=options.seed, progress=options.progress).to_dict()
         evaluation["seen_in_fitting"] = seen_in_fitting(report)
+        suite_eps = attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"]
+        evaluation["radius_scale"] = suite_eps / PAPER_ATTACK["eps"]
         evaluation = json_safe(remap_ids(evaluation, origin))
         report["evaluation"] = summarize_evaluation(evaluation)
         timing["attack_suite"] = time.perf_counter() - start
@@ -334,6 +336,7 @@ def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
         "shifts": [{k: v for k, v in s.items() if k != "scores"} for s in evaluation["shifts"]],
         "evasion_budget": budget_without_rows(evaluation.get("evasion_budget", {})),
         "n_evaluated": len(evaluation["image_ids"]["evaluated"]),
+        "radius_scale": evaluation.get("radius_scale", 1.0),
         "seen_in_fitting": evaluation.get("seen_in_fitting", []),
     }
 

@@ -247,15 +247,19 @@ ROBUST_ACCURACY_IMAGES = 1000
 def adversarial_training(options: TrainOptions, epochs: int) -> AdversarialTraining | None:
     """The attack to train on, or None for standard training."""
     if options.adversarial_training is None:
-        if options.train_eps is not None:
-            raise PipelineError("--train-eps is the radius of --adversarial-training, which was not given")
+        for value, flag in ((options.train_eps, "--train-eps"), (options.train_steps, "--train-steps")):
+            if value is not None:
+                raise PipelineError(f"{flag} sets --adversarial-training, which was not given")
         return None
+    if options.train_steps is not None and options.adversarial_training != "pgd":
+        raise PipelineError("--train-steps applies to --adversarial-training pgd (fast takes one step)")
     if epochs == 0:
         raise PipelineError("--adversarial-training trains the classifier, but --epochs is 0")
     attack = attack_settings(options)
     eps = attack.eps if options.train_eps is None else float(options.train_eps)
     try:
-        return AdversarialTraining(options.adversarial_training, eps, options.train_steps, attack.norm)
+        steps = 7 if options.train_steps is None else options.train_steps
+        return AdversarialTraining(options.adversarial_training, eps, steps, attack.norm)
     except ValueError as exc:
         raise PipelineError(f"--adversarial-training: {exc}") from exc
 

@@ -367,8 +367,8 @@ def summary_text(report: dict, out: str | Path | None = None) -> str:
         lines.insert(-1, f"suite        held-out clean flagged {_pct(fp['rate'])} (n={fp['n']}); "
                          f"detected / evasion / evasion budget L∞ per attack:")
         for a in ev["attacks"]:
-            lines.insert(-1, f"             {a['label'][:52]:52s} {_pct(a['detection']['rate']):>6s} "
-                             f"{_pct(a['evasion']['rate']):>6s} {_num(a['evasion_budget_linf'], 3):>7s}")
+            lines.insert(-1, f"             {a['label']:56s} {_pct(a['detection']['rate']):>6s} "
+                             f"{_pct(a['evasion']['rate']):>6s} {_linf(a['evasion_budget_linf']):>9s}")
         for name, g in ev.get("evasion_budget", {}).get("groups", {}).items():
             if name in ("all attacks", "minimal"):
                 li = g["linf"]
@@ -414,6 +414,9 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         f"Evaluated on {clean['n']} held-out test images (clean accuracy {_pct(clean['accuracy'])}), none of them "
         f"seen in fitting or calibration. Baselines are thresholded at {_pct(fpr)} false positives on the same "
         f"calibration images.",
+        *([f"Attacks are named by their CIFAR-10 radii (8/255 …); on these images every L∞ radius is "
+           f"×{evaluation['radius_scale']:.3g} (the bundle's own ε is the 8/255 of the names), and perturbations "
+           f"are given in 8-bit levels (/255)."] if abs(evaluation.get("radius_scale", 1.0) - 1.0) > 1e-6 else []),
         "",
         f"**Clean false positives**: {_rate(clean['false_positives_correct'])} of correctly classified images; "
         f"{_rate(clean['false_positives_all'])} of all. Baselines on correct images: "
@@ -429,8 +432,8 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         lines.append(
             f"| {a['label']} | {a['kind']} | {_pct(a.get('accuracy_under_attack'))} | {_pct(a['success']['rate'])} | "
             f"{_rate(a['detection'])} | "
-            f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_num(a['median_linf'], 3)} / "
-            f"{_num(a['median_l2'], 3)} | {_num(a['evasion_budget_linf'], 3)} / {_num(a['evasion_budget_l2'], 3)} | "
+            f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_linf(a['median_linf'])} / "
+            f"{_num(a['median_l2'], 3)} | {_linf(a['evasion_budget_linf'])} / {_num(a['evasion_budget_l2'], 3)} | "
             f"{base} |")
     lines += [
         "",
@@ -449,6 +452,11 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
                      f"{_pct(sh['accuracy'])} |")
     return lines
+
+
+def _linf(value: float | None) -> str:
+    """An L∞ perturbation of [0, 1] pixels in 8-bit levels; n/a when there is none."""
+    return "n/a" if value is None else f"{value * 255:.3g}/255"
 
 
 def budget_text(value: float | None) -> str:

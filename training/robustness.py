@@ -26,10 +26,17 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     file = path / "evaluation.json" if path.is_dir() else path
     evaluation = json.loads(file.read_text())
-    bundle = Path(evaluation.get("bundle", {}).get("path", ""))
+    # detector-evaluate names the bundle; detector-train's own suite sits inside the bundle.
+    bundle = Path(evaluation["bundle"]["path"]) if "bundle" in evaluation else file.parent
     report_file = bundle / "report.json"
     evaluation["_report"] = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return evaluation
+
+
+def _name(path: str) -> str:
+    """The folder's name for ``…/NAME`` or ``…/NAME/evaluation.json``."""
+    p = Path(path)
+    return p.parent.name if p.name == "evaluation.json" else p.name
 
 
 def _classifier_line(evaluation: dict) -> str:
@@ -87,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-to", type=float, default=None, metavar="LEVELS",
                    help="end the plot's budget axis here, in /255 (default: the largest budget)")
     args = p.parse_args(argv)
-    names = args.names or [Path(e).name for e in args.evaluations]
+    names = args.names or [_name(e) for e in args.evaluations]
     if len(names) != len(args.evaluations):
         p.error("give one name per evaluation")
+    if len(set(names)) != len(names):
+        p.error(f"two evaluations would share the column name {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
+                f"give --names")
     try:
         evaluations = {n: load(e) for n, e in zip(names, args.evaluations)}
         table = side_by_side(evaluations)
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"python -m training.robustness: error: {exc}\n")
     print(table)
     if args.out:
+        args.out = args.out if Path(args.out).suffix else args.out + ".png"
         curves = {f"{n}, {g}": ev["evasion_budget"]["groups"][g]["per_input_linf"]
                   for n, ev in evaluations.items() for g in args.groups if g in ev["evasion_budget"]["groups"]}
         plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names),

@@ -35,6 +35,7 @@ from detector import BundleError, distributed, load_bundle
 from detector.datasets import DatasetNotFoundError
 from detector.images import to_model_array
 
+from .cli import HelpFormatter
 from .options import PipelineError, TrainOptions, resolve_device
 from .prepare import load_splits
 
@@ -142,6 +143,13 @@ def _done(parts: Path, key_name: str) -> dict:
 MANIFEST = "manifest.json"
 
 
+def _describe(identity: Any) -> str:
+    if not isinstance(identity, dict):
+        return "unrecorded"
+    return ", ".join(f"{k.replace('_', ' ')} {str(v)[:12] if k == 'bundle_sha256' else v}"
+                     for k, v in identity.items() if v is not None)
+
+
 def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
     """Create ``parts`` for a new scan or check that it belongs to this one; an error message, or None."""
     if out.exists() and not parts.is_dir():
@@ -155,8 +163,8 @@ def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
         except (OSError, json.JSONDecodeError):
             started = None
         if started != identity:
-            return (f"{parts} holds the rows of another scan ({started}); this one is {identity}. Finish that "
-                    f"one with its own command, or remove {parts} to start afresh")
+            return (f"{parts} holds the rows of another scan ({_describe(started)}); this one is "
+                    f"{_describe(identity)}. Finish that one with its own command, or remove {parts} to start afresh")
     elif any(parts.glob("rank*.jsonl")):
         return f"{parts} holds rows but no {MANIFEST}: remove it to start afresh"
     else:
@@ -306,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every image of a dataset split or a folder with a bundle (the service's own "
                     "detection call) and write one row per image: JSON Lines, or Parquet where pyarrow is "
                     "installed. Resumable; under torchrun every rank scores its share.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="the bundle directory")
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="digits, cifar10, cifar100, npz:PATH, or folder:PATH (every image file under PATH)")
@@ -342,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
-    fmt = args.format or ("parquet" if out.suffix.lower() == ".parquet" else "jsonl")
+    suffix_format = "parquet" if out.suffix.lower() == ".parquet" else "jsonl"
+    fmt = args.format or suffix_format
+    if args.format == "jsonl" and suffix_format == "parquet" or args.format == "parquet" and out.suffix.lower() in (
+            ".jsonl", ".json", ".ndjson"):
+        parser.exit(2, f"detector-scan: error: --out {out.name} and --format {args.format} disagree; "
+                       f"name the file for its format\n")
     try:
         device = resolve_device(args.device)
         distributed.init(device)
