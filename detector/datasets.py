@@ -172,6 +172,10 @@ def _npz(path_str: str, train: bool) -> ImageDataset:
     classes = _npz_classes(path, files, classes_src, num_classes)
     if len(classes) < num_classes:
         raise ValueError(f"{len(classes)} class names for labels up to {num_classes - 1}")
+    if np.asarray(x).dtype != np.uint8:
+        raise ValueError(f"{files[0]}: images must be uint8 pixels 0–255 (N×H×W or N×H×W×C), got "
+                         f"{np.asarray(x).dtype}; convert with np.rint(x * 255).astype(np.uint8) if they are floats "
+                         f"in [0, 1]")
     return ImageDataset(_from_hwc(x), torch.from_numpy(y), classes, f"npz:{path}")
 
 

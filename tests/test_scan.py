@@ -150,6 +150,21 @@ def test_scan_resumes_after_a_kill(default_bundle, tmp_path):
     assert [r["adversarial"] for r in rows] == [r["adversarial"] for r in whole]
 
 
+def test_scan_stops_cleanly_on_sigterm(default_bundle, tmp_path):
+    """An orchestrator's SIGTERM ends the scan as Ctrl-C does: exit 130, the rows so far kept, a rerun hint."""
+    out = tmp_path / "scan.jsonl"
+    command = [str(BIN / "detector-scan"), "--bundle", str(default_bundle), "--data", "digits", "--out", str(out),
+               "--batch-size", "8", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(tmp_path / "scan.jsonl.parts", 16, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; rerun detector-scan" in err, err[-2000:]
+    assert (tmp_path / "scan.jsonl.parts" / "rank0.jsonl").read_bytes().count(b"\n") >= 16 and not out.exists()
+
+
 def test_scan_under_torchrun(default_bundle, tmp_path):
     """Two ranks, each its share, one complete file: every image exactly once, as one process scores it."""
     test = load_dataset("digits", train=False)

@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             ".jsonl", ".json", ".ndjson"):
         parser.exit(2, f"detector-scan: error: --out {out.name} and --format {args.format} disagree; "
                        f"name the file for its format\n")
+    # SIGTERM (an orchestrator stopping the job) ends the scan as Ctrl-C does: rows so far are kept.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         device = resolve_device(args.device)
         distributed.init(device)
