@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from detector.metrics import budget_summary  # noqa: E402
+
 __all__ = [
     "FIGURE1",
     "evaluation_markdown",
@@ -461,7 +463,7 @@ def _linf(value: float | None) -> str:
 
 def budget_text(value: float | None) -> str:
     """A budget in 8-bit levels (``3.5/255``); None: beyond every attack of the group."""
-    return "not evaded" if value is None else f"{value * 255:.3g}/255"
+    return "not evaded" if value is None else _linf(value)
 
 
 def budget_markdown(budget: dict) -> list[str]:
@@ -505,7 +507,7 @@ def plot_evasion_budget(path: Path, curves: dict[str, list], title: str, *, up_t
         x = np.r_[0.0, steps, right]  # flat after the last evasion on the axis
         y = np.r_[0.0, np.arange(1, steps.size + 1) / b.size, steps.size / b.size]
         ax.step(x, y, where="post", linewidth=1.3,
-                label=f"{label} (median {budget_text(_median_or_none(b / 255))})")
+                label=f"{label} (median {budget_text(budget_summary(b / 255)['median'])})")
     ax.set_xlim(0, right)
     ax.set_ylim(0, 1)
     ax.set_xlabel("budget: L∞ perturbation (/255)")
@@ -516,11 +518,6 @@ def plot_evasion_budget(path: Path, curves: dict[str, list], title: str, *, up_t
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _median_or_none(values: np.ndarray) -> float | None:
-    m = float(np.quantile(values, 0.5, method="inverted_cdf")) if values.size else np.inf
-    return m if np.isfinite(m) else None
 
 
 def _plot_detection(path: Path, evaluation: dict, title: str) -> None:

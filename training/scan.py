@@ -135,7 +135,7 @@ def _done(parts: Path, key_name: str) -> dict:
     rows: dict = {}
     for path in sorted(parts.glob("rank*.jsonl")):
         for row in _read_rows(path):
-            key = _hashable(row.get(key_name))
+            key = row.get(key_name)
             if key not in rows or ("error" in rows[key] and "error" not in row):
                 rows[key] = row
     return rows
@@ -173,10 +173,6 @@ def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
     return None
 
 
-def _hashable(key: Any) -> Any:
-    return tuple(key) if isinstance(key, list) else key
-
-
 # -- the scan -------------------------------------------------------------------------------------
 def _rows(bundle, source: ScanSource, keys: list, device: torch.device) -> list[dict]:
     x, good, errors = source.load(keys)
@@ -186,7 +182,7 @@ def _rows(bundle, source: ScanSource, keys: list, device: torch.device) -> list[
         confidence = answer.probabilities.max(axis=1)
         for i, key in enumerate(good):
             label = int(answer.labels[i])
-            rows[_hashable(key)] = {
+            rows[key] = {
                 source.key_name: key, "label": label, "class_name": bundle.classes[label],
                 "confidence": float(confidence[i]), "adversarial": bool(answer.adversarial[i]),
                 "adversarial_score": float(answer.adversarial_score[i]),
@@ -194,8 +190,8 @@ def _rows(bundle, source: ScanSource, keys: list, device: torch.device) -> list[
                 "relative_sharpness": float(answer.sharpness[i]),
             }
     for key, message in errors.items():
-        rows[_hashable(key)] = {source.key_name: key, "error": message}
-    return [rows[_hashable(k)] for k in keys]
+        rows[key] = {source.key_name: key, "error": message}
+    return [rows[k] for k in keys]
 
 
 def _columns(key_name: str):
@@ -282,7 +278,7 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
     if distributed.is_main():
         done = _done(parts, source.key_name)
         retry = sum("error" in row for row in done.values())
-        todo = [k for k in source.keys if _hashable(k) not in done or "error" in done[_hashable(k)]]
+        todo = [k for k in source.keys if k not in done or "error" in done[k]]
         if done:
             log(f"resuming: {len(done) - retry} of {len(source.keys)} images already scored, {len(todo)} to go"
                 + (f" ({retry} unreadable before, tried again)" if retry else ""))
@@ -299,10 +295,10 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
     if not distributed.is_main():
         return {}
     done = _done(parts, source.key_name)
-    missing = [k for k in source.keys if _hashable(k) not in done]
+    missing = [k for k in source.keys if k not in done]
     if missing:
         raise PipelineError(f"{len(missing)} images have no row (e.g. {missing[:3]}); rerun to score them")
-    rows = [{"index": i, **done[_hashable(k)]} for i, k in enumerate(source.keys)]
+    rows = [{"index": i, **done[k]} for i, k in enumerate(source.keys)]
     _write(out, rows, fmt, source.key_name)
     shutil.rmtree(parts)
     return summarize(rows)
