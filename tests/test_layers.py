@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,50 @@ def test_feature_rows_append_the_distances_and_grad_changes_nothing(digits_model
     torch.testing.assert_close(with_grad.detach(), rows)
     (grad,) = torch.autograd.grad(with_grad[:, -1].sum(), x)
     assert grad.abs().sum() > 0  # an adaptive attack can follow the earlier layers
+
+
+def test_rows_with_means_append_each_layers_channel_means(digits_model, digits_test, gaussians):
+    x, _ = digits_test.batch(slice(0, 16))
+    with_means = LayerGaussians(gaussians.probes, with_means=True)
+    with_means.means_, with_means.precisions_ = gaussians.means_, gaussians.precisions_
+    logits, phi, acts = forward_probed(digits_model, x, gaussians.probes)
+    predicted = logits.argmax(1)
+    rows = with_means.rows(acts, phi, predicted).detach()
+    widths = [a.shape[1] for a in acts] + [phi.shape[1]]
+    assert rows.shape == (16, with_means.n_features) == (16, len(widths) + sum(widths))
+    torch.testing.assert_close(rows[:, : len(widths)], gaussians.distances(acts, phi, predicted).detach())
+    torch.testing.assert_close(rows[:, len(widths):], torch.cat([*acts, phi], dim=1).to(rows.dtype))
+    # statistics saved before the option existed give the distances only
+    old = copy.copy(gaussians)
+    del old.with_means
+    assert old.n_features == len(widths)
+    assert old.rows(acts, phi, predicted).shape == (16, len(widths))
+
+
+def test_activations_detector_end_to_end(tmp_path):
+    """The activations detector trained by the real pipeline: saved without a pickle, loaded, its rows as
+    wide as its fit, its operating point holding on held-out clean images, and PGD caught."""
+    from detector import load_bundle
+    from detector.datasets import load_dataset
+    from training.options import TrainOptions
+    from training.pipeline import run
+
+    out = tmp_path / "activations"
+    run(TrainOptions(detector="activations", evaluate="none", out=str(out), progress=False))
+    bundle = load_bundle(out)
+    assert bundle.detector.probe_means and bundle.detector.layer_gaussians.with_means
+    assert type(bundle.detector.estimator_).__name__ == "Pipeline"
+    split = json.loads((out / "split.json").read_text())
+    seen = set(split["fit"]) | set(split["calibration"])
+    test = load_dataset("digits", train=False)
+    held = torch.tensor([i for i in range(len(test)) if i not in seen])
+    assert len(held) > 100
+    x, y = test.batch(held)
+    clean = bundle.detect(x)
+    assert clean.features.shape[1] == bundle.detector.n_features_in_
+    correct = clean.labels == y.numpy()
+    assert correct.mean() > 0.9 and clean.adversarial[correct].mean() <= 0.12
+    x_adv = pgd(bundle.model, x[correct], y[correct], eps=0.2, alpha=0.05, steps=10)
+    adv = bundle.detect(x_adv)
+    fooled = adv.labels != y[correct].numpy()
+    assert fooled.mean() > 0.8 and adv.adversarial[fooled].mean() >= 0.8

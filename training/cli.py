@@ -134,11 +134,12 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
                        help="layers: boosted trees on both phases of the attack path (output-layer curvature "
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
-                            "curvature: the same without earlier layers; paper: the talk's decision tree on ψ, "
+                            "activations: the same rows plus those layers' channel means, logistic regression; "
+                            "curvature: without earlier layers; paper: the talk's decision tree on ψ, "
                             "flagged at P >= 0.5")
         g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,
                        help="the detector's classifier instead of its own (layers and curvature: boosting; "
-                            "paper: tree), to compare them")
+                            "activations: logistic; paper: tree), to compare them")
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
                        help="share of clean calibration images the detector may flag")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,

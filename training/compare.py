@@ -21,11 +21,13 @@ from .pipeline import run
 
 __all__ = ["COMBINATIONS", "compare", "main"]
 
-#: (detector, estimator): the paper's tree on ψ, the output-layer features and the default (with
-#: earlier layers), each with a tree, boosted trees and a logistic regression where it makes sense.
+#: (detector, estimator): the paper's tree on ψ, the output-layer features, the earlier layers'
+#: distances and their channel means too, each with a tree, boosted trees and a logistic regression
+#: where it makes sense.
 COMBINATIONS = (
     ("paper", None), ("curvature", "tree"), ("curvature", "logistic"), ("curvature", "boosting"),
     ("layers", "tree"), ("layers", "logistic"), ("layers", "boosting"),
+    ("activations", "logistic"), ("activations", "boosting"),
 )
 
 

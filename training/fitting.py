@@ -4,13 +4,14 @@ Two recipes, chosen by the detector's name (:data:`detector.estimator.DETECTORS`
 
 - ``paper``: the talk's 50:50 set of clean ψ and the final PGD iterate's ψ, a decision tree,
   flagged at P(adversarial) ≥ 0.5;
-- ``layers`` (the default) and ``curvature``: both phases of the path.  Adversarial rows are every
+- ``activations``, ``layers`` and ``curvature``: both phases of the path.  Adversarial rows are every
   misclassified step of the recorded PGD path (near the boundary and deep in the valley), plus FGSM
   and a PGD at a quarter of ε, each source weighing the same; clean rows are the clean images and
   the same images after the service's own resize path, JPEG and mild photometric changes.
-  Gradient-boosted trees on the log-domain curvature features (``layers``: and the earlier layers'
-  class-conditional distances), flagged at a threshold set on held-out clean calibration images
-  to a target false-positive rate.
+  The log-domain curvature features (``layers``: and the earlier layers' class-conditional
+  distances; ``activations``: and those layers' channel means too) under gradient-boosted trees
+  (a logistic regression for ``activations``), flagged at a threshold set on held-out clean
+  calibration images to a target false-positive rate.
 
 The images are split before anything is fitted: fit, calibration and held-out images never share
 an image, so a clean image and its adversarials always sit on the same side.
@@ -37,7 +38,8 @@ __all__ = [
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
 #: changes than the evaluation's), so ordinary uploads do not fire.  The evaluation marks the shifts
 #: the detector saw.
-CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "brightness ×0.9", "contrast ×0.85", "noise σ=0.01")
+CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "JPEG q60", "brightness ×0.9", "contrast ×0.85", "noise σ=0.01",
+                  "noise σ=0.03")
 
 
 @dataclass
@@ -199,7 +201,8 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
             raise ValueError(f"the {name!r} detector needs clean reference images for its layer statistics")
         pick = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(reference))[:REFERENCE_IMAGES]))
         x_ref, y_ref = reference.batch(pick)
-        extract.gaussians = LayerGaussians(probe_layers(model, detector.probes), layer).fit(
+        extract.gaussians = LayerGaussians(probe_layers(model, detector.probes), layer,
+                                           with_means=detector.probe_means).fit(
             model, x_ref, y_ref, batch_size=batch_size)
         detector.set_layer_statistics(extract.gaussians)
         path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)

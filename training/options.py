@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from detector import devices
+from detector.estimator import DEFAULT_DETECTOR
 
 __all__ = ["AttackSettings", "PipelineError", "TrainOptions", "attack_settings", "resolve_device"]
 
@@ -68,7 +69,7 @@ class TrainOptions:
     norm: str = "linf"
     random_start: bool = False
     # detector
-    detector: str = "layers"
+    detector: str = DEFAULT_DETECTOR
     estimator: str | None = None  # the detector's classifier: its own (None), or tree, boosting, logistic
     target_fpr: float = 0.05
     max_samples: int = 2000
