@@ -380,6 +380,7 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| | a | b |" in table and "evasion budget L∞, all attacks" in table
     assert table.count("| PGD-10 L∞ 8/255 |") == 1
+    assert table.count("| JPEG q50 |") == 1 and "a: flagged / accuracy" in table
     assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
     other = dict(ev, attacks=ev["attacks"][:2])
     (tmp_path / "other.json").write_text(json.dumps(other))

@@ -1,9 +1,10 @@
-"""``python -m training.robustness``: classifiers side by side under the same attack suite.
+"""``python -m training.robustness``: bundles side by side under the same attack suite.
 
 Reads the ``evaluation.json`` that ``detector-evaluate`` wrote for each bundle (a standard and an
-adversarially trained classifier, say) and writes one Markdown table (clean accuracy and false
-positives, then per attack: accuracy under attack, detection, evasion; then the evasion budget per
-group of attacks) and one plot of evasion rate against L∞ budget with a line per bundle. ::
+adversarially trained classifier, say, or two detectors on one classifier) and writes Markdown tables
+(clean accuracy and false positives and the evasion budget per group of attacks; per attack: accuracy
+under attack, detection, evasion and AUROC; per natural shift: the share flagged) and one plot of
+evasion rate against L∞ budget with a line per bundle. ::
 
     python -m training.robustness runs/standard-evaluation runs/robust-evaluation \\
         --names standard robust --out docs/figures/robustness.png
@@ -65,22 +66,34 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
     row("robust accuracy, PGD-10 at the training radius",
         lambda ev: _pct((ev["_report"].get("classifier", {}).get("robust_accuracy") or {}).get("accuracy")))
     row("clean flagged (correct images)", lambda ev: _pct(ev["clean"]["false_positives_correct"]["rate"]))
-    for group in first.get("evasion_budget", {}).get("groups", {}):
+    groups = dict.fromkeys(g for ev in evaluations.values() for g in ev.get("evasion_budget", {}).get("groups", {}))
+    for group in groups:
         def cell(ev, group=group):
+            if group not in ev.get("evasion_budget", {}).get("groups", {}):
+                return "–"  # an evaluation written before the budget was measured
             g = ev["evasion_budget"]["groups"][group]["linf"]
             low, high = g["median_interval"]
             return (f"**{budget_text(g['median'])}** [{budget_text(low)}–{budget_text(high)}]; "
                     f"{_pct(g['evaded']['rate'])} evaded")
         row(f"evasion budget L∞, {group}: median [95% CI]", cell)
-    lines += ["", "| attack | kind | " + " | ".join(f"{n}: acc. under attack / detected / evasion" for n in names)
-              + " |", "|---|---|" + "---|" * len(names)]
+    lines += ["", "| attack | kind | " + " | ".join(f"{n}: acc. under attack / detected / evasion / AUROC"
+                                                   for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for i, label in enumerate(labels):
         cells = []
         for n in names:
             a = evaluations[n]["attacks"][i]
-            cells.append(f"{_pct(a.get('accuracy_under_attack'))} / {_pct(a['detection']['rate'])} / "
-                         f"{_pct(a['evasion']['rate'])}")
+            auroc = "–" if a.get("auroc") is None else f"{a['auroc']:.2f}"
+            cells.append(f"{_pct(a.get('accuracy_under_attack'))} / **{_pct(a['detection']['rate'])}** / "
+                         f"{_pct(a['evasion']['rate'])} / {auroc}")
         lines.append(f"| {label} | {first['attacks'][i]['kind']} | " + " | ".join(cells) + " |")
+    shifts = [s["name"] for s in first.get("shifts", [])]
+    if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
+        lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for i, name in enumerate(shifts):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_pct(evaluations[n]['shifts'][i]['flagged']['rate'])} / "
+                f"{_pct(evaluations[n]['shifts'][i]['accuracy'])}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
