@@ -454,20 +454,21 @@ def tree_description(det) -> str:
 
 
 def reference_layers_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0):
-    """The product's default detector (``layers``: curvature features + earlier-layer distances, boosted
-    trees) on ``model``, as a :class:`detector.Bundle`: what ``Bundle.detect`` costs is what the
-    service pays per batch.  Timing only: the layer statistics come from ``n`` random CIFAR-shaped
-    images labelled by the model, and the trees are fitted on them against their FGSM adversarials
-    (real attack, real fit; its accuracy is not the point)."""
+    """The product's default detector (:data:`detector.estimator.DEFAULT_DETECTOR`: curvature features
+    and earlier-layer statistics from hooks in the same pass) on ``model``, as a :class:`detector.Bundle`:
+    what ``Bundle.detect`` costs is what the service pays per batch.  Timing only: the layer statistics
+    come from ``n`` random CIFAR-shaped images labelled by the model, and the detector's classifier is
+    fitted on them against their FGSM adversarials (real attack, real fit; its accuracy is not the point)."""
     from detector import Bundle, InputSpec, fgsm
-    from detector.estimator import make_detector
+    from detector.estimator import DEFAULT_DETECTOR, make_detector
     from detector.layers import LayerGaussians, probe_layers
 
-    det = make_detector("layers", target_fpr=0.05, random_state=seed)
+    det = make_detector(DEFAULT_DETECTOR, target_fpr=0.05, random_state=seed)
     x, _ = cifar_batch(n, device, seed=seed)
     with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
         y = model(x).argmax(1)
-    det.set_layer_statistics(LayerGaussians(probe_layers(model, det.probes), None).fit(model, x, y.cpu(), batch_size=64))
+    gaussians = LayerGaussians(probe_layers(model, det.probes), None, with_means=det.probe_means)
+    det.set_layer_statistics(gaussians.fit(model, x, y.cpu(), batch_size=64))
     spec = InputSpec(3, 32, 32, model.mean.flatten().tolist(), model.std.flatten().tolist())
     bundle = Bundle(model, det, [str(i) for i in range(10)], spec, "benchmark", {}, None, Path("."), "")
     clean_rows, clean = bundle.features(x)
@@ -477,3 +478,14 @@ def reference_layers_bundle(model: torch.nn.Module, device: torch.device, n: int
     det.fit(rows, labels, calibration=clean_rows)
     det.calibrate(clean.sharpness.cpu().numpy())
     return bundle
+
+def describe_layers_detector() -> str:
+    """What the default detector computes per batch, in words (for the overhead table's description)."""
+    from detector.estimator import DEFAULT_DETECTOR, make_detector
+
+    det = make_detector(DEFAULT_DETECTOR)
+    stats = "class-conditional Mahalanobis distances" + (" and channel means" if det.probe_means else "")
+    estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
+    return (f"the default detector (`{DEFAULT_DETECTOR}`) through `Bundle.detect`, what the service calls per "
+            f"batch: the same single forward pass with hooks on {det.probes} convolutions, curvature features, "
+            f"{stats} of those layers and of φ, {type(estimator).__name__}")

@@ -6,9 +6,9 @@ Same model, same batch, same device, interleaved in one process:
 - ``detect`` (the paper's detector, ``--detector paper``): :func:`detector.analyze` (one forward pass,
   ψ and κ from the same pass) + the fitted tree and κ threshold (``UncannyValleyDetector.detect``) on
   the host;
-- ``detect (layers)`` (the default detector): ``Bundle.detect``, what the service calls per batch: the
-  same one forward pass with hooks on three convolutions, the curvature features, class-conditional
-  distances of those layers and of φ, and the boosted trees (see
+- ``detect (default)`` (the default detector, with earlier layers): ``Bundle.detect``, what the service
+  calls per batch: the same one forward pass with hooks on three convolutions, the curvature
+  features, the earlier layers' statistics and the detector's classifier (see
   :func:`benchmarks.common.reference_layers_bundle`);
 - ``squeeze`` (reference, timing only): a feature-squeezing-style detector (Xu et al. 2018): the
   model on x and on 3 squeezed copies (5-bit depth, 2×2 median, 3×3 median standing in for the
@@ -39,6 +39,7 @@ from detector import (
     psi,
     sharpness_from_psi,
 )
+from detector.estimator import DEFAULT_DETECTOR
 
 from .common import (
     CPU,
@@ -49,6 +50,7 @@ from .common import (
     autocast,
     cifar_batch,
     cifar_model,
+    describe_layers_detector,
     fmt_ratio_stats,
     fmt_seconds,
     fmt_time_stats,
@@ -166,10 +168,8 @@ def run(
             "Bare forward vs forward + detection on the same model, batch and device, interleaved in one "
             "process. `forward` = `model(x)` with the logits copied to the host; `detect` = the paper's detector "
             "(`--detector paper`): `detector.analyze` (one forward pass; ψ, κ from it) + `UncannyValleyDetector.detect` "
-            "(tree + κ threshold, on the host); `detect (layers)` = the default detector through `Bundle.detect`, "
-            "what the service calls per batch: the same single forward pass with hooks on three convolutions, "
-            "curvature features, class-conditional Mahalanobis distances of those layers and of φ, boosted trees "
-            "(statistics and trees fitted on random images and their FGSM adversarials: timing only). "
+            "(tree + κ threshold, on the host); `detect (default)` = " + describe_layers_detector() + " "
+            "(statistics and classifier fitted on random images and their FGSM adversarials: timing only). "
             "Reference points (timing only, written in the benchmark): a feature-squeezing-style detector "
             "(4 forwards: x, 5-bit depth, 2×2 median, 3×3 median standing in for non-local means) and a "
             "Mahalanobis-style detector at one layer (forward + backward to the input + forward; the published "
@@ -182,7 +182,7 @@ def run(
         load_before=load_before,
     )
     columns = ["model", "precision", "batch", "repeats × calls", "forward", "detect", "detect / forward",
-               "detect (layers)", "layers / forward"]
+               "detect (default)", "default / forward"]
     if peers:
         columns += ["squeeze (4 fwd)", "squeeze / forward", "mahalanobis (1 layer)", "mahalanobis / forward"]
     table = Table("Time per batch: median (IQR) over repeats; ratios per round, median (IQR)", columns)
@@ -197,7 +197,7 @@ def run(
     for arch in archs:
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
-        log(f"  overhead: {arch}: fitting the default (layers) detector for timing …")
+        log(f"  overhead: {arch}: fitting the default ({DEFAULT_DETECTOR}) detector for timing …")
         layers_bundle = reference_layers_bundle(model, device, n=64 if quick else 256)
         for amp in amps:
             amp_ctx = lambda amp=amp: autocast(device, amp)
@@ -302,15 +302,15 @@ def run(
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
     if big:
         section.notes.insert(0, (
-            "The default (layers) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "
-            "{plo:.3f}–{phi:.3f}× for the paper's ψ tree: the earlier-layer distances and the boosted trees are "
-            "what the difference costs.").format(
-                b=TARGET_MIN_BATCH, lo=min(r["layers/forward"]["median"] for r in big),
+            "The default ({name}) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "
+            "{plo:.3f}–{phi:.3f}× for the paper's ψ tree: the earlier layers' statistics and the detector's "
+            "classifier are what the difference costs.").format(
+                name=DEFAULT_DETECTOR, b=TARGET_MIN_BATCH, lo=min(r["layers/forward"]["median"] for r in big),
                 hi=max(r["layers/forward"]["median"] for r in big),
                 plo=min(r["detect/forward"]["median"] for r in big), phi=max(r["detect/forward"]["median"] for r in big)))
     for key, value in worst_layers.items():
         section.targets.append(Target(
-            f"Detection overhead, default (layers) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
+            f"Detection overhead, default ({DEFAULT_DETECTOR}) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
             f"Bundle.detect / forward ≤ {TARGET_RATIO}", f"worst median ratio {value:.3f}", value <= TARGET_RATIO))
     for key, value in worst.items():
         section.targets.append(Target(

@@ -195,6 +195,8 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
             s = _section_from_dict(sd)
             out.append(f"### {s.title} ({kind})\n")
             out.append(s.description + "\n")
+            if s.command and s.command != run["command"]:
+                out.append(f"Measured by an earlier run: `{s.command}`.\n")
             foreign = s.raw.get("foreign_cores")
             out.append(f"Load average before / after: {', '.join(map(str, s.load_before or ()))} / "
                        f"{', '.join(map(str, s.load_after or ()))}"
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = common.load_average()
     machine = common.machine_info(device)
     sections = run_sections(args, device)
+    for s in sections:
+        s.command = command
     run = {"command": command, "machine": machine, "load_start": load_start, "load_end": common.load_average(),
            "seconds": time.perf_counter() - started, "quick": args.quick,
            "sections": [asdict(s) for s in sections]}
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = [s for s in previous.get("sections", []) if s["key"] not in {s.key for s in sections}]
         run["sections"] = kept + run["sections"]
         run["sections"].sort(key=lambda s: ITEMS.index(s["key"]) if s["key"] in ITEMS else 99)
-        run["command"] += f"  (items {', '.join(s.key for s in sections)}; the others from: {previous['command']})"
+        for kept_section in kept:  # each section names the command that measured it
+            kept_section["command"] = kept_section.get("command") or previous.get("command", "?")
     path.write_text(json.dumps(run, indent=1, default=str) + "\n")
     runs = {}
     for k in ("cpu", "cuda"):
