@@ -109,6 +109,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- the request head -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        # Only a chunk that arrives inside a head counts as head bytes: after an early 413 the chunk
+        # that ends the refused body also ends in the head state, yet is mostly that body's tail.
+        head_before = self._in_head
         if self._in_head and self._head_timer is None:
             self._arm_head_timer()  # the first byte of a request on a kept-alive connection
         try:
@@ -131,7 +134,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_head and not self.transport.is_closing():
+        if head_before and self._in_head and not self.transport.is_closing():
             # The parser keeps a partial header in memory until it is complete: count the raw bytes.
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
