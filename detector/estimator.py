@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -88,6 +89,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     valley_threshold_ : float, τ
     calibration_fpr_ : float, the share of calibration inputs flagged at ``threshold_`` (when fitted on them)
     """
+
+    probe_means = False  # detectors saved before the parameter existed read this default
 
     def __init__(self, estimator=None, features: str = "psi", probes: int = 0, probe_means: bool = False,
                  valley_quantile: float = 0.5, threshold: float = 0.5, target_fpr: float | None = None,
@@ -171,7 +174,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         return getattr(self, "layer_gaussians_", None)
 
     def set_layer_statistics(self, gaussians):
-        """Attach the fitted earlier-layer statistics whose distances end every feature row."""
+        """Attach the fitted earlier-layer statistics whose :meth:`~detector.layers.LayerGaussians.rows` end
+        every feature row."""
         self.layer_gaussians_ = gaussians
         return self
 
@@ -211,6 +215,20 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         """Score minus the flagging threshold: flagged where ≥ 0."""
         return self.score_samples(X) - self.operating_threshold
 
+    @property
+    def has_gradient(self) -> bool:
+        """Whether :meth:`decision_tensor` exists: the classifier is a (standardised) logistic regression."""
+        return _linear_parts(getattr(self, "estimator_", None)) is not None
+
+    def decision_tensor(self, rows: torch.Tensor) -> torch.Tensor:
+        """The classifier's logit for feature rows as a differentiable tensor (what an adaptive attacker
+        descends); its sigmoid is :meth:`score_samples`.  Only for a linear classifier (:attr:`has_gradient`)."""
+        parts = _linear_parts(getattr(self, "estimator_", None))
+        if parts is None:
+            raise ValueError("the detector's classifier has no gradient (only a logistic regression has one)")
+        mean, scale, coef, intercept = (torch.as_tensor(p, dtype=rows.dtype, device=rows.device) for p in parts)
+        return ((rows - mean) / scale) @ coef + intercept
+
     def predict(self, X) -> np.ndarray:
         """1 for inputs flagged adversarial (score at or above the threshold), 0 otherwise."""
         return (self.score_samples(X) >= self.operating_threshold).astype(np.int64)
@@ -225,6 +243,27 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             raise ValueError(f"kappa has {kappa.size} values for {score.size} inputs")
         flagged = score >= self.operating_threshold
         return Detection(flagged, score, kappa, flagged & (kappa <= self.valley_threshold_))
+
+
+def _linear_parts(estimator) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(mean, scale, coef, intercept) of a fitted logistic regression, standardised or not; else None."""
+    scaler = None
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps]
+        if len(steps) == 2 and isinstance(steps[0], StandardScaler):
+            scaler, estimator = steps
+        elif len(steps) == 1:
+            estimator = steps[0]
+        else:
+            return None
+    if not isinstance(estimator, LogisticRegression) or getattr(estimator, "coef_", None) is None:
+        return None
+    if estimator.coef_.shape[0] != 1:
+        return None
+    n = estimator.coef_.shape[1]
+    mean = scaler.mean_ if scaler is not None and scaler.mean_ is not None else np.zeros(n)
+    scale = scaler.scale_ if scaler is not None and scaler.scale_ is not None else np.ones(n)
+    return mean, scale, estimator.coef_[0], float(estimator.intercept_[0])
 
 
 class _CompiledBoosting:

@@ -93,6 +93,8 @@ def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str
     entries += [SuiteEntry(f"adaptive: feature matching λ={lam:g}, L∞ 8/255", "feature-matching",
                            {"eps": linf(8), "alpha": linf(0.5), "steps": 30, "lam": lam}, "full")
                 for lam in (0.1, 1.0)]
+    entries.append(SuiteEntry("adaptive: descent on the detector's score, L∞ 8/255", "score-descent",
+                              {"eps": linf(8), "alpha": linf(0.5), "steps": 30, "lam": 1.0}, "full"))
     return [e for e in entries if level == "full" or e.level == "quick"]
 
 
@@ -219,6 +221,12 @@ def evasion_budgets(attacks: Sequence[AttackRecord], n_evaded_clean: int = 0) ->
     return out
 
 
+def _estimator_name(estimator) -> str:
+    """The classifier's name, and its steps' for a pipeline ("StandardScaler + LogisticRegression")."""
+    steps = getattr(estimator, "steps", None)
+    return " + ".join(type(step).__name__ for _, step in steps) if steps else type(estimator).__name__
+
+
 def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
     """Refuse to evaluate on any image the detector was fitted or calibrated on."""
     overlap = np.intersect1d(np.asarray(evaluated), np.asarray(excluded))
@@ -242,6 +250,7 @@ def _oracles(bundle: Bundle, calibration_rows: np.ndarray, clean_margin: float) 
         "flagged": lambda x: torch.as_tensor(bundle.detect(x).adversarial),
         "score": lambda x: torch.as_tensor(bundle.detect(x).adversarial_score),
         "features": lambda x: _with_logits(bundle.features_with_grad(x)),
+        "decision": bundle.detector.decision_tensor if bundle.detector.has_gradient else None,
         "target": rows.mean(dim=0),
         "scale": rows.std(dim=0),
     }
@@ -393,7 +402,8 @@ def evaluate(
 
     detector = bundle.detector
     return Evaluation(
-        detector={"features": detector.feature_set, "estimator": type(detector.estimator_).__name__,
+        detector={"features": detector.feature_set, "estimator": _estimator_name(detector.estimator_),
+                  "probes": int(getattr(detector, "probes", 0)), "probe_means": bool(detector.probe_means),
                   "threshold": detector.operating_threshold,
                   "target_fpr": getattr(detector, "target_fpr", None)},
         target_fpr=target_fpr, clean=clean_record, attacks=records, shifts=shift_records,

@@ -9,7 +9,12 @@ Every attack checks its arguments at the top and runs the model in eval mode, re
 
 from functools import partial
 
-from .adaptive import backoff_pgd, feature_matching_pgd, margin_capped_pgd
+from .adaptive import (
+    backoff_pgd,
+    feature_matching_pgd,
+    margin_capped_pgd,
+    score_descent_pgd,
+)
 from .library import apgd_ce, cw_l2, deepfool, square
 from .pgd import PGDResult, fgsm, pgd
 from .registry import ATTACKS, AttackInfo, get_attack, list_attacks, register_attack
@@ -17,7 +22,7 @@ from .registry import ATTACKS, AttackInfo, get_attack, list_attacks, register_at
 __all__ = [
     "ATTACKS", "AttackInfo", "PGDResult", "apgd_ce", "backoff_pgd", "cw_l2", "deepfool",
     "feature_matching_pgd", "fgsm", "get_attack", "list_attacks", "margin_capped_pgd", "pgd",
-    "register_attack", "square",
+    "register_attack", "score_descent_pgd", "square",
 ]
 
 register_attack("fgsm", kind="budget", norm="linf")(fgsm)
@@ -32,3 +37,5 @@ register_attack("margin-capped", kind="adaptive", norm="linf", needs=("margin",)
 register_attack("backoff", kind="adaptive", norm="linf", needs=("flagged", "layer"))(backoff_pgd)
 register_attack("feature-matching", kind="adaptive", norm="linf",
                 needs=("features", "target", "scale", "score"))(feature_matching_pgd)
+register_attack("score-descent", kind="adaptive", norm="linf",
+                needs=("features", "decision", "margin", "score"))(score_descent_pgd)

@@ -8,7 +8,10 @@ optimises or which iterate it returns:
 - :func:`backoff_pgd` walks back along the recorded PGD path to the first misclassified iterate the
   detector does not flag;
 - :func:`feature_matching_pgd` adds λ·(distance of the detector's features to clean ones) to the
-  loss and keeps, per input, its misclassified iterate with the lowest detector score.
+  loss and keeps, per input, its misclassified iterate with the lowest detector score;
+- :func:`score_descent_pgd` descends the detector's own decision function where it has a gradient
+  (a linear detector), with the margin capped as above, and keeps the least suspicious
+  misclassified iterate.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from ._base import check_batch, eval_mode
 from .pgd import _project, pgd
 
-__all__ = ["backoff_pgd", "feature_matching_pgd", "margin_capped_pgd"]
+__all__ = ["backoff_pgd", "feature_matching_pgd", "margin_capped_pgd", "score_descent_pgd"]
 
 #: ``flagged(x) -> bool [N]`` / ``score(x) -> float [N]``: the detector as the attacker queries it.
 Oracle = Callable[[torch.Tensor], torch.Tensor]
@@ -105,6 +108,52 @@ def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                 z = logits.float()
                 margin = z.scatter(1, y[:, None], float("-inf")).amax(dim=1) - z.gather(1, y[:, None]).squeeze(1)
                 loss = margin - lam * distance
+                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            with torch.no_grad():
+                wrong = logits.argmax(dim=1) != y
+                if t > 0 and wrong.any():
+                    s = score(x_adv.detach()).to(x.device).float()
+                    better = wrong & (s < best_score)
+                    best[better] = x_adv.detach()[better]
+                    best_score = torch.where(better, s, best_score)
+                if t < steps:
+                    x_adv = _linf_step(x_adv, x0, grad, eps, alpha)
+        never = torch.isinf(best_score)
+        best[never] = x_adv.detach()[never]
+    return best.detach()
+
+
+def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+                      features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                      decision: Callable[[torch.Tensor], torch.Tensor] | None, margin: float, lam: float,
+                      score: Oracle) -> torch.Tensor:
+    """L∞ PGD that misclassifies first (up the wrong-class margin) and then, per input while it stays
+    misclassified, descends ``−min(margin_wrong, margin) + lam · decision(rows)``: a clean-like margin
+    and the detector's own decision function pushed down.
+
+    ``features(x) -> (logits, rows)`` is one differentiable forward pass; ``decision(rows)`` the
+    detector's differentiable score (its logit), or None for a detector without a gradient (trees),
+    where the attack is the margin-capped PGD that keeps its least suspicious misclassified iterate.
+    Per input the answer is the misclassified iterate with the lowest ``score`` seen.
+    """
+    if eps < 0 or alpha <= 0 or steps < 1 or lam < 0 or margin <= 0:
+        raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1, lam >= 0 and margin > 0 "
+                         f"(got {eps}, {alpha}, {steps}, {lam}, {margin})")
+    check_batch(x, y)
+    x0, y = x.detach(), y.to(x.device)
+    best = x0.clone()
+    best_score = torch.full((x0.shape[0],), float("inf"), device=x.device)
+    with eval_mode(model):
+        x_adv = x0.clone()
+        for t in range(steps + 1):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                logits, rows = features(x_adv)
+                z = logits.float()
+                wrong_margin = z.scatter(1, y[:, None], float("-inf")).amax(dim=1) - z.gather(1, y[:, None]).squeeze(1)
+                loss = wrong_margin.clamp(max=margin)
+                if decision is not None:  # once misclassified, also down the detector's score
+                    loss = torch.where(wrong_margin > 0, loss - lam * decision(rows).float(), wrong_margin)
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             with torch.no_grad():
                 wrong = logits.argmax(dim=1) != y
