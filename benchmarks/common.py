@@ -487,5 +487,5 @@ def describe_layers_detector() -> str:
     stats = "class-conditional Mahalanobis distances" + (" and channel means" if det.probe_means else "")
     estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
     return (f"the default detector (`{DEFAULT_DETECTOR}`) through `Bundle.detect`, what the service calls per "
-            f"batch: the same single forward pass with hooks on {det.probes} convolutions, curvature features, "
+            f"batch: the same single forward pass with hooks on up to {det.probes} convolutions, curvature features, "
             f"{stats} of those layers and of φ, {type(estimator).__name__}")

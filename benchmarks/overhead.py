@@ -7,7 +7,7 @@ Same model, same batch, same device, interleaved in one process:
   ψ and κ from the same pass) + the fitted tree and κ threshold (``UncannyValleyDetector.detect``) on
   the host;
 - ``detect (default)`` (the default detector, with earlier layers): ``Bundle.detect``, what the service
-  calls per batch: the same one forward pass with hooks on three convolutions, the curvature
+  calls per batch: the same one forward pass with hooks on up to three convolutions, the curvature
   features, the earlier layers' statistics and the detector's classifier (see
   :func:`benchmarks.common.reference_layers_bundle`);
 - ``squeeze`` (reference, timing only): a feature-squeezing-style detector (Xu et al. 2018): the

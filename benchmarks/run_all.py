@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in sections:
             before = next((p for p in previous.get("sections", []) if p["key"] == s.key == "service"), None)
             if before is not None:
-                table = compare_service(before, asdict(s), previous.get("command", "?"))
+                table = compare_service(before, asdict(s), before.get("command") or previous.get("command", "?"))
                 if table is not None:
                     s.tables.append(table)
                     run["sections"] = [asdict(x) for x in sections]

@@ -100,20 +100,16 @@ def test_rows_with_means_append_each_layers_channel_means(digits_model, digits_t
     assert old.rows(acts, phi, predicted).shape == (16, len(widths))
 
 
-def test_activations_detector_end_to_end(tmp_path):
-    """The activations detector trained by the real pipeline: saved without a pickle, loaded, its rows as
-    wide as its fit, its operating point holding on held-out clean images, and PGD caught."""
+def test_default_bundle_is_the_activations_detector(default_bundle):
+    """The default bundle's detector (the activations rows, a logistic regression) loaded from its skops
+    file: rows as wide as its fit, its operating point holding on held-out clean images, PGD caught."""
     from detector import load_bundle
     from detector.datasets import load_dataset
-    from training.options import TrainOptions
-    from training.pipeline import run
 
-    out = tmp_path / "activations"
-    run(TrainOptions(detector="activations", evaluate="none", out=str(out), progress=False))
-    bundle = load_bundle(out)
+    bundle = load_bundle(default_bundle)
     assert bundle.detector.probe_means and bundle.detector.layer_gaussians.with_means
     assert type(bundle.detector.estimator_).__name__ == "Pipeline"
-    split = json.loads((out / "split.json").read_text())
+    split = json.loads((default_bundle / "split.json").read_text())
     seen = set(split["fit"]) | set(split["calibration"])
     test = load_dataset("digits", train=False)
     held = torch.tensor([i for i in range(len(test)) if i not in seen])
@@ -127,3 +123,32 @@ def test_activations_detector_end_to_end(tmp_path):
     adv = bundle.detect(x_adv)
     fooled = adv.labels != y[correct].numpy()
     assert fooled.mean() > 0.8 and adv.adversarial[fooled].mean() >= 0.8
+
+
+def test_layers_detector_end_to_end_and_statistics_saved_before_channel_means(tmp_path):
+    """The layers detector (boosted trees on distances) through the real pipeline; then its detector
+    as one saved before ``with_means``/``probe_means`` existed, through skops: it loads, prints and
+    scores the same rows."""
+    import skops.io as sio
+
+    from detector import load_bundle
+    from detector.bundle import TRUSTED_TYPES
+    from detector.datasets import load_dataset
+    from training.options import TrainOptions
+    from training.pipeline import run
+
+    out = tmp_path / "layers"
+    run(TrainOptions(detector="layers", evaluate="none", out=str(out), progress=False))
+    bundle = load_bundle(out)
+    det = bundle.detector
+    assert not det.probe_means and not det.layer_gaussians.with_means and not det.has_gradient
+    x, _ = load_dataset("digits", train=False).batch(slice(0, 32))
+    answer = bundle.detect(x)
+    assert det.layer_gaussians.n_features == len(det.layer_gaussians.probes) + 1  # distances only
+    assert answer.features.shape[1] == det.n_features_in_
+    del det.probe_means, det.layer_gaussians.with_means
+    old = sio.loads(sio.dumps(det), trusted=list(TRUSTED_TYPES))
+    assert "probe_means" not in vars(old) and "with_means" not in vars(old.layer_gaussians)
+    assert "UncannyValleyDetector" in repr(old)  # get_params reads the class default
+    rows, _ = bundle.features(x)
+    np.testing.assert_array_equal(old.score_samples(rows), answer.adversarial_score)

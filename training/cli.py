@@ -1,7 +1,8 @@
 """Command lines: ``detector-train`` (the whole pipeline) and ``detector-trajectory`` (path only).
 
 With no arguments ``detector-train`` runs the embedded default: a small CNN on scikit-learn's
-digits, PGD-10 at ε = 0.2, a decision tree, written to ``artifacts/default``.
+digits, PGD-10 at ε = 0.2, the default detector (:data:`detector.estimator.DEFAULT_DETECTOR`),
+written to ``artifacts/default``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     else:
         prog, description = "detector-train", (
             "Train (or load) a classifier, attack it with PGD recording the path, fit the "
-            "uncanny-valley detector on ψ and write the artifact bundle with report.json, "
+            "uncanny-valley detector and write the artifact bundle with report.json, "
             "report.md and plots. With no arguments: small CNN on digits, about a minute on a CPU.")
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=HelpFormatter)
@@ -134,8 +135,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
                        help="layers: boosted trees on both phases of the attack path (output-layer curvature "
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
-                            "activations: the same rows plus those layers' channel means, logistic regression; "
-                            "curvature: without earlier layers; paper: the talk's decision tree on ψ, "
+                            "activations (the default): the same rows plus those layers' channel means, "
+                            "logistic regression; curvature: layers without earlier layers; paper: the talk's "
+                            "decision tree on ψ, "
                             "flagged at P >= 0.5")
         g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,
                        help="the detector's classifier instead of its own (layers and curvature: boosting; "

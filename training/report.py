@@ -404,13 +404,21 @@ def _rate(r: dict | None) -> str:
     return f"{100 * r['rate']:.1f}% [{100 * r['low']:.0f}–{100 * r['high']:.0f}] of {r['n']}"
 
 
+def _probed(det: dict) -> str:
+    """What the detector reads from earlier layers, in words ("" for none)."""
+    if not det.get("probes"):
+        return ""
+    means = " and channel means" if det.get("probe_means") else ""
+    return f" and up to {det['probes']} earlier layers' distances{means}"
+
+
 def evaluation_markdown(evaluation: dict) -> list[str]:
     """The coverage tables: clean false positives, every attack, every natural shift."""
     det, clean = evaluation["detector"], evaluation["clean"]
     fpr = evaluation["target_fpr"]
     baselines = sorted({b for a in evaluation["attacks"] for b in a["baselines"]})
     lines = [
-        f"Detector: `{det['features']}` features, {det['estimator']}, flagged at score ≥ "
+        f"Detector: `{det['features']}` features{_probed(det)}, {det['estimator']}, flagged at score ≥ "
         f"{_num(det['threshold'])}" + (f" (set for {_pct(det['target_fpr'])} false positives on clean calibration "
                                          f"images)" if det.get("target_fpr") else " (fixed)") + ".",
         f"Evaluated on {clean['n']} held-out test images (clean accuracy {_pct(clean['accuracy'])}), none of them "

@@ -47,13 +47,15 @@ def _classifier_line(evaluation: dict) -> str:
 
 
 def side_by_side(evaluations: dict[str, dict]) -> str:
-    """The Markdown table for ``{name: evaluation}``; every evaluation must have run the same suite."""
+    """The Markdown tables for ``{name: evaluation}``; an attack one of them did not run reads "–"."""
     names = list(evaluations)
     first = evaluations[names[0]]
-    labels = [a["label"] for a in first["attacks"]]
-    for name, ev in evaluations.items():
-        if [a["label"] for a in ev["attacks"]] != labels:
-            raise ValueError(f"{name} ran another attack suite than {names[0]}: compare like with like")
+    # Attacks in the order first met; one an evaluation did not run (an older suite) reads "–".
+    by_label = {n: {a["label"]: a for a in ev["attacks"]} for n, ev in evaluations.items()}
+    labels = list(dict.fromkeys(label for n in names for label in by_label[n]))
+    shared = [label for label in labels if all(label in by_label[n] for n in names)]
+    if not shared:
+        raise ValueError(f"{' and '.join(names)} share no attack: compare like with like")
     head = "| | " + " | ".join(names) + " |"
     rule = "|---|" + "---|" * len(names)
     lines = [head, rule]
@@ -78,14 +80,18 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
         row(f"evasion budget L∞, {group}: median [95% CI]", cell)
     lines += ["", "| attack | kind | " + " | ".join(f"{n}: acc. under attack / detected / evasion / AUROC"
                                                    for n in names) + " |", "|---|---|" + "---|" * len(names)]
-    for i, label in enumerate(labels):
-        cells = []
+    for label in labels:
+        cells, kind = [], ""
         for n in names:
-            a = evaluations[n]["attacks"][i]
+            a = by_label[n].get(label)
+            if a is None:
+                cells.append("– (not in its suite)")
+                continue
+            kind = a["kind"]
             auroc = "–" if a.get("auroc") is None else f"{a['auroc']:.2f}"
             cells.append(f"{_pct(a.get('accuracy_under_attack'))} / **{_pct(a['detection']['rate'])}** / "
                          f"{_pct(a['evasion']['rate'])} / {auroc}")
-        lines.append(f"| {label} | {first['attacks'][i]['kind']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
         lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
@@ -121,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         args.out = args.out if Path(args.out).suffix else args.out + ".png"
-        curves = {f"{n}, {g}": ev["evasion_budget"]["groups"][g]["per_input_linf"]
-                  for n, ev in evaluations.items() for g in args.groups if g in ev["evasion_budget"]["groups"]}
+        curves = {f"{n}, {g}": groups[g]["per_input_linf"] for n, ev in evaluations.items()
+                  for groups in [ev.get("evasion_budget", {}).get("groups", {})] for g in args.groups if g in groups}
         plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names),
                             up_to=args.up_to)
         print(f"plot written to {args.out}")
