@@ -58,6 +58,16 @@ def default_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def activations_bundle(tmp_path_factory) -> Path:
+    """The activations detector (channel means too, a logistic regression) on the default recipe."""
+    from training.pipeline import TrainOptions, run
+
+    out = tmp_path_factory.mktemp("bundle") / "activations"
+    run(TrainOptions(detector="activations", evaluate="none", out=str(out), progress=False))
+    return out
+
+
 @pytest.fixture()
 def fake_cifar10(tmp_path, monkeypatch) -> Path:
     """A small copy of CIFAR-10 in torchvision's on-disk format (``cifar-10-batches-py``: pickled

@@ -257,12 +257,12 @@ def test_feature_matching_keeps_its_least_suspicious_misclassified_iterate(digit
     assert linf[wrong].median() < (plain - x).abs().flatten(1).amax(1).median()
 
 
-def test_score_descent_follows_a_linear_detectors_own_gradient(default_bundle):
-    """The default detector is a logistic regression: its logit is exact and differentiable, and
+def test_score_descent_follows_a_linear_detectors_own_gradient(activations_bundle):
+    """The activations detector is a logistic regression: its logit is exact and differentiable, and
     descending it gets far more misclassified digits past it than the same attack without it."""
     from detector.attacks import score_descent_pgd
 
-    bundle = load_bundle(default_bundle)
+    bundle = load_bundle(activations_bundle)
     assert bundle.detector.has_gradient
     test = load_dataset("digits", train=False)
     x, y = test.batch(slice(0, 120))
