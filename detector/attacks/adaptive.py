@@ -93,34 +93,14 @@ def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     """
     if eps < 0 or alpha <= 0 or steps < 1 or lam < 0:
         raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1 and lam >= 0 (got {eps}, {alpha}, {steps}, {lam})")
-    check_batch(x, y)
-    x0, y = x.detach(), y.to(x.device)
     target, scale = target.to(x.device), scale.to(x.device).clamp_min(1e-6)
-    best = x0.clone()
-    best_score = torch.full((x0.shape[0],), float("inf"), device=x.device)
-    with eval_mode(model):
-        x_adv = x0.clone()
-        for t in range(steps + 1):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                logits, rows = features(x_adv)
-                distance = torch.log1p(((rows.float() - target) / scale).pow(2).mean(dim=1))
-                z = logits.float()
-                margin = z.scatter(1, y[:, None], float("-inf")).amax(dim=1) - z.gather(1, y[:, None]).squeeze(1)
-                loss = margin - lam * distance
-                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-            with torch.no_grad():
-                wrong = logits.argmax(dim=1) != y
-                if t > 0 and wrong.any():
-                    s = score(x_adv.detach()).to(x.device).float()
-                    better = wrong & (s < best_score)
-                    best[better] = x_adv.detach()[better]
-                    best_score = torch.where(better, s, best_score)
-                if t < steps:
-                    x_adv = _linf_step(x_adv, x0, grad, eps, alpha)
-        never = torch.isinf(best_score)
-        best[never] = x_adv.detach()[never]
-    return best.detach()
+
+    def loss(logits: torch.Tensor, rows: torch.Tensor, wrong_margin: torch.Tensor) -> torch.Tensor:
+        distance = torch.log1p(((rows.float() - target) / scale).pow(2).mean(dim=1))
+        return wrong_margin - lam * distance
+
+    return _least_suspicious_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, features=features, loss=loss,
+                                 score=score)
 
 
 def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
@@ -139,6 +119,25 @@ def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     if eps < 0 or alpha <= 0 or steps < 1 or lam < 0 or margin <= 0:
         raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1, lam >= 0 and margin > 0 "
                          f"(got {eps}, {alpha}, {steps}, {lam}, {margin})")
+
+    def loss(logits: torch.Tensor, rows: torch.Tensor, wrong_margin: torch.Tensor) -> torch.Tensor:
+        capped = wrong_margin.clamp(max=margin)
+        if decision is None:
+            return capped
+        # once misclassified, also down the detector's score
+        return torch.where(wrong_margin > 0, capped - lam * decision(rows).float(), wrong_margin)
+
+    return _least_suspicious_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, features=features, loss=loss,
+                                 score=score)
+
+
+def _least_suspicious_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                          steps: int, features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                          loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                          score: Oracle) -> torch.Tensor:
+    """L∞ PGD up ``loss(logits, rows, wrong_margin)`` (per input; ``wrong_margin`` = max_{j≠y} z_j − z_y)
+    that keeps, per input, the misclassified iterate with the lowest ``score`` (the final iterate
+    when none was misclassified)."""
     check_batch(x, y)
     x0, y = x.detach(), y.to(x.device)
     best = x0.clone()
@@ -151,10 +150,7 @@ def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
                 logits, rows = features(x_adv)
                 z = logits.float()
                 wrong_margin = z.scatter(1, y[:, None], float("-inf")).amax(dim=1) - z.gather(1, y[:, None]).squeeze(1)
-                loss = wrong_margin.clamp(max=margin)
-                if decision is not None:  # once misclassified, also down the detector's score
-                    loss = torch.where(wrong_margin > 0, loss - lam * decision(rows).float(), wrong_margin)
-                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+                (grad,) = torch.autograd.grad(loss(logits, rows, wrong_margin).sum(), x_adv)
             with torch.no_grad():
                 wrong = logits.argmax(dim=1) != y
                 if t > 0 and wrong.any():
