@@ -85,6 +85,8 @@ class LayerGaussians:
     ``with_means`` appends each layer's channel means (and φ) to the distances in :meth:`rows`.
     """
 
+    with_means = False  # statistics saved before the option existed read this default
+
     def __init__(self, probes: Sequence[str], layer: str | None = None, ridge: float = 1e-3,
                  with_means: bool = False):
         self.probes = list(probes)
@@ -135,7 +137,7 @@ class LayerGaussians:
     def n_features(self) -> int:
         """Columns of :meth:`rows`: one distance per probe and φ, then their channels when ``with_means``."""
         n = len(self.probes) + 1
-        if getattr(self, "with_means", False):  # statistics saved before the option existed have none
+        if self.with_means:
             n += sum(int(m.shape[1]) for m in self.means_)
         return n
 
@@ -143,7 +145,7 @@ class LayerGaussians:
         """``[N, n_features]``: :meth:`distances` to the predicted class, followed by the channel means
         of every probe and φ when ``with_means``.  Differentiable in the activations."""
         out = self.distances(acts, phi, predicted)
-        if getattr(self, "with_means", False):
+        if self.with_means:
             out = torch.cat([out, *(a.to(out.dtype) for a in [*acts, phi])], dim=1)
         return out
 
