@@ -22,6 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
+from .smoothing import soft_trees
+
 __all__ = ["DEFAULT_DETECTOR", "DETECTORS", "ESTIMATORS", "Detection", "UncannyValleyDetector", "make_detector"]
 
 
@@ -216,18 +218,32 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         return self.score_samples(X) - self.operating_threshold
 
     @property
-    def has_gradient(self) -> bool:
-        """Whether :meth:`decision_tensor` exists: the classifier is a (standardised) logistic regression."""
-        return _linear_parts(getattr(self, "estimator_", None)) is not None
+    def gradient(self) -> str | None:
+        """How :meth:`decision_tensor` differentiates the classifier: ``"exact"`` for a (standardised)
+        logistic regression, ``"smoothed"`` for a decision tree or boosted trees (splits softened to
+        sigmoids: :mod:`detector.smoothing`), None for anything else."""
+        estimator = getattr(self, "estimator_", None)
+        if _linear_parts(estimator) is not None:
+            return "exact"
+        return "smoothed" if soft_trees(estimator) is not None else None
 
-    def decision_tensor(self, rows: torch.Tensor) -> torch.Tensor:
-        """The classifier's logit for feature rows as a differentiable tensor (what an adaptive attacker
-        descends); its sigmoid is :meth:`score_samples`.  Only for a linear classifier (:attr:`has_gradient`)."""
-        parts = _linear_parts(getattr(self, "estimator_", None))
-        if parts is None:
-            raise ValueError("the detector's classifier has no gradient (only a logistic regression has one)")
-        mean, scale, coef, intercept = (torch.as_tensor(p, dtype=rows.dtype, device=rows.device) for p in parts)
-        return ((rows - mean) / scale) @ coef + intercept
+    def decision_tensor(self, rows: torch.Tensor, temperature: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The classifier's logit for feature rows as a differentiable tensor: what an adaptive attacker
+        descends.  Exact for a logistic regression (its sigmoid is :meth:`score_samples`); for trees,
+        their output with every split softened at ``temperature`` (a scalar or one per feature, in the
+        features' units), which tends to the trees' own logit as the temperature goes to 0."""
+        estimator = getattr(self, "estimator_", None)
+        parts = _linear_parts(estimator)
+        if parts is not None:
+            mean, scale, coef, intercept = (torch.as_tensor(p, dtype=rows.dtype, device=rows.device) for p in parts)
+            return ((rows - mean) / scale) @ coef + intercept
+        soft = soft_trees(estimator)
+        if soft is None:
+            raise ValueError("the detector's classifier has no gradient, exact or smoothed "
+                             "(only a logistic regression, a decision tree or boosted trees have one)")
+        if temperature is None:
+            raise ValueError("a tree detector's gradient is smoothed: pass the temperature of its splits")
+        return soft.logit(rows, temperature)
 
     def predict(self, X) -> np.ndarray:
         """1 for inputs flagged adversarial (score at or above the threshold), 0 otherwise."""

@@ -37,7 +37,7 @@ from .shifts import SHIFTS, apply_shift
 
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
-    "baseline_scores", "check_disjoint", "evaluate", "evasion_budgets",
+    "baseline_scores", "check_disjoint", "decision_for_attacker", "describe_gradient", "evaluate", "evasion_budgets",
 ]
 
 BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
@@ -241,6 +241,32 @@ def _with_logits(rows_and_analysis):
     return out.logits, rows
 
 
+#: Temperature of a tree detector's softened splits, per feature, in standard deviations of clean
+#: calibration rows: the attacker's differentiable stand-in for the trees (:mod:`detector.smoothing`).
+SPLIT_SMOOTHING = 0.3
+
+
+def decision_for_attacker(bundle: Bundle, clean_rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The detector's logit as the attacker differentiates it: exact for a linear detector, trees
+    softened at :data:`SPLIT_SMOOTHING` clean standard deviations, None when it has neither."""
+    detector = bundle.detector
+    if detector.gradient == "exact":
+        return detector.decision_tensor
+    if detector.gradient == "smoothed":
+        temperature = SPLIT_SMOOTHING * clean_rows.double().std(dim=0).clamp_min(1e-12)
+        return lambda rows: detector.decision_tensor(rows, temperature.to(rows))
+    return None
+
+
+def describe_gradient(bundle: Bundle) -> str:
+    """What the score-descent attack descends, in words, for the report."""
+    return {"exact": "the detector's exact logit (a logistic regression)",
+            "smoothed": f"the detector's trees with every split softened to a sigmoid at {SPLIT_SMOOTHING:g} clean "
+                        "standard deviations of its feature",
+            None: "nothing of the detector's (no gradient): the margin-capped attack, keeping its least "
+                  "suspicious iterate"}[bundle.detector.gradient]
+
+
 def _oracles(bundle: Bundle, calibration_rows: np.ndarray, clean_margin: float) -> dict[str, Any]:
     """What an adaptive attacker who knows the detector is given."""
     rows = torch.as_tensor(calibration_rows, dtype=torch.float32)
@@ -250,7 +276,7 @@ def _oracles(bundle: Bundle, calibration_rows: np.ndarray, clean_margin: float) 
         "flagged": lambda x: torch.as_tensor(bundle.detect(x).adversarial),
         "score": lambda x: torch.as_tensor(bundle.detect(x).adversarial_score),
         "features": lambda x: _with_logits(bundle.features_with_grad(x)),
-        "decision": bundle.detector.decision_tensor if bundle.detector.has_gradient else None,
+        "decision": decision_for_attacker(bundle, rows),
         "target": rows.mean(dim=0),
         "scale": rows.std(dim=0),
     }
@@ -404,7 +430,7 @@ def evaluate(
     return Evaluation(
         detector={"features": detector.feature_set, "estimator": _estimator_name(detector.estimator_),
                   "probes": int(getattr(detector, "probes", 0)), "probe_means": bool(detector.probe_means),
-                  "threshold": detector.operating_threshold,
+                  "threshold": detector.operating_threshold, "gradient": describe_gradient(bundle),
                   "target_fpr": getattr(detector, "target_fpr", None)},
         target_fpr=target_fpr, clean=clean_record, attacks=records, shifts=shift_records,
         image_ids={"calibration": calibration.tolist(), "evaluated": held_out.tolist(),

@@ -113,3 +113,29 @@ def test_boosted_trees_scored_all_at_once_answer_bit_for_bit_as_scikit_learn(max
     categorical = HistGradientBoostingClassifier(max_iter=5, categorical_features=[0]).fit(
         np.c_[rng.integers(0, 3, 600), X[:, 1:]], y)
     assert _compiled_boosting(categorical) is None  # scikit-learn's own path for what is not plain
+
+
+@pytest.mark.parametrize("kind", ["paper", "curvature"])
+def test_softened_trees_tend_to_the_trees_and_descend_their_score(kind):
+    """A tree detector's smoothed logit: the trees' own answer as the temperature goes to 0, and at a
+    working temperature a gradient whose descent lowers the real (hard) score."""
+    import torch
+
+    from detector.estimator import make_detector
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(800, 6))
+    y = (X[:, 0] + 0.5 * X[:, 1] ** 2 + 0.3 * rng.normal(size=800) > 0.5).astype(int)
+    det = make_detector(kind).fit(X, y, calibration=X[y == 0])
+    assert det.gradient == "smoothed"
+    rows = torch.as_tensor(rng.normal(size=(300, 6)))
+    exact = det.score_samples(rows.numpy())
+    sharp = torch.sigmoid(det.decision_tensor(rows, temperature=1e-9)).numpy()
+    np.testing.assert_allclose(sharp, exact, atol=1e-6)
+    soft = rows.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(det.decision_tensor(soft, temperature=0.3).sum(), soft)
+    assert torch.isfinite(grad).all() and (grad.abs().sum(dim=1) > 0).float().mean() > 0.9
+    stepped = det.score_samples((rows - 0.3 * grad.sign()).numpy())
+    assert stepped.mean() < exact.mean() - 0.1  # descending the stand-in lowers the trees' own score
+    with pytest.raises(ValueError, match="positive"):
+        det.decision_tensor(rows, temperature=torch.zeros(6))

@@ -445,6 +445,8 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
             f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_linf(a['median_linf'])} / "
             f"{_num(a['median_l2'], 3)} | {_linf(a['evasion_budget_linf'])} / {_num(a['evasion_budget_l2'], 3)} | "
             f"{base} |")
+    if det.get("gradient") and any(a["attack"] == "score-descent" for a in evaluation["attacks"]):
+        lines += ["", f"The descent on the detector's score followed {det['gradient']}."]
     lines += [
         "",
         "Accuracy under attack: share of all evaluated images classified correctly after the attack. Success: "

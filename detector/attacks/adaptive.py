@@ -9,9 +9,9 @@ optimises or which iterate it returns:
   detector does not flag;
 - :func:`feature_matching_pgd` adds λ·(distance of the detector's features to clean ones) to the
   loss and keeps, per input, its misclassified iterate with the lowest detector score;
-- :func:`score_descent_pgd` descends the detector's own decision function where it has a gradient
-  (a linear detector), with the margin capped as above, and keeps the least suspicious
-  misclassified iterate.
+- :func:`score_descent_pgd` descends the detector's own decision function (exact for a linear
+  detector, trees softened to sigmoids otherwise: :mod:`detector.smoothing`), with the margin
+  capped as above, and keeps the least suspicious misclassified iterate.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     and the detector's own decision function pushed down.
 
     ``features(x) -> (logits, rows)`` is one differentiable forward pass; ``decision(rows)`` the
-    detector's differentiable score (its logit), or None for a detector without a gradient (trees),
+    detector's logit as a differentiable tensor (exact, or a smoothed stand-in for trees), or None,
     where the attack is the margin-capped PGD that keeps its least suspicious misclassified iterate.
     Per input the answer is the misclassified iterate with the lowest ``score`` seen.
     """
