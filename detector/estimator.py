@@ -367,9 +367,10 @@ DETECTORS = {
 }
 
 #: The detector ``detector-train`` fits unless told otherwise: the one the full attack suite favoured
-#: (docs/RESULTS.md).  ``activations`` catches more of the non-adaptive attacks on CIFAR-10, but its
-#: logistic regression hands an attacker its gradient, and descending it evades it on most images.
-DEFAULT_DETECTOR = "layers"
+#: (docs/RESULTS.md).  On CIFAR-10 it catches more of every attack that spends its budget, and of the
+#: margin-capped one, than ``layers``; an attacker who descends the detector's score gets past either
+#: (through softened trees for ``layers``), so the trees' lack of a gradient buys no safety.
+DEFAULT_DETECTOR = "activations"
 
 
 #: The classifiers a detector can put on its features (``--estimator``): what each detector kind uses

@@ -59,12 +59,12 @@ def default_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def activations_bundle(tmp_path_factory) -> Path:
-    """The activations detector (channel means too, a logistic regression) on the default recipe."""
+def layers_bundle(tmp_path_factory) -> Path:
+    """The layers detector (boosted trees on distances) on the default recipe."""
     from training.pipeline import TrainOptions, run
 
-    out = tmp_path_factory.mktemp("bundle") / "activations"
-    run(TrainOptions(detector="activations", evaluate="none", out=str(out), progress=False))
+    out = tmp_path_factory.mktemp("bundle") / "layers"
+    run(TrainOptions(detector="layers", evaluate="none", out=str(out), progress=False))
     return out
 
 

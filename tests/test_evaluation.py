@@ -282,10 +282,10 @@ def _score_descent_evasion(bundle, decision):
     return float(((answer.labels != y.numpy()) & ~answer.adversarial).mean())
 
 
-def test_score_descent_follows_a_linear_detectors_own_gradient(activations_bundle):
-    """The activations detector is a logistic regression: its logit is exact and differentiable, and
-    descending it gets far more misclassified digits past it than the same attack without it."""
-    bundle = load_bundle(activations_bundle)
+def test_score_descent_follows_a_linear_detectors_own_gradient(default_bundle):
+    """The default (activations) detector is a logistic regression: its logit is exact and differentiable,
+    and descending it gets far more misclassified digits past it than the same attack without it."""
+    bundle = load_bundle(default_bundle)
     assert bundle.detector.gradient == "exact"
     x, _ = load_dataset("digits", train=False).batch(slice(0, 120))
     rows, _ = bundle.features_with_grad(x, grad=False)
@@ -300,13 +300,13 @@ def test_score_descent_follows_a_linear_detectors_own_gradient(activations_bundl
         unfitted.decision_tensor(rows)
 
 
-def test_score_descent_through_the_default_detectors_softened_trees(default_bundle):
-    """The default detector's boosted trees have no gradient of their own; softened to sigmoids they
+def test_score_descent_through_a_tree_detectors_softened_trees(layers_bundle):
+    """The layers detector's boosted trees have no gradient of their own; softened to sigmoids they
     give the attacker one, and descending it gets far more digits past the real trees than the same
     attack blind to them."""
     from detector.evaluation import decision_for_attacker, describe_gradient
 
-    bundle = load_bundle(default_bundle)
+    bundle = load_bundle(layers_bundle)
     assert bundle.detector.gradient == "smoothed" and "softened" in describe_gradient(bundle)
     x, _ = load_dataset("digits", train=True).batch(slice(0, 200))
     clean_rows, _ = bundle.features_with_grad(x, grad=False)

@@ -100,16 +100,16 @@ def test_rows_with_means_append_each_layers_channel_means(digits_model, digits_t
     assert old.rows(acts, phi, predicted).shape == (16, len(widths))
 
 
-def test_activations_detector_end_to_end(activations_bundle):
-    """The activations detector (channel means too, a logistic regression) loaded from its skops
+def test_default_bundle_is_the_activations_detector(default_bundle):
+    """The default bundle's detector (the activations rows, a logistic regression) loaded from its skops
     file: rows as wide as its fit, its operating point holding on held-out clean images, PGD caught."""
     from detector import load_bundle
     from detector.datasets import load_dataset
 
-    bundle = load_bundle(activations_bundle)
+    bundle = load_bundle(default_bundle)
     assert bundle.detector.probe_means and bundle.detector.layer_gaussians.with_means
     assert type(bundle.detector.estimator_).__name__ == "Pipeline"
-    split = json.loads((activations_bundle / "split.json").read_text())
+    split = json.loads((default_bundle / "split.json").read_text())
     seen = set(split["fit"]) | set(split["calibration"])
     test = load_dataset("digits", train=False)
     held = torch.tensor([i for i in range(len(test)) if i not in seen])
@@ -125,8 +125,8 @@ def test_activations_detector_end_to_end(activations_bundle):
     assert fooled.mean() > 0.8 and adv.adversarial[fooled].mean() >= 0.8
 
 
-def test_default_layers_detector_and_statistics_saved_before_channel_means(default_bundle):
-    """The default bundle's layers detector (boosted trees on distances); then that detector as one
+def test_layers_detector_and_statistics_saved_before_channel_means(layers_bundle):
+    """The layers detector (boosted trees on distances); then that detector as one
     saved before ``with_means``/``probe_means`` existed, through skops: it loads, prints and scores
     the same rows."""
     import skops.io as sio
@@ -134,9 +134,10 @@ def test_default_layers_detector_and_statistics_saved_before_channel_means(defau
     from detector import load_bundle
     from detector.bundle import TRUSTED_TYPES
     from detector.datasets import load_dataset
-    bundle = load_bundle(default_bundle)
+
+    bundle = load_bundle(layers_bundle)
     det = bundle.detector
-    assert not det.probe_means and not det.layer_gaussians.with_means and not det.has_gradient
+    assert not det.probe_means and not det.layer_gaussians.with_means and det.gradient == "smoothed"
     x, _ = load_dataset("digits", train=False).batch(slice(0, 32))
     answer = bundle.detect(x)
     assert det.layer_gaussians.n_features == len(det.layer_gaussians.probes) + 1  # distances only

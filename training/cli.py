@@ -135,7 +135,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
                        help="layers: boosted trees on both phases of the attack path (output-layer curvature "
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
-                            "activations (the default): the same rows plus those layers' channel means, "
+                            "activations: the same rows plus those layers' channel means, "
                             "logistic regression; curvature: layers without earlier layers; paper: the talk's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")

@@ -547,10 +547,11 @@ def _plot_detection(path: Path, evaluation: dict, title: str) -> None:
                linewidth=1, label="clean false positives")
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.02)  # room for markers at exactly 1
     ax.set_xlabel("rate")
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the axes: inside, it would cover the bars and markers of whichever attacks sit under it
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
