@@ -453,7 +453,7 @@ def tree_description(det) -> str:
     return f"DecisionTreeClassifier(min_samples_leaf=5): depth {tree.get_depth()}, {tree.get_n_leaves()} leaves"
 
 
-def reference_layers_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0):
+def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0):
     """The product's default detector (:data:`detector.estimator.DEFAULT_DETECTOR`: curvature features
     and earlier-layer statistics from hooks in the same pass) on ``model``, as a :class:`detector.Bundle`:
     what ``Bundle.detect`` costs is what the service pays per batch.  Timing only: the layer statistics
@@ -479,7 +479,7 @@ def reference_layers_bundle(model: torch.nn.Module, device: torch.device, n: int
     det.calibrate(clean.sharpness.cpu().numpy())
     return bundle
 
-def describe_layers_detector() -> str:
+def describe_default_detector() -> str:
     """What the default detector computes per batch, in words (for the overhead table's description)."""
     from detector.estimator import DEFAULT_DETECTOR, make_detector
 

@@ -9,7 +9,7 @@ Same model, same batch, same device, interleaved in one process:
 - ``detect (default)`` (the default detector, with earlier layers): ``Bundle.detect``, what the service
   calls per batch: the same one forward pass with hooks on up to three convolutions, the curvature
   features, the earlier layers' statistics and the detector's classifier (see
-  :func:`benchmarks.common.reference_layers_bundle`);
+  :func:`benchmarks.common.reference_default_bundle`);
 - ``squeeze`` (reference, timing only): a feature-squeezing-style detector (Xu et al. 2018): the
   model on x and on 3 squeezed copies (5-bit depth, 2×2 median, 3×3 median standing in for the
   costlier non-local means), score = max L1 distance of the softmax outputs: 4 forwards;
@@ -50,15 +50,15 @@ from .common import (
     autocast,
     cifar_batch,
     cifar_model,
-    describe_layers_detector,
+    describe_default_detector,
     fmt_ratio_stats,
     fmt_seconds,
     fmt_time_stats,
     interleaved,
     load_average,
     ratios,
+    reference_default_bundle,
     reference_detector,
-    reference_layers_bundle,
     synchronizer,
     tree_description,
 )
@@ -168,7 +168,7 @@ def run(
             "Bare forward vs forward + detection on the same model, batch and device, interleaved in one "
             "process. `forward` = `model(x)` with the logits copied to the host; `detect` = the paper's detector "
             "(`--detector paper`): `detector.analyze` (one forward pass; ψ, κ from it) + `UncannyValleyDetector.detect` "
-            "(tree + κ threshold, on the host); `detect (default)` = " + describe_layers_detector() + " "
+            "(tree + κ threshold, on the host); `detect (default)` = " + describe_default_detector() + " "
             "(statistics and classifier fitted on random images and their FGSM adversarials: timing only). "
             "Reference points (timing only, written in the benchmark): a feature-squeezing-style detector "
             "(4 forwards: x, 5-bit depth, 2×2 median, 3×3 median standing in for non-local means) and a "
@@ -198,7 +198,7 @@ def run(
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
         log(f"  overhead: {arch}: fitting the default ({DEFAULT_DETECTOR}) detector for timing …")
-        layers_bundle = reference_layers_bundle(model, device, n=64 if quick else 256)
+        default_bundle = reference_default_bundle(model, device, n=64 if quick else 256)
         for amp in amps:
             amp_ctx = lambda amp=amp: autocast(device, amp)
             squeeze = FeatureSqueezingStyle(model, amp_ctx)
@@ -220,7 +220,7 @@ def run(
 
                 def detect_layers(x=x):
                     with amp_ctx():
-                        return layers_bundle.detect(x)
+                        return default_bundle.detect(x)
 
                 fns = {"forward": forward, "detect": detect, "layers": detect_layers}
                 if peers:

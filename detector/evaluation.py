@@ -34,6 +34,7 @@ from .features import Analysis
 from .layers import LayerGaussians
 from .metrics import Rate, auroc, budget_summary, evasion_budget, evasion_rate, rate
 from .shifts import SHIFTS, apply_shift
+from .smoothing import split_temperature
 
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
@@ -241,19 +242,20 @@ def _with_logits(rows_and_analysis):
     return out.logits, rows
 
 
-#: Temperature of a tree detector's softened splits, per feature, in standard deviations of clean
+#: Temperature of a tree detector's softened splits, per feature, in robust spreads of clean
 #: calibration rows: the attacker's differentiable stand-in for the trees (:mod:`detector.smoothing`).
 SPLIT_SMOOTHING = 0.3
 
 
 def decision_for_attacker(bundle: Bundle, clean_rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The detector's logit as the attacker differentiates it: exact for a linear detector, trees
-    softened at :data:`SPLIT_SMOOTHING` clean standard deviations, None when it has neither."""
+    softened at :data:`SPLIT_SMOOTHING` robust spreads of the clean rows' features, None when it has
+    neither."""
     detector = bundle.detector
     if detector.gradient == "exact":
         return detector.decision_tensor
     if detector.gradient == "smoothed":
-        temperature = SPLIT_SMOOTHING * clean_rows.double().std(dim=0).clamp_min(1e-12)
+        temperature = split_temperature(clean_rows, SPLIT_SMOOTHING)
         return lambda rows: detector.decision_tensor(rows, temperature.to(rows))
     return None
 
@@ -261,8 +263,8 @@ def decision_for_attacker(bundle: Bundle, clean_rows: torch.Tensor) -> Callable[
 def describe_gradient(bundle: Bundle) -> str:
     """What the score-descent attack descends, in words, for the report."""
     return {"exact": "the detector's exact logit (a logistic regression)",
-            "smoothed": f"the detector's trees with every split softened to a sigmoid at {SPLIT_SMOOTHING:g} clean "
-                        "standard deviations of its feature",
+            "smoothed": f"the detector's tree(s) with every split softened to a sigmoid at {SPLIT_SMOOTHING:g} "
+                        "robust spreads (1.4826 · MAD) of its feature over clean calibration images",
             None: "nothing of the detector's (no gradient): the margin-capped attack, keeping its least "
                   "suspicious iterate"}[bundle.detector.gradient]
 

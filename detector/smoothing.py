@@ -17,7 +17,7 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.tree import DecisionTreeClassifier
 
-__all__ = ["SoftTrees", "soft_trees"]
+__all__ = ["SoftTrees", "soft_trees", "split_temperature"]
 
 
 class SoftTrees:
@@ -50,7 +50,7 @@ class SoftTrees:
             raise ValueError(f"temperature must be positive, a scalar or one per feature ({rows.shape[1]})")
         node = torch.as_tensor(self.path_node.clip(min=0), device=device)
         side = torch.as_tensor(self.path_side, dtype=dtype, device=device)
-        feature = torch.as_tensor(self.feature, device=device)[node]  # [L, D]
+        feature = torch.as_tensor(self.feature.clip(min=0), device=device)[node]  # [L, D]; leaves' −2 unused
         threshold = torch.as_tensor(self.threshold, dtype=dtype, device=device)[node]
         # log P(leaf) = Σ along its path of log σ(±(t − x_f) / T_f); padding contributes log 1 = 0
         split = (threshold - rows[:, feature]) / temperature[feature]  # [N, L, D]
@@ -58,8 +58,10 @@ class SoftTrees:
         value = torch.as_tensor(self.leaf_value, dtype=dtype, device=device)
         if not self.mixes_probabilities:
             return self.baseline + log_leaf.exp() @ value
-        p = (log_leaf.exp() @ value).clamp(1e-7, 1 - 1e-7)
-        return torch.log(p) - torch.log1p(-p)
+        # log P(adv) − log P(clean), each a log-sum over leaves: no clamp of the mixture that would
+        # zero the gradient where it saturates (pure leaves, sharp temperatures)
+        share = value.clamp(1e-7, 1 - 1e-7)
+        return torch.logsumexp(log_leaf + share.log(), dim=1) - torch.logsumexp(log_leaf + (-share).log1p(), dim=1)
 
 
 def _leaf_paths(roots: np.ndarray, left: np.ndarray, right: np.ndarray, is_leaf: np.ndarray):
@@ -132,3 +134,22 @@ def soft_trees(estimator) -> SoftTrees | None:
         soft = None
     _CACHE[estimator] = soft
     return soft
+
+
+def split_temperature(clean_rows: torch.Tensor, softness: float) -> torch.Tensor:
+    """One temperature per feature: ``softness`` robust spreads (1.4826 · median absolute deviation)
+    of clean feature rows ``[N, F]``, the standard deviation where that spread is 0.
+
+    A robust spread, because some features span orders of magnitude (raw ψ of confident inputs sits
+    near 1e-7 with outliers near 1): their standard deviation is set by the outliers and would blur
+    every split near the clean inputs into one.
+    """
+    if softness <= 0:
+        raise ValueError(f"softness must be positive, got {softness}")
+    rows = clean_rows.detach().double()
+    if rows.ndim != 2 or rows.shape[0] < 2:
+        raise ValueError(f"need at least two clean rows [N, F], got shape {tuple(rows.shape)}")
+    spread = 1.4826 * (rows - rows.median(dim=0).values).abs().median(dim=0).values
+    spread = torch.where(spread > 0, spread, rows.std(dim=0))
+    return softness * spread.clamp_min(1e-12)
+

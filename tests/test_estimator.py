@@ -125,6 +125,7 @@ def test_softened_trees_tend_to_the_trees_and_descend_their_score(kind):
 
     rng = np.random.default_rng(2)
     X = rng.normal(size=(800, 6))
+    X[:, 5] = 0.0  # constant in fitting: no tree splits on it
     y = (X[:, 0] + 0.5 * X[:, 1] ** 2 + 0.3 * rng.normal(size=800) > 0.5).astype(int)
     det = make_detector(kind).fit(X, y, calibration=X[y == 0])
     assert det.gradient == "smoothed"
@@ -137,5 +138,23 @@ def test_softened_trees_tend_to_the_trees_and_descend_their_score(kind):
     assert torch.isfinite(grad).all() and (grad.abs().sum(dim=1) > 0).float().mean() > 0.9
     stepped = det.score_samples((rows - 0.3 * grad.sign()).numpy())
     assert stepped.mean() < exact.mean() - 0.1  # descending the stand-in lowers the trees' own score
+    # one temperature per feature, each on its own feature: blurring a feature the trees never split
+    # on changes nothing, blurring the one they split on most changes the answer
+    used = np.bincount(det.estimator_.tree_.feature[det.estimator_.tree_.feature >= 0], minlength=6) \
+        if kind == "paper" else np.bincount(
+            np.concatenate([p[0].nodes["feature_idx"][~p[0].nodes["is_leaf"].astype(bool)]
+                            for p in det.estimator_._predictors]), minlength=6)
+    for feature, changes in ((int(np.argmin(used)), False), (int(np.argmax(used)), True)):
+        if not changes:
+            assert feature == 5 and used[feature] == 0
+        temperature = torch.full((6,), 1e-9, dtype=torch.float64)
+        temperature[feature] = 1e3
+        blurred = torch.sigmoid(det.decision_tensor(rows, temperature=temperature)).numpy()
+        assert (np.abs(blurred - exact).max() > 0.05) == changes
     with pytest.raises(ValueError, match="positive"):
         det.decision_tensor(rows, temperature=torch.zeros(6))
+    from detector.smoothing import split_temperature
+
+    heavy = torch.as_tensor(np.c_[rng.lognormal(-16, 4, 500), rng.normal(size=500)])
+    spread = split_temperature(heavy, 1.0)  # robust: the lognormal's outliers do not set its scale
+    assert spread[0] < 0.01 * heavy[:, 0].std() and abs(float(spread[1]) - 1.0) < 0.2

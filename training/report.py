@@ -553,7 +553,7 @@ def _plot_detection(path: Path, evaluation: dict, title: str) -> None:
     # below the axes: inside, it would cover the bars and markers of whichever attacks sit under it
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes included
     plt.close(fig)
 
 
