@@ -1,7 +1,8 @@
-"""``python -m training.robustness``: bundles side by side under the same attack suite.
+"""``python -m training.robustness``: bundles side by side under the attack suite.
 
 Reads the ``evaluation.json`` that ``detector-evaluate`` wrote for each bundle (a standard and an
-adversarially trained classifier, say, or two detectors on one classifier) and writes Markdown tables
+adversarially trained classifier, say, or two detectors on one classifier; an attack that an older
+evaluation's suite lacked shows as "–") and writes Markdown tables
 (clean accuracy and false positives and the evasion budget per group of attacks; per attack: accuracy
 under attack, detection, evasion and AUROC; per natural shift: the share flagged) and one plot of
 evasion rate against L∞ budget with a line per bundle. ::
