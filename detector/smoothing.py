@@ -86,22 +86,16 @@ def _leaf_paths(roots: np.ndarray, left: np.ndarray, right: np.ndarray, is_leaf:
 
 
 def _from_boosting(estimator: HistGradientBoostingClassifier) -> SoftTrees | None:
-    if estimator.n_trees_per_iteration_ != 1 or getattr(estimator, "is_categorical_", None) is not None:
+    # the compiled view's flat node arrays; imported here because estimator imports this module
+    from .estimator import _compiled_boosting
+
+    compiled = _compiled_boosting(estimator)
+    if compiled is None:  # categorical splits, several trees per iteration: no stand-in
         return None
-    trees = [iteration[0].nodes for iteration in estimator._predictors]
-    if any(t["is_categorical"].any() for t in trees):
-        return None
-    sizes = np.array([len(t) for t in trees])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    nodes = np.concatenate(trees)
-    shift = np.repeat(offsets, sizes)
-    leaf = nodes["is_leaf"].astype(bool)
-    left = np.where(leaf, 0, nodes["left"].astype(np.int64) + shift)
-    right = np.where(leaf, 0, nodes["right"].astype(np.int64) + shift)
-    leaves, path_node, path_side = _leaf_paths(offsets, left, right, leaf)
-    return SoftTrees(nodes["feature_idx"].astype(np.int64), nodes["num_threshold"].astype(np.float64), path_node,
-                     path_side, nodes["value"].astype(np.float64)[leaves],
-                     float(np.asarray(estimator._baseline_prediction).ravel()[0]), mixes_probabilities=False)
+    leaves, path_node, path_side = _leaf_paths(compiled.roots, compiled.left, compiled.right, compiled.leaf)
+    return SoftTrees(compiled.feature.astype(np.int64), compiled.threshold, path_node, path_side,
+                     compiled.value[leaves], float(np.asarray(compiled.baseline).ravel()[0]),
+                     mixes_probabilities=False)
 
 
 def _from_tree(estimator: DecisionTreeClassifier) -> SoftTrees | None:
