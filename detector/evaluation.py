@@ -252,9 +252,10 @@ def decision_for_attacker(bundle: Bundle, clean_rows: torch.Tensor) -> Callable[
     softened at :data:`SPLIT_SMOOTHING` robust spreads of the clean rows' features, None when it has
     neither."""
     detector = bundle.detector
-    if detector.gradient == "exact":
+    kind = detector.gradient
+    if kind == "exact":
         return detector.decision_tensor
-    if detector.gradient == "smoothed":
+    if kind == "smoothed":
         temperature = split_temperature(clean_rows, SPLIT_SMOOTHING)
         return lambda rows: detector.decision_tensor(rows, temperature.to(rows))
     return None
