@@ -218,11 +218,11 @@ def run(
                         out = analyze(model, x)
                     return det.detect(out.psi.cpu().numpy(), out.sharpness.cpu().numpy()), out.logits.cpu()
 
-                def detect_layers(x=x):
+                def detect_default(x=x):
                     with amp_ctx():
                         return default_bundle.detect(x)
 
-                fns = {"forward": forward, "detect": detect, "layers": detect_layers}
+                fns = {"forward": forward, "detect": detect, "layers": detect_default}
                 if peers:
                     fns["squeeze"] = lambda x=x: squeeze(x)
                     fns["mahalanobis"] = lambda x=x: maha(x)
