@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -204,6 +205,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         compiled = _compiled_boosting(self.estimator_)
         if compiled is not None:  # X is finite: _check_X refused anything else
             return compiled.predict_proba(X)
+        if _is_plain_logistic(self.estimator_):
+            return _logistic_proba(self.estimator_, X)
         # A fitted estimator always saw both classes (fit checks), so columns are [0, 1].
         return self.estimator_.predict_proba(X)
 
@@ -280,6 +283,29 @@ def _linear_parts(estimator) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]
     mean = scaler.mean_ if scaler is not None and scaler.mean_ is not None else np.zeros(n)
     scale = scaler.scale_ if scaler is not None and scaler.scale_ is not None else np.ones(n)
     return mean, scale, estimator.coef_[0], float(estimator.intercept_[0])
+
+
+def _is_plain_logistic(estimator) -> bool:
+    """Whether ``estimator`` is the ``activations`` detector's own classifier, fitted: a binary
+    ``LogisticRegression`` on dense features after a centring and scaling ``StandardScaler``."""
+    if type(estimator) is not Pipeline or len(estimator.steps) != 2:
+        return False
+    scaler, logistic = (step for _, step in estimator.steps)
+    return (type(scaler) is StandardScaler and type(logistic) is LogisticRegression
+            and getattr(scaler, "mean_", None) is not None and getattr(scaler, "scale_", None) is not None
+            and getattr(logistic, "coef_", None) is not None and logistic.coef_.shape[0] == 1
+            and len(logistic.classes_) == 2)
+
+
+def _logistic_proba(estimator: Pipeline, X: np.ndarray) -> np.ndarray:
+    """``estimator.predict_proba(X)`` for :func:`_is_plain_logistic` pipelines and checked ``X``: the
+    same operations in the same order (so the same bits), without the pipeline's three validations of
+    ``X``, which cost more than the arithmetic on a batch (about 1 ms)."""
+    (_, scaler), (_, logistic) = estimator.steps
+    z = X - scaler.mean_
+    z /= scaler.scale_
+    p = expit((z @ logistic.coef_.T + logistic.intercept_).reshape(-1))
+    return np.stack([1 - p, p], axis=1)
 
 
 class _CompiledBoosting:

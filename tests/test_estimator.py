@@ -115,6 +115,27 @@ def test_boosted_trees_scored_all_at_once_answer_bit_for_bit_as_scikit_learn(max
     assert _compiled_boosting(categorical) is None  # scikit-learn's own path for what is not plain
 
 
+def test_logistic_detector_scores_bit_for_bit_as_its_scikit_learn_pipeline():
+    """The default detector's classifier, scored without the pipeline's validations, against the
+    pipeline's own predict_proba: the same floats, on the fitting rows, far outside them and one by one;
+    and a pipeline of another shape still goes through scikit-learn."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    from detector.estimator import _is_plain_logistic, make_detector
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(loc=3.0, scale=[1.0, 5.0, 0.1, 2.0, 1.0], size=(500, 5))
+    y = (X[:, 0] - 3 + X[:, 2] * 10 - 30 + rng.normal(size=500) > 0).astype(int)
+    det = make_detector("curvature", estimator="logistic").fit(X, y, calibration=X[y == 0])
+    assert _is_plain_logistic(det.estimator_)
+    for rows in (X, 100 * rng.normal(size=(50, 5)), X[:1]):
+        assert np.array_equal(det.predict_proba(rows), det.estimator_.predict_proba(rows))
+    other = UncannyValleyDetector(estimator=make_pipeline(MinMaxScaler(), LogisticRegression())).fit(X, y)
+    assert not _is_plain_logistic(other.estimator_)
+    assert np.array_equal(other.predict_proba(X), other.estimator_.predict_proba(X))
+
+
 @pytest.mark.parametrize("kind", ["paper", "curvature"])
 def test_softened_trees_tend_to_the_trees_and_descend_their_score(kind):
     """A tree detector's smoothed logit: the trees' own answer as the temperature goes to 0, and at a
