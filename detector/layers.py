@@ -20,6 +20,7 @@ doubled the share of FGSM and margin-capped adversarials caught at a 5% target f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,6 +79,12 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
     return logits, phi[-1].flatten(1), [captured[n] for n in probes]
 
 
+#: Each fitted :class:`LayerGaussians`' statistics as tensors, per (dtype, device): converted (and
+#: copied to an accelerator) once, not on every batch.  Kept outside the object so that a bundle
+#: stores only its plain arrays.
+_AS_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class LayerGaussians:
     """Per layer: a mean per class and one shared covariance of the activations of clean images.
 
@@ -98,6 +105,7 @@ class LayerGaussians:
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels``."""
         model.eval()
+        _AS_TENSORS.pop(self, None)
         device = next(model.parameters()).device
         k = 0  # classes: the model's logits, so that every class it can predict has a mean row
         rows: list[list[torch.Tensor]] = []
@@ -149,6 +157,16 @@ class LayerGaussians:
             out = torch.cat([out, *(a.to(out.dtype) for a in [*acts, phi])], dim=1)
         return out
 
+    def _statistics(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(means, precision)`` of each probe and φ as tensors of ``dtype`` on ``device``."""
+        cache = _AS_TENSORS.setdefault(self, {})
+        key = (dtype, device)
+        if key not in cache:
+            with torch.inference_mode(False):  # plain tensors, usable by attacks that differentiate
+                cache[key] = [tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
+                              for pair in zip(self.means_, self.precisions_, strict=True)]
+        return cache[key]
+
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
                   predicted: torch.Tensor | None) -> torch.Tensor:
         """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe and of φ to the predicted
@@ -156,9 +174,7 @@ class LayerGaussians:
         Differentiable in the activations."""
         dtype = _stat_dtype(phi)
         out = []
-        for values, means, precision in zip([*acts, phi], self.means_, self.precisions_, strict=True):
-            m = torch.as_tensor(means, dtype=dtype, device=values.device)
-            p = torch.as_tensor(precision, dtype=dtype, device=values.device)
+        for values, (m, p) in zip([*acts, phi], self._statistics(dtype, phi.device), strict=True):
             if predicted is None:
                 diff = values.to(dtype)[:, None, :] - m[None]  # [N, k, d]
                 d2 = torch.einsum("nkd,de,nke->nk", diff, p, diff).min(dim=1).values

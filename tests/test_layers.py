@@ -148,3 +148,28 @@ def test_layers_detector_and_statistics_saved_before_channel_means(layers_bundle
     assert "UncannyValleyDetector" in repr(old)  # get_params reads the class default
     rows, _ = bundle.features(x)
     np.testing.assert_array_equal(old.score_samples(rows), answer.adversarial_score)
+
+
+def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(digits_model, digits_train,
+                                                                                digits_test):
+    """The statistics are turned into tensors once per dtype and device: the first use under inference
+    mode (the service) must not leave tensors an attack cannot differentiate through, and fitting
+    again must replace them."""
+    x_fit, y_fit = digits_train.batch(slice(0, 300))
+    x, _ = digits_test.batch(slice(0, 8))
+    fresh = LayerGaussians(probe_layers(digits_model)).fit(digits_model, x_fit, y_fit)
+    with torch.inference_mode():
+        logits, phi, acts = forward_probed(digits_model, x, fresh.probes)
+        served = fresh.distances(acts, phi, logits.argmax(1))
+    x = x.clone().requires_grad_(True)
+    logits, phi, acts = forward_probed(digits_model, x, fresh.probes)
+    followed = fresh.distances(acts, phi, logits.argmax(1))
+    (grad,) = torch.autograd.grad(followed.sum(), x)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(followed.detach(), served.clone())
+    x_other, y_other = digits_train.batch(slice(300, 600))
+    fresh.fit(digits_model, x_other, y_other)
+    refitted = fresh.distances(acts, phi, logits.argmax(1)).detach()
+    expected = LayerGaussians(fresh.probes).fit(digits_model, x_other, y_other).distances(acts, phi, logits.argmax(1))
+    torch.testing.assert_close(refitted, expected.detach())
+    assert not torch.allclose(refitted, followed.detach())
