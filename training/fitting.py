@@ -39,7 +39,7 @@ __all__ = [
 #: changes than the evaluation's), so ordinary uploads do not fire.  The evaluation marks the shifts
 #: the detector saw.
 CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "JPEG q60", "brightness ×0.9", "contrast ×0.85", "noise σ=0.01",
-                  "noise σ=0.03")
+                  "noise σ=0.03", "JPEG q40", "noise σ=0.07")
 
 
 @dataclass
