@@ -9,6 +9,7 @@ copy of an image.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image, ImageFilter
 
 from .images import to_model_array
 
-__all__ = ["AUGMENTATIONS", "SHIFTS", "apply_shift"]
+__all__ = ["AUGMENTATIONS", "SHIFTS", "apply_shift", "shift_name"]
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
@@ -72,6 +73,10 @@ def _affine(gain: float, around_mean: bool) -> Callable[[torch.Tensor], torch.Te
     return shift
 
 
+def _blur(radius: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return _per_image(lambda im: im.filter(ImageFilter.GaussianBlur(radius)))
+
+
 #: name → shift.  "upscaled ×4" / "downscaled ×0.5": resized by a user's tool, then back to the
 #: model's size by the service.
 SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -83,7 +88,7 @@ SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "JPEG q50": _per_image(_jpeg(50)),
     "noise σ=0.02": _noise(0.02),
     "noise σ=0.05": _noise(0.05),
-    "blur r=1": _per_image(lambda im: im.filter(ImageFilter.GaussianBlur(1))),
+    "blur r=1": _blur(1),
     "brightness ×1.2": _affine(1.2, around_mean=False),
     "contrast ×0.7": _affine(0.7, around_mean=True),
 }
@@ -106,9 +111,55 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+
+#: Families of changes any magnitude of which can be named: (pattern of the plain name, canonical
+#: name, the shift, allowed magnitudes).  A name already in SHIFTS or AUGMENTATIONS is that entry.
+_FAMILIES = (
+    ("upscaled×", "upscaled ×{:g}", lambda f: _per_image(_resize(f)), (1.0, 16.0)),
+    ("downscaled×", "downscaled ×{:g}", lambda f: _per_image(_resize(f)), (0.05, 1.0)),
+    ("jpegq", "JPEG q{:g}", lambda q: _per_image(_jpeg(int(q))), (0, 95)),
+    ("noiseσ=", "noise σ={:g}", lambda sigma: _noise(sigma, seed=1), (0.0, 1.0)),
+    ("blurr=", "blur r={:g}", _blur, (0.0, 10.0)),
+    ("brightness×", "brightness ×{:g}", lambda g: _affine(g, around_mean=False), (0.0, 4.0)),
+    ("contrast×", "contrast ×{:g}", lambda g: _affine(g, around_mean=True), (0.0, 4.0)),
+)
+
+
+def _plain(name: str) -> str:
+    # No family's name has an "x" in it, so "x" can stand for "×".
+    return name.lower().replace(" ", "").replace("sigma", "σ").replace("x", "×")
+
+
+def _parse(text: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    plain = _plain(text)
+    for prefix, template, factory, (low, high) in _FAMILIES:
+        match = re.fullmatch(re.escape(prefix) + _NUMBER, plain)
+        if match is None:
+            continue
+        value = float(match.group(1))
+        if not low < value <= high or (prefix == "jpegq" and value != int(value)):
+            raise ValueError(f"{text.strip()!r}: the magnitude must lie in ({low:g}, {high:g}]"
+                             + (" and be a whole number" if prefix == "jpegq" else ""))
+        name = template.format(value)
+        known = SHIFTS.get(name) or AUGMENTATIONS.get(name)
+        return name, known or factory(value)
+    families = ", ".join(t.replace("{:g}", "N") for _, t, _, _ in _FAMILIES)
+    raise ValueError(f"unknown shift {text.strip()!r}; name one of: {families} (e.g. {', '.join(SHIFTS)})")
+
+
+def shift_name(text: str) -> str:
+    """The canonical name of the change ``text`` describes, which may be typed without its symbols:
+    ``"noise sigma=0.07"`` and ``"Brightness x0.9"`` are ``"noise σ=0.07"`` and ``"brightness ×0.9"``.
+    Any magnitude of a family works (``"JPEG q30"``); a name of :data:`SHIFTS` or
+    :data:`AUGMENTATIONS` is that very change (the same noise field)."""
+    return _parse(text)[0]
+
+
 def apply_shift(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The shift or augmentation ``name`` applied to a batch of [0, 1] images."""
+    """The shift or augmentation ``name`` (or any change :func:`shift_name` reads) applied to a batch of
+    [0, 1] images."""
     fn = SHIFTS.get(name) or AUGMENTATIONS.get(name)
     if fn is None:
-        raise ValueError(f"unknown shift {name!r}; choose one of {list(SHIFTS) + list(AUGMENTATIONS)}")
+        fn = _parse(name)[1]
     return fn(x)

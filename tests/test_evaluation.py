@@ -327,6 +327,26 @@ def test_shifts_keep_shape_and_range(batch, name):
         assert (out - x).abs().mean() < 0.2
 
 
+def test_shift_names_read_typed_symbols_and_any_magnitude(batch):
+    """What ``--clean-variants`` accepts: a listed change is that very change (the same noise field),
+    any magnitude of a family is built on demand, and a name it cannot read says what it can."""
+    from detector.shifts import shift_name
+
+    x, _ = batch
+    assert shift_name("noise sigma=0.050") == "noise σ=0.05"
+    assert torch.equal(apply_shift(shift_name("Noise sigma=0.05"), x), SHIFTS["noise σ=0.05"](x))
+    assert shift_name("brightness x0.9") == "brightness ×0.9" and shift_name(" jpeg q30 ") == "JPEG q30"
+    stronger, weaker = apply_shift("JPEG q10", x), apply_shift("JPEG q90", x)
+    assert (stronger - x).abs().mean() > (weaker - x).abs().mean()  # the magnitude is the one named
+    fresh = apply_shift("noise σ=0.04", x)  # not listed: the fitting's own noise field, not the evaluation's
+    assert not torch.equal(fresh, SHIFTS["noise σ=0.05"](x))
+    assert 0.02 < float((fresh - x).std()) < 0.05
+    for bad, message in (("jpeg q0", "must lie in"), ("jpeg q30.5", "whole number"), ("upscaled x0.5", "must lie"),
+                         ("sharpen", "unknown shift 'sharpen'; name one of: upscaled ×N")):
+        with pytest.raises(ValueError, match=message):
+            shift_name(bad)
+
+
 # --- the evaluation --------------------------------------------------------------------------------
 
 

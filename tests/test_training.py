@@ -365,6 +365,26 @@ class _Unsafe:
     """An arbitrary object: torch.load(weights_only=True) must refuse to unpickle it."""
 
 
+def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):
+    """``--clean-variants``: typed names are read, the clean images go through exactly those changes
+    (rows per calibration image: itself and each variant), and the evaluation knows them as seen."""
+    from training.pipeline import seen_in_fitting
+
+    args = build_parser().parse_args(["--clean-variants", "jpeg q30, noise sigma=0.05,JPEG q30"])
+    assert options_from_args(args, "x").clean_variants == ("JPEG q30", "noise σ=0.05")
+    assert build_parser().parse_args(["--clean-variants", "none"]).clean_variants == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--clean-variants", "sharpen"])
+    report = run(TrainOptions(weights=str(default_bundle / "weights.pt"), epochs=0, max_samples=150,
+                              clean_variants=("JPEG q30", "noise σ=0.05"), evaluate="none",
+                              out=str(tmp_path / "b"), progress=False))
+    assert list(report["detection"]["fitted_on"]["clean"]) == ["clean images", "JPEG q30", "noise σ=0.05"]
+    assert seen_in_fitting(report) == ["JPEG q30", "noise σ=0.05"]
+    detector = load_bundle(tmp_path / "b").detector
+    detection = report["detection"]
+    assert detection["n_calibration"] == detector.n_calibration_ == 3 * detection["n_calibration_images"]
+
+
 def test_bad_requests_fail_before_any_work(tmp_path):
     with pytest.raises(PipelineError, match="no --weights"):
         run(TrainOptions(epochs=0, out=str(tmp_path / "a"), progress=False))
@@ -380,6 +400,10 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         run(TrainOptions(train_steps=3, out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--train-steps applies to --adversarial-training pgd"):
         run(TrainOptions(adversarial_training="fast", train_steps=3, out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--clean-variants is for detectors with an operating point"):
+        run(TrainOptions(detector="paper", clean_variants=("JPEG q30",), out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--clean-variants: unknown shift 'sharpen'"):
+        run(TrainOptions(clean_variants=("sharpen",), out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--epochs is 0"):
         run(TrainOptions(adversarial_training="fast", epochs=0, weights=str(tmp_path / "x.pt"),
                          out=str(tmp_path / "d"), progress=False))

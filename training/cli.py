@@ -18,8 +18,10 @@ from detector import distributed
 from detector.datasets import DATASET_KINDS, DatasetNotFoundError
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.models import MODELS
+from detector.shifts import shift_name
 
 from .classifier import ADVERSARIAL_TRAINING
+from .fitting import CLEAN_VARIANTS
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
@@ -32,6 +34,16 @@ def _number(text: str) -> float:
         return float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError) as exc:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+
+
+def _shift_names(text: str) -> tuple[str, ...]:
+    """``--clean-variants``: comma-separated names of :mod:`detector.shifts`, or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(dict.fromkeys(shift_name(part) for part in text.split(",") if part.strip()))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _json_object(text: str) -> dict:
@@ -144,6 +156,11 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "activations: logistic; paper: tree), to compare them")
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
                        help="share of clean calibration images the detector may flag")
+        g.add_argument("--clean-variants", type=_shift_names, default=None, metavar="NAME,NAME,…|none",
+                       help="what the clean fitting and calibration images also go through, so that inputs "
+                            "changed that way do not fire (default: " + ", ".join(CLEAN_VARIANTS) + "); "
+                            "add the changes your own inputs go through, e.g. 'JPEG q30'; 'x' and 'sigma' "
+                            "stand for × and σ; not for --detector paper")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
                        help="share of the attacked images held out for evaluation")
         g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,
@@ -199,6 +216,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         detector=getattr(args, "detector", TrainOptions.detector),
         estimator=getattr(args, "estimator", None),
         target_fpr=getattr(args, "target_fpr", TrainOptions.target_fpr),
+        clean_variants=getattr(args, "clean_variants", None),
         calibration_fraction=getattr(args, "calibration_fraction", TrainOptions.calibration_fraction),
         evaluate=getattr(args, "evaluate", TrainOptions.evaluate),
         evaluate_images=getattr(args, "evaluate_images", TrainOptions.evaluate_images),

@@ -19,6 +19,7 @@ an image, so a clean image and its adversarials always sit on the same side.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,10 +148,11 @@ def _batched_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, tra
 
 
 def calibration_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, *, device: torch.device,
-                     batch_size: int) -> np.ndarray:
-    """Feature rows of the clean calibration images, as they come and through :data:`CLEAN_VARIANTS`."""
+                     batch_size: int, variants: Sequence[str] = CLEAN_VARIANTS) -> np.ndarray:
+    """Feature rows of clean images, as they come and through each of ``variants`` (names of
+    :mod:`detector.shifts`)."""
     parts = [_batched_rows(extract, data, index, lambda x, y: x, device, batch_size)[0]]
-    for name in CLEAN_VARIANTS:
+    for name in variants:
         parts.append(_batched_rows(extract, data, index, lambda x, y, n=name: apply_shift(n, x), device,
                                    batch_size)[0])
     return np.concatenate(parts)
@@ -188,11 +190,13 @@ REFERENCE_IMAGES = 5000
 def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fit_images: np.ndarray,
                  calibration_images: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
                  device: torch.device, batch_size: int, seed: int,
-                 reference: ImageDataset | None = None, estimator: str | None = None) -> FittedDetector:
+                 reference: ImageDataset | None = None, estimator: str | None = None,
+                 clean_variants: Sequence[str] = CLEAN_VARIANTS) -> FittedDetector:
     """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
     the calibration images (clean only).  ``pgd_params`` are the recorded attack's (``eps``,
     ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
-    earlier layers' statistics of detectors that read them."""
+    earlier layers' statistics of detectors that read them; the clean fit and calibration images are
+    also seen through ``clean_variants`` (not by the paper's detector)."""
     detector = make_detector(name, target_fpr=target_fpr, random_state=seed, estimator=estimator)
     weight_norm = output_weight_norm(model, layer)
     extract = Extractor(model, detector.features, weight_norm, layer)
@@ -212,7 +216,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     rng = np.random.default_rng(seed + 1)
     calibration = (None if detector.target_fpr is None else
                    calibration_rows(extract, data, attacked.index[calibration_images], device=device,
-                                    batch_size=batch_size))
+                                    batch_size=batch_size, variants=clean_variants))
     if name == "paper":
         fit_set = balanced_side(attacked, fit_images, rng, path_rows)
         detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration)
@@ -231,7 +235,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
         rows, misclassified = _batched_rows(extract, data, index, attack, device, batch_size)
         adv_rows.append(rows[misclassified])
         sources[label] = int(misclassified.sum())
-    clean_rows = calibration_rows(extract, data, index, device=device, batch_size=batch_size)
+    clean_rows = calibration_rows(extract, data, index, device=device, batch_size=batch_size, variants=clean_variants)
     adv = np.concatenate(adv_rows)
     X = np.concatenate([clean_rows, adv])
     y = np.r_[np.zeros(len(clean_rows), np.int64), np.ones(len(adv), np.int64)]
@@ -247,6 +251,6 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     detector.calibrate(attacked.clean_kappa[fit_images])
     fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
     described = {"adversarial": sources, "clean": {"clean images": len(fit_images),
-                                                   **{v: len(fit_images) for v in CLEAN_VARIANTS}},
+                                                   **{v: len(fit_images) for v in clean_variants}},
                  "balance": "sample weights: clean and adversarial half each, every adversarial source alike"}
     return FittedDetector(detector, fit_set, path_rows, described)

@@ -72,6 +72,9 @@ class TrainOptions:
     detector: str = DEFAULT_DETECTOR
     estimator: str | None = None  # the detector's classifier: its own (None), or tree, boosting, logistic
     target_fpr: float = 0.05
+    # the clean images' variants the detector is fitted and calibrated on (names of detector.shifts);
+    # None: training.fitting.CLEAN_VARIANTS
+    clean_variants: tuple[str, ...] | None = None
     max_samples: int = 2000
     test_fraction: float = 0.3
     calibration_fraction: float = 0.3

@@ -20,9 +20,11 @@ from detector import Bundle, UncannyValleyDetector, distributed, save_bundle
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.evaluation import attack_suite, evaluate
 from detector.metrics import roc_rates, wilson_interval
+from detector.shifts import shift_name
 
 from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
 from .fitting import (
+    CLEAN_VARIANTS,
     DetectorSet,
     balanced_side,
     fit_detector,
@@ -121,6 +123,14 @@ def run(options: TrainOptions) -> dict[str, Any]:
         raise PipelineError(f"--estimator must be one of {sorted(ESTIMATORS)}, got {options.estimator!r}")
     if not 0.0 <= options.target_fpr < 1.0 or not 0.0 < options.calibration_fraction < 1.0:
         raise PipelineError("--target-fpr must lie in [0, 1) and --calibration-fraction in (0, 1)")
+    clean_variants = CLEAN_VARIANTS if options.clean_variants is None else tuple(options.clean_variants)
+    if options.clean_variants is not None and options.detector == "paper":
+        raise PipelineError("--clean-variants is for detectors with an operating point; the paper's tree is "
+                            "fitted on clean images and PGD's final iterates only")
+    try:
+        clean_variants = tuple(shift_name(name) for name in clean_variants)
+    except ValueError as exc:
+        raise PipelineError(f"--clean-variants: {exc}") from exc
     if options.evaluate not in ("none", "quick", "full"):
         raise PipelineError(f"--evaluate must be none, quick or full, got {options.evaluate!r}")
     check_out_dir(Path(options.out))
@@ -152,7 +162,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                           pgd_params={k: getattr(attack, k) for k in ("eps", "alpha", "steps", "norm", "random_start")},
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
-                          reference=prepared.train, estimator=options.estimator)
+                          reference=prepared.train, estimator=options.estimator, clean_variants=clean_variants)
     # Every rank fitted on the same rows; rank 0's detector is the one saved, so all ranks use it.
     detector, fit_set = distributed.broadcast(fitted.detector), fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
