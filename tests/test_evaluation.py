@@ -292,7 +292,7 @@ def test_score_descent_follows_a_linear_detectors_own_gradient(default_bundle):
     logit = bundle.detector.decision_tensor(rows.double()).detach()
     np.testing.assert_allclose(torch.sigmoid(logit).numpy(), bundle.detector.score_samples(rows.double().numpy()),
                                rtol=1e-6, atol=1e-9)
-    # measured: 88% against 2% of 117 digits
+    # measured: 90% against 6% of 117 digits
     assert _score_descent_evasion(bundle, bundle.detector.decision_tensor) > _score_descent_evasion(bundle, None) + 0.3
     unfitted = make_detector("activations")
     assert unfitted.gradient is None
@@ -313,7 +313,7 @@ def test_score_descent_through_a_tree_detectors_softened_trees(layers_bundle):
     with pytest.raises(ValueError, match="temperature"):
         bundle.detector.decision_tensor(clean_rows)
     decision = decision_for_attacker(bundle, clean_rows)
-    # measured: 81% against 16% of 117 digits
+    # measured: 84% against 21% of 117 digits
     assert _score_descent_evasion(bundle, decision) > _score_descent_evasion(bundle, None) + 0.3
 
 
