@@ -275,13 +275,14 @@ def _linear_parts(estimator) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]
             estimator = steps[0]
         else:
             return None
-    if not isinstance(estimator, LogisticRegression) or getattr(estimator, "coef_", None) is None:
+    if not isinstance(estimator, LogisticRegression) or not _sigmoid_of_decision(estimator):
         return None
     if estimator.coef_.shape[0] != 1:
         return None
     n = estimator.coef_.shape[1]
-    mean = scaler.mean_ if scaler is not None and scaler.mean_ is not None else np.zeros(n)
-    scale = scaler.scale_ if scaler is not None and scaler.scale_ is not None else np.ones(n)
+    centred, scaled = scaler is not None and scaler.with_mean, scaler is not None and scaler.with_std
+    mean = scaler.mean_ if centred and scaler.mean_ is not None else np.zeros(n)
+    scale = scaler.scale_ if scaled and scaler.scale_ is not None else np.ones(n)
     return mean, scale, estimator.coef_[0], float(estimator.intercept_[0])
 
 
@@ -292,9 +293,15 @@ def _is_plain_logistic(estimator) -> bool:
         return False
     scaler, logistic = (step for _, step in estimator.steps)
     return (type(scaler) is StandardScaler and type(logistic) is LogisticRegression
-            and getattr(scaler, "mean_", None) is not None and getattr(scaler, "scale_", None) is not None
-            and getattr(logistic, "coef_", None) is not None and logistic.coef_.shape[0] == 1
-            and len(logistic.classes_) == 2)
+            and scaler.with_mean and scaler.with_std and getattr(scaler, "scale_", None) is not None
+            and _sigmoid_of_decision(logistic) and logistic.coef_.shape[0] == 1 and len(logistic.classes_) == 2)
+
+
+def _sigmoid_of_decision(logistic: LogisticRegression) -> bool:
+    """Whether a fitted binary logistic regression's probability is the sigmoid of its decision function
+    (scikit-learn before 1.8 took a softmax over (−d, d) for ``multi_class="multinomial"``)."""
+    return (getattr(logistic, "coef_", None) is not None
+            and getattr(logistic, "multi_class", "auto") in ("auto", "ovr", "warn", "deprecated"))
 
 
 def _logistic_proba(estimator: Pipeline, X: np.ndarray) -> np.ndarray:

@@ -120,7 +120,7 @@ def test_logistic_detector_scores_bit_for_bit_as_its_scikit_learn_pipeline():
     pipeline's own predict_proba: the same floats, on the fitting rows, far outside them and one by one;
     and a pipeline of another shape still goes through scikit-learn."""
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import MinMaxScaler
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
     from detector.estimator import _is_plain_logistic, make_detector
 
@@ -131,9 +131,10 @@ def test_logistic_detector_scores_bit_for_bit_as_its_scikit_learn_pipeline():
     assert _is_plain_logistic(det.estimator_)
     for rows in (X, 100 * rng.normal(size=(50, 5)), X[:1]):
         assert np.array_equal(det.predict_proba(rows), det.estimator_.predict_proba(rows))
-    other = UncannyValleyDetector(estimator=make_pipeline(MinMaxScaler(), LogisticRegression())).fit(X, y)
-    assert not _is_plain_logistic(other.estimator_)
-    assert np.array_equal(other.predict_proba(X), other.estimator_.predict_proba(X))
+    for scaler in (MinMaxScaler(), StandardScaler(with_mean=False), StandardScaler(with_std=False)):
+        other = UncannyValleyDetector(estimator=make_pipeline(scaler, LogisticRegression())).fit(X, y)
+        assert not _is_plain_logistic(other.estimator_)
+        assert np.array_equal(other.predict_proba(X), other.estimator_.predict_proba(X))
 
 
 @pytest.mark.parametrize("kind", ["paper", "curvature"])
