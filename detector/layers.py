@@ -80,8 +80,9 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
 
 
 #: Each fitted :class:`LayerGaussians`' statistics as tensors, per (dtype, device): converted (and
-#: copied to an accelerator) once, not on every batch.  Kept outside the object so that a bundle
-#: stores only its plain arrays.
+#: copied to an accelerator) once, not on every batch, and again when ``means_`` or ``precisions_`` are
+#: replaced (by :meth:`LayerGaussians.fit` or by hand; arrays edited in place are not noticed).  Kept
+#: outside the object so that a bundle stores only its plain arrays.
 _AS_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -105,7 +106,6 @@ class LayerGaussians:
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels``."""
         model.eval()
-        _AS_TENSORS.pop(self, None)
         device = next(model.parameters()).device
         k = 0  # classes: the model's logits, so that every class it can predict has a mean row
         rows: list[list[torch.Tensor]] = []
@@ -160,12 +160,15 @@ class LayerGaussians:
     def _statistics(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(means, precision)`` of each probe and φ as tensors of ``dtype`` on ``device``."""
         cache = _AS_TENSORS.setdefault(self, {})
-        key = (dtype, device)
-        if key not in cache:
+        source = tuple(map(id, [*self.means_, *self.precisions_]))
+        cached = cache.get((dtype, device))
+        if cached is None or cached[0] != source:
             with torch.inference_mode(False):  # plain tensors, usable by attacks that differentiate
-                cache[key] = [tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
-                              for pair in zip(self.means_, self.precisions_, strict=True)]
-        return cache[key]
+                tensors = [tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
+                           for pair in zip(self.means_, self.precisions_, strict=True)]
+            # The arrays are kept alive with their ids, so that an id cannot be reused by a new array.
+            cached = cache[(dtype, device)] = (source, tensors, [*self.means_, *self.precisions_])
+        return cached[1]
 
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
                   predicted: torch.Tensor | None) -> torch.Tensor:

@@ -173,3 +173,6 @@ def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(
     expected = LayerGaussians(fresh.probes).fit(digits_model, x_other, y_other).distances(acts, phi, logits.argmax(1))
     torch.testing.assert_close(refitted, expected.detach())
     assert not torch.allclose(refitted, followed.detach())
+    fresh.means_ = [m + 1.0 for m in fresh.means_]  # replaced by hand: followed as well
+    moved = fresh.distances(acts, phi, logits.argmax(1)).detach()
+    assert not torch.allclose(moved, refitted)
