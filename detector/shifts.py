@@ -111,40 +111,44 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-
-#: Families of changes any magnitude of which can be named: (pattern of the plain name, canonical
-#: name, the shift, allowed magnitudes).  A name already in SHIFTS or AUGMENTATIONS is that entry.
+#: Families of changes any magnitude of which can be named: (the name's words without spaces, the
+#: canonical name's words, the shift, the magnitudes allowed: (low, high]).  A name already in SHIFTS
+#: or AUGMENTATIONS is that entry.
 _FAMILIES = (
-    ("upscaled×", "upscaled ×{:g}", lambda f: _per_image(_resize(f)), (1.0, 16.0)),
-    ("downscaled×", "downscaled ×{:g}", lambda f: _per_image(_resize(f)), (0.05, 1.0)),
-    ("jpegq", "JPEG q{:g}", lambda q: _per_image(_jpeg(int(q))), (0, 95)),
-    ("noiseσ=", "noise σ={:g}", lambda sigma: _noise(sigma, seed=1), (0.0, 1.0)),
-    ("blurr=", "blur r={:g}", _blur, (0.0, 10.0)),
-    ("brightness×", "brightness ×{:g}", lambda g: _affine(g, around_mean=False), (0.0, 4.0)),
-    ("contrast×", "contrast ×{:g}", lambda g: _affine(g, around_mean=True), (0.0, 4.0)),
+    ("upscaled×", "upscaled ×", lambda f: _per_image(_resize(f)), (1.0, 16.0)),
+    ("downscaled×", "downscaled ×", lambda f: _per_image(_resize(f)), (0.05, 1.0)),
+    ("jpegq", "JPEG q", lambda q: _per_image(_jpeg(int(q))), (0.0, 100.0)),
+    ("noiseσ=", "noise σ=", lambda sigma: _noise(sigma, seed=1), (0.0, 1.0)),
+    ("blurr=", "blur r=", _blur, (0.0, 10.0)),
+    ("brightness×", "brightness ×", lambda g: _affine(g, around_mean=False), (0.0, 4.0)),
+    ("contrast×", "contrast ×", lambda g: _affine(g, around_mean=True), (0.0, 4.0)),
 )
+_NAME = re.compile(r"(?P<words>[a-zσ]+(?:[×x]|=|q))(?P<number>[0-9.eE+-]+)")
 
 
-def _plain(name: str) -> str:
-    # No family's name has an "x" in it, so "x" can stand for "×".
-    return name.lower().replace(" ", "").replace("sigma", "σ").replace("x", "×")
+def _magnitude(value: float) -> str:
+    # Every digit the value has, no exponent: the canonical name reads back as the same value.
+    return np.format_float_positional(value, trim="-")
 
 
 def _parse(text: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-    plain = _plain(text)
-    for prefix, template, factory, (low, high) in _FAMILIES:
-        match = re.fullmatch(re.escape(prefix) + _NUMBER, plain)
-        if match is None:
+    plain = re.sub(r"\s+", "", text.lower()).replace("sigma", "σ")
+    match = _NAME.fullmatch(plain)
+    words = match and match["words"].replace("x", "×")
+    for prefix, canonical, factory, (low, high) in _FAMILIES:
+        if words != prefix:
             continue
-        value = float(match.group(1))
+        try:
+            value = float(match["number"])
+        except ValueError:
+            raise ValueError(f"{text.strip()!r}: {match['number']!r} is not a number") from None
         if not low < value <= high or (prefix == "jpegq" and value != int(value)):
             raise ValueError(f"{text.strip()!r}: the magnitude must lie in ({low:g}, {high:g}]"
                              + (" and be a whole number" if prefix == "jpegq" else ""))
-        name = template.format(value)
+        name = canonical + _magnitude(value)
         known = SHIFTS.get(name) or AUGMENTATIONS.get(name)
         return name, known or factory(value)
-    families = ", ".join(t.replace("{:g}", "N") for _, t, _, _ in _FAMILIES)
+    families = ", ".join(canonical + "N" for _, canonical, _, _ in _FAMILIES)
     raise ValueError(f"unknown shift {text.strip()!r}; name one of: {families} (e.g. {', '.join(SHIFTS)})")
 
 

@@ -341,7 +341,12 @@ def test_shift_names_read_typed_symbols_and_any_magnitude(batch):
     fresh = apply_shift("noise σ=0.04", x)  # not listed: the fitting's own noise field, not the evaluation's
     assert not torch.equal(fresh, SHIFTS["noise σ=0.05"](x))
     assert 0.02 < float((fresh - x).std()) < 0.05
+    for typed in ("noise sigma=1e-5", "noise\tσ=0.1234567", "upscaled\u00a0x1.0000001", "JPEG q100", "blur r=.5"):
+        name = shift_name(typed)  # every digit kept, no exponent: the name reads back as itself
+        assert shift_name(name) == name and "e-" not in name
+    assert shift_name("noise sigma=0.1234567") == "noise σ=0.1234567"
     for bad, message in (("jpeg q0", "must lie in"), ("jpeg q30.5", "whole number"), ("upscaled x0.5", "must lie"),
+                         ("noise sigma=1e", "'1e' is not a number"),
                          ("sharpen", "unknown shift 'sharpen'; name one of: upscaled ×N")):
         with pytest.raises(ValueError, match=message):
             shift_name(bad)

@@ -373,10 +373,15 @@ def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(defaul
     args = build_parser().parse_args(["--clean-variants", "jpeg q30, noise sigma=0.05,JPEG q30"])
     assert options_from_args(args, "x").clean_variants == ("JPEG q30", "noise σ=0.05")
     assert build_parser().parse_args(["--clean-variants", "none"]).clean_variants == ()
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--clean-variants", "sharpen"])
+    from training.fitting import CLEAN_VARIANTS
+
+    kept = build_parser().parse_args(["--clean-variants", "default, JPEG q30"]).clean_variants
+    assert kept == (*CLEAN_VARIANTS, "JPEG q30")
+    for bad in ("sharpen", "", " , "):  # an empty value (an unset shell variable) is not "none"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--clean-variants", bad])
     report = run(TrainOptions(weights=str(default_bundle / "weights.pt"), epochs=0, max_samples=150,
-                              clean_variants=("JPEG q30", "noise σ=0.05"), evaluate="none",
+                              clean_variants=("JPEG q30", "noise σ=0.05", "jpeg q30"), evaluate="none",
                               out=str(tmp_path / "b"), progress=False))
     assert list(report["detection"]["fitted_on"]["clean"]) == ["clean images", "JPEG q30", "noise σ=0.05"]
     assert seen_in_fitting(report) == ["JPEG q30", "noise σ=0.05"]
@@ -404,6 +409,8 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         run(TrainOptions(detector="paper", clean_variants=("JPEG q30",), out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--clean-variants: unknown shift 'sharpen'"):
         run(TrainOptions(clean_variants=("sharpen",), out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="a sequence of names, not one string"):
+        run(TrainOptions(clean_variants="JPEG q30", out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--epochs is 0"):
         run(TrainOptions(adversarial_training="fast", epochs=0, weights=str(tmp_path / "x.pt"),
                          out=str(tmp_path / "d"), progress=False))

@@ -37,13 +37,19 @@ def _number(text: str) -> float:
 
 
 def _shift_names(text: str) -> tuple[str, ...]:
-    """``--clean-variants``: comma-separated names of :mod:`detector.shifts`, or ``none``."""
-    if text.strip().lower() == "none":
+    """``--clean-variants``: comma-separated names of :mod:`detector.shifts` (``default`` for the default
+    list), or ``none``."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if [p.lower() for p in parts] == ["none"]:
         return ()
+    if not parts:
+        raise argparse.ArgumentTypeError("no names given: list changes, or 'none' for no clean variants")
     try:
-        return tuple(dict.fromkeys(shift_name(part) for part in text.split(",") if part.strip()))
+        names = [n for part in parts
+                 for n in (CLEAN_VARIANTS if part.lower() == "default" else (shift_name(part),))]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    return tuple(dict.fromkeys(names))
 
 
 def _json_object(text: str) -> dict:
@@ -158,9 +164,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="share of clean calibration images the detector may flag")
         g.add_argument("--clean-variants", type=_shift_names, default=None, metavar="NAME,NAME,…|none",
                        help="what the clean fitting and calibration images also go through, so that inputs "
-                            "changed that way do not fire (default: " + ", ".join(CLEAN_VARIANTS) + "); "
-                            "add the changes your own inputs go through, e.g. 'JPEG q30'; 'x' and 'sigma' "
-                            "stand for × and σ; not for --detector paper")
+                            "changed that way do not fire; replaces the default list (" + ", ".join(CLEAN_VARIANTS)
+                            + "): 'default,JPEG q30' keeps it and adds one; 'x' and 'sigma' stand for × and σ; "
+                            "the paper's detector takes none")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
                        help="share of the attacked images held out for evaluation")
         g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,

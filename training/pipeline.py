@@ -123,12 +123,14 @@ def run(options: TrainOptions) -> dict[str, Any]:
         raise PipelineError(f"--estimator must be one of {sorted(ESTIMATORS)}, got {options.estimator!r}")
     if not 0.0 <= options.target_fpr < 1.0 or not 0.0 < options.calibration_fraction < 1.0:
         raise PipelineError("--target-fpr must lie in [0, 1) and --calibration-fraction in (0, 1)")
+    if isinstance(options.clean_variants, str):
+        raise PipelineError("clean_variants is a sequence of names, not one string")
     clean_variants = CLEAN_VARIANTS if options.clean_variants is None else tuple(options.clean_variants)
-    if options.clean_variants is not None and options.detector == "paper":
+    if options.clean_variants and options.detector == "paper":
         raise PipelineError("--clean-variants is for detectors with an operating point; the paper's tree is "
                             "fitted on clean images and PGD's final iterates only")
     try:
-        clean_variants = tuple(shift_name(name) for name in clean_variants)
+        clean_variants = tuple(dict.fromkeys(shift_name(name) for name in clean_variants))
     except ValueError as exc:
         raise PipelineError(f"--clean-variants: {exc}") from exc
     if options.evaluate not in ("none", "quick", "full"):
