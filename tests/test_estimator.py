@@ -116,25 +116,27 @@ def test_boosted_trees_scored_all_at_once_answer_bit_for_bit_as_scikit_learn(max
 
 
 def test_logistic_detector_scores_bit_for_bit_as_its_scikit_learn_pipeline():
-    """The default detector's classifier, scored without the pipeline's validations, against the
-    pipeline's own predict_proba: the same floats, on the fitting rows, far outside them and one by one;
-    and a pipeline of another shape still goes through scikit-learn."""
+    """A logistic-regression detector, scored without the pipeline's validations, against scikit-learn's
+    own predict_proba: the same floats, on the fitting rows, far outside them and one by one, for the
+    default pipeline and for every scaler setting; a pipeline of another shape goes through scikit-learn."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-    from detector.estimator import _is_plain_logistic, make_detector
+    from detector.estimator import _linear_parts, make_detector
 
     rng = np.random.default_rng(2)
     X = rng.normal(loc=3.0, scale=[1.0, 5.0, 0.1, 2.0, 1.0], size=(500, 5))
     y = (X[:, 0] - 3 + X[:, 2] * 10 - 30 + rng.normal(size=500) > 0).astype(int)
     det = make_detector("curvature", estimator="logistic").fit(X, y, calibration=X[y == 0])
-    assert _is_plain_logistic(det.estimator_)
-    for rows in (X, 100 * rng.normal(size=(50, 5)), X[:1]):
-        assert np.array_equal(det.predict_proba(rows), det.estimator_.predict_proba(rows))
-    for scaler in (MinMaxScaler(), StandardScaler(with_mean=False), StandardScaler(with_std=False)):
-        other = UncannyValleyDetector(estimator=make_pipeline(scaler, LogisticRegression())).fit(X, y)
-        assert not _is_plain_logistic(other.estimator_)
-        assert np.array_equal(other.predict_proba(X), other.estimator_.predict_proba(X))
+    detectors = [det] + [UncannyValleyDetector(estimator=make_pipeline(*steps, LogisticRegression())).fit(X, y)
+                         for steps in ([StandardScaler(with_mean=False)], [StandardScaler(with_std=False)], [])]
+    for d in detectors:
+        assert _linear_parts(d.estimator_) is not None
+        for rows in (X, 100 * rng.normal(size=(50, 5)), X[:1], np.asfortranarray(X)):
+            assert np.array_equal(d.predict_proba(rows), d.estimator_.predict_proba(rows))
+    other = UncannyValleyDetector(estimator=make_pipeline(MinMaxScaler(), LogisticRegression())).fit(X, y)
+    assert _linear_parts(other.estimator_) is None
+    assert np.array_equal(other.predict_proba(X), other.estimator_.predict_proba(X))
 
 
 @pytest.mark.parametrize("kind", ["paper", "curvature"])
