@@ -244,7 +244,15 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own message lists every key, kilobytes for a network of another architecture)."""
     if not isinstance(state, dict):
         raise ValueError(f"the weights are a {type(state).__name__}, not a state_dict")
-    expected = module.state_dict()
+    expected, given = module.state_dict(), len(state)
+    # Checkpoints saved before torch 0.4.1 have no BatchNorm batch counter; torch itself loads them
+    # with the counter at zero (it only matters for momentum=None), and so do we.
+    counters = {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+                for name, m in module.named_modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats}
+    absent = counters.difference(state).intersection(expected)
+    if absent:
+        state = {**state, **{k: torch.zeros_like(expected[k]) for k in absent}}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -253,5 +261,5 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("keys of another shape", shapes)) if items]
     if problems:
-        raise ValueError("; ".join(problems) + f" (the network has {len(expected)} keys, the weights {len(state)})")
+        raise ValueError("; ".join(problems) + f" (the network has {len(expected)} keys, the weights {given})")
     module.load_state_dict(state)

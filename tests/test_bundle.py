@@ -216,6 +216,29 @@ def test_weights_of_another_architecture_are_summarised_not_listed():
         load_weights(cnn, [1, 2])
 
 
+def test_weights_saved_before_batchnorm_counted_batches_load():
+    """Checkpoints from torch < 0.4.1 (many published CIFAR models) lack num_batches_tracked."""
+    from detector.models import build_network, load_weights
+
+    source = build_network("wrn", 10, 3, {"depth": 10, "width": 1})
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target = build_network("wrn", 10, 3, {"depth": 10, "width": 1})
+    load_weights(target, old)
+    for key, value in source.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert target.state_dict()[key] == 0
+        else:
+            assert torch.equal(target.state_dict()[key], value), key
+    # Only the counters may be absent: a missing running mean is still refused.
+    del old[next(k for k in old if k.endswith("running_mean"))]
+    with pytest.raises(ValueError, match="1 missing keys"):
+        load_weights(build_network("wrn", 10, 3, {"depth": 10, "width": 1}), old)
+
+
 def test_a_bundle_naming_an_importable_callable_never_calls_it(bundle_dir, tmp_path):
     """config.json is data an attacker can rewrite: 'subprocess:run' with arguments would run a command."""
     marker = tmp_path / "pwned"
