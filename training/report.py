@@ -271,7 +271,7 @@ def write_markdown(path: Path, report: dict) -> None:
         "",
         "## Detection (held out)",
         "",
-        f"Detector `{det.get('detector', 'paper')}`: {det['estimator']} on `{det.get('features', 'psi')}` features, "
+        f"Detector `{det.get('detector', 'paper')}`: {det['estimator']} on `{det.get('features', 'psi')}` features{_probed(det)}, "
         f"fitted on {det['n_fit']} rows ({det['n_fit_adversarial']} adversarial: {_described(det, 'adversarial')}; "
         f"clean: {_described(det, 'clean')}) from {det['n_fit_images']} images; flagged at score ≥ "
         f"{_num(det['threshold'])}" + (f", set on {det.get('n_calibration')} clean calibration rows from "
