@@ -193,7 +193,7 @@ def run(
     )
     raw: list[dict[str, Any]] = []
     worst: dict[str, float] = {}
-    worst_layers: dict[str, float] = {}
+    worst_default: dict[str, float] = {}
     for arch in archs:
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
@@ -222,7 +222,7 @@ def run(
                     with amp_ctx():
                         return default_bundle.detect(x)
 
-                fns = {"forward": forward, "detect": detect, "layers": detect_default}
+                fns = {"forward": forward, "detect": detect, "default": detect_default}
                 if peers:
                     fns["squeeze"] = lambda x=x: squeeze(x)
                     fns["mahalanobis"] = lambda x=x: maha(x)
@@ -230,13 +230,13 @@ def run(
                 samples, number = interleaved(fns, repeats=repeats, min_sample_s=min_sample, sync=sync, warmup=warmup)
                 st = {name: Stats.of(v) for name, v in samples.items()}
                 ratio = ratios(samples, "detect", "forward")
-                ratio_layers = ratios(samples, "layers", "forward")
+                ratio_default = ratios(samples, "default", "forward")
                 row = [arch, "fp32" if amp == "none" else f"{amp} autocast", batch, f"{repeats} × {number}",
                        fmt_time_stats(st["forward"]), fmt_time_stats(st["detect"]), fmt_ratio_stats(ratio),
-                       fmt_time_stats(st["layers"]), fmt_ratio_stats(ratio_layers)]
+                       fmt_time_stats(st["default"]), fmt_ratio_stats(ratio_default)]
                 entry = {"arch": arch, "amp": amp, "batch": batch, "repeats": repeats, "number": number,
                          "times": {k: v.to_dict() for k, v in st.items()}, "detect/forward": ratio.to_dict(),
-                         "layers/forward": ratio_layers.to_dict()}
+                         "default/forward": ratio_default.to_dict()}
                 if peers:
                     r_sq = ratios(samples, "squeeze", "forward")
                     r_ma = ratios(samples, "mahalanobis", "forward")
@@ -249,7 +249,7 @@ def run(
                 if batch >= TARGET_MIN_BATCH:
                     key = f"{arch} ({'fp32' if amp == 'none' else amp})"
                     worst[key] = max(worst.get(key, 0.0), ratio.median)
-                    worst_layers[key] = max(worst_layers.get(key, 0.0), ratio_layers.median)
+                    worst_default[key] = max(worst_default.get(key, 0.0), ratio_default.median)
 
                 # The overhead's parts, measured on their own.
                 with torch.inference_mode(), amp_ctx():
@@ -305,10 +305,10 @@ def run(
             "The default ({name}) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "
             "{plo:.3f}–{phi:.3f}× for the paper's ψ tree: the earlier layers' statistics and the detector's "
             "classifier are what the difference costs.").format(
-                name=DEFAULT_DETECTOR, b=TARGET_MIN_BATCH, lo=min(r["layers/forward"]["median"] for r in big),
-                hi=max(r["layers/forward"]["median"] for r in big),
+                name=DEFAULT_DETECTOR, b=TARGET_MIN_BATCH, lo=min(r["default/forward"]["median"] for r in big),
+                hi=max(r["default/forward"]["median"] for r in big),
                 plo=min(r["detect/forward"]["median"] for r in big), phi=max(r["detect/forward"]["median"] for r in big)))
-    for key, value in worst_layers.items():
+    for key, value in worst_default.items():
         section.targets.append(Target(
             f"Detection overhead, default ({DEFAULT_DETECTOR}) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
             f"Bundle.detect / forward ≤ {TARGET_RATIO}", f"worst median ratio {value:.3f}", value <= TARGET_RATIO))

@@ -51,9 +51,9 @@ def test_overhead_smallest_mode():
     _well_formed(section)
     (row,) = section.raw["rows"]
     assert row["batch"] == 2 and row["repeats"] == 2
-    for name in ("forward", "detect", "squeeze", "mahalanobis"):
+    for name in ("forward", "detect", "default", "squeeze", "mahalanobis"):
         assert row["times"][name]["median"] > 0
-    assert math.isfinite(row["detect/forward"]["median"])
+    assert math.isfinite(row["detect/forward"]["median"]) and math.isfinite(row["default/forward"]["median"])
 
 
 def test_peer_detectors_return_one_score_per_input():
