@@ -164,7 +164,8 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     assert "figure1_trajectory.png" in md and f"{100 * det['accuracy']:.1f}%" in md
     # The default reads earlier layers too, and the report says so.
     assert (det["probes"], det["probe_means"]) == (3, True)
-    assert "`curvature` features and up to 3 earlier layers' distances and channel means" in md
+    assert "`curvature` features and the Mahalanobis distances of up to 3 earlier layers and of φ and their " \
+           "channel means" in md
     # The first command's summary says what getting past classifier and detector costs.
     from training.report import summary_text
 

@@ -408,8 +408,8 @@ def _probed(det: dict) -> str:
     """What the detector reads from earlier layers, in words ("" for none)."""
     if not det.get("probes"):
         return ""
-    means = " and channel means" if det.get("probe_means") else ""
-    return f" and up to {det['probes']} earlier layers' distances{means}"
+    means = " and their channel means" if det.get("probe_means") else ""
+    return f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ{means}"
 
 
 def evaluation_markdown(evaluation: dict) -> list[str]:
