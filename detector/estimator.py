@@ -171,6 +171,12 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     def feature_set(self) -> str:
         return getattr(self, "features", "psi")
 
+    def reads(self) -> dict:
+        """What the detector reads from the forward pass, for reports: its output-layer feature set, how
+        many earlier layers it probes and whether it reads their channel means too."""
+        return {"features": self.feature_set, "probes": int(getattr(self, "probes", 0)),
+                "probe_means": bool(self.probe_means)}
+
     @property
     def layer_gaussians(self):
         """The earlier layers' statistics (:class:`detector.layers.LayerGaussians`), or None."""

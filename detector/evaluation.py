@@ -431,8 +431,7 @@ def evaluate(
 
     detector = bundle.detector
     return Evaluation(
-        detector={"features": detector.feature_set, "estimator": _estimator_name(detector.estimator_),
-                  "probes": int(getattr(detector, "probes", 0)), "probe_means": bool(detector.probe_means),
+        detector={**detector.reads(), "estimator": _estimator_name(detector.estimator_),
                   "threshold": detector.operating_threshold, "gradient": describe_gradient(bundle),
                   "target_fpr": getattr(detector, "target_fpr", None)},
         target_fpr=target_fpr, clean=clean_record, attacks=records, shifts=shift_records,

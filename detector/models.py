@@ -250,7 +250,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     counters = {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
                 for name, m in module.named_modules()
                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats}
-    absent = counters.difference(state).intersection(expected)
+    absent = counters.difference(state)
     if absent:
         state = {**state, **{k: torch.zeros_like(expected[k]) for k in absent}}
     missing = [k for k in expected if k not in state]

@@ -205,9 +205,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         "detection": {
             **metrics,
             "detector": options.detector,
-            "features": detector.feature_set,
-            "probes": int(getattr(detector, "probes", 0)),
-            "probe_means": bool(getattr(detector, "probe_means", False)),
+            **detector.reads(),
             "estimator": repr(detector.estimator_),
             **_estimator_size(detector.estimator_),
             "threshold": float(detector.operating_threshold),
