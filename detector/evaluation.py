@@ -39,6 +39,7 @@ from .smoothing import split_temperature
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
     "baseline_scores", "check_disjoint", "decision_for_attacker", "describe_gradient", "evaluate", "evasion_budgets",
+    "same_attack",
 ]
 
 BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
@@ -97,6 +98,18 @@ def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str
     entries.append(SuiteEntry("adaptive: descent on the detector's score, L∞ 8/255", "score-descent",
                               {"eps": linf(8), "alpha": linf(0.5), "steps": 30, "lam": 1.0}, "full"))
     return [e for e in entries if level == "full" or e.level == "quick"]
+
+
+def same_attack(attack: str, params: dict[str, Any], other: str, other_params: dict[str, Any]) -> bool:
+    """Whether two (registered attack, parameters) pairs run the same attack: equal names and
+    numerically equal parameters, a missing ``random_start`` read as none and seeds ignored."""
+    if attack != other:
+        return False
+    a = {"random_start": False, **{k: v for k, v in params.items() if k != "seed"}}
+    b = {"random_start": False, **{k: v for k, v in other_params.items() if k != "seed"}}
+    if a.keys() != b.keys():
+        return False
+    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-6, abs_tol=1e-12) for k in a)
 
 
 # -- baselines -------------------------------------------------------------------------------------

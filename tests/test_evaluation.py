@@ -19,7 +19,7 @@ from detector.attacks import (
     register_attack,
 )
 from detector.estimator import flagging_threshold, make_detector
-from detector.evaluation import attack_suite, check_disjoint, evaluate
+from detector.evaluation import attack_suite, check_disjoint, evaluate, same_attack
 from detector.metrics import (
     auroc,
     budget_summary,
@@ -148,6 +148,35 @@ def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="unknown attack"):
         get_attack("nope")
     assert ATTACKS["pgd"].fn is pgd
+
+
+def test_the_evaluation_knows_which_attacks_the_detector_was_fitted_on():
+    """An attack counts as seen in fitting when the detector learned adversarials of the same attack
+    with the same parameters; a random start, another radius or another norm is another attack."""
+    from training.fitting import fit_attacks, seen_in_fitting
+
+    assert same_attack("pgd", {"eps": 0.1, "steps": 10, "seed": 3}, "pgd", {"eps": 0.1 + 1e-12, "steps": 10})
+    assert same_attack("pgd", {"eps": 0.1}, "pgd", {"eps": 0.1, "random_start": False})
+    assert not same_attack("pgd", {"eps": 0.1, "random_start": True, "seed": 0}, "pgd", {"eps": 0.1})
+    assert not same_attack("pgd", {"eps": 0.1, "steps": 10}, "pgd", {"eps": 0.1, "steps": 50})
+    assert not same_attack("pgd", {"eps": 0.1}, "pgd", {"eps": 0.1, "alpha": 0.02})
+    assert not same_attack("pgd", {"eps": 0.1}, "pgd-l2", {"eps": 0.1})
+    records = [{"label": e.label, "attack": e.attack, "params": e.params} for e in attack_suite(8 / 255, level="full")]
+    pgd8 = {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "norm": "linf", "random_start": False}
+    report = {"detection": {"detector": "activations", "fitted_on": {"clean": {"clean images": 9, "JPEG q75": 9}}},
+              "attack": pgd8}
+    assert seen_in_fitting(report, records) == ["JPEG q75", "FGSM L∞ 8/255", "PGD-10 L∞ 2/255", "PGD-10 L∞ 8/255"]
+    report["detection"]["detector"] = "paper"  # its tree learns the final PGD iterate only
+    assert seen_in_fitting(report, records) == ["JPEG q75", "PGD-10 L∞ 8/255"]
+    # What the report records wins over the recipe: a detector fitted at 4/255 saw PGD-10 4/255.
+    report["detection"]["fitted_on"]["attacks"] = fit_attacks("activations", {**pgd8, "eps": 4 / 255,
+                                                                              "alpha": 1 / 255})
+    assert seen_in_fitting(report, records) == ["JPEG q75", "PGD-10 L∞ 4/255"]
+    # An L2 recording keeps its extra sources in L2.
+    l2 = fit_attacks("activations", {"eps": 0.5, "alpha": 0.125, "steps": 10, "norm": "l2"})
+    assert {a["attack"] for a in l2.values()} == {"pgd-l2"}
+    report["detection"]["fitted_on"]["attacks"] = l2
+    assert seen_in_fitting(report, records) == ["JPEG q75", "PGD-10 L2 0.5"]
 
 
 def test_success_is_read_at_the_last_step():
@@ -440,6 +469,7 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "Clean false positives" in (out / "evaluation.md").read_text()
     assert "Evasion budget" in (out / "evaluation.md").read_text()
+    assert "| PGD-10 L∞ 8/255 (seen in fitting) |" in (out / "evaluation.md").read_text()
     assert ev["evasion_budget"]["groups"]["all attacks"]["linf"]["n"] == ev["attacks"][0]["n_attacked"]
     with pytest.raises(SystemExit):
         main(["--bundle", str(tmp_path / "missing"), "--no-progress"])
@@ -462,6 +492,9 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| | a | b |" in table and "evasion budget L∞, all attacks" in table
     assert table.count("| PGD-10 L∞ 8/255 |") == 1
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["FGSM L∞ 8/255"].count("(seen in fitting)") == 2  # both columns: the same bundle
+    assert "seen" not in rows["PGD L∞ 8/255, stopped at first misclassification"]
     assert table.count("| JPEG q50 |") == 1 and "a: flagged / accuracy" in table
     assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
     other = dict(ev, attacks=ev["attacks"][:2])  # an older, shorter suite: its missing attacks read "–"

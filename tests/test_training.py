@@ -176,6 +176,15 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     summary = summary_text(report)
     assert "budget       all attacks" in summary and "budget       minimal" in summary
     assert "Evasion budget" in md
+    # What it was fitted on is recorded, and the coverage table marks the attacks among them.
+    fitted = det["fitted_on"]
+    assert list(fitted["attacks"]) == list(fitted["adversarial"])
+    assert [a["attack"] for a in fitted["attacks"].values()] == ["pgd", "fgsm", "pgd"]
+    seen = ["FGSM L∞ 8/255", "PGD-10 L∞ 2/255", "PGD-10 L∞ 8/255"]
+    assert [s for s in report["evaluation"]["seen_in_fitting"] if s in {a["label"] for a in
+                                                                      report["evaluation"]["attacks"]}] == seen
+    assert all(f"| {label} (seen in fitting) |" in md for label in seen)
+    assert "| PGD L∞ 8/255, stopped at first misclassification (seen in fitting) |" not in md
 
 
 def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp_path, capsys):
@@ -372,7 +381,7 @@ class _Unsafe:
 def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):
     """``--clean-variants``: typed names are read, the clean images go through exactly those changes
     (rows per calibration image: itself and each variant), and the evaluation knows them as seen."""
-    from training.pipeline import seen_in_fitting
+    from training.fitting import seen_in_fitting
 
     args = build_parser().parse_args(["--clean-variants", "jpeg q30, noise sigma=0.05,JPEG q30"])
     assert options_from_args(args, "x").clean_variants == ("JPEG q30", "noise σ=0.05")

@@ -23,9 +23,9 @@ from detector.evaluation import attack_suite, evaluate
 
 from . import report as reporting
 from .cli import HelpFormatter, _number
+from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
 from .output import json_safe
-from .pipeline import seen_in_fitting
 from .prepare import load_splits
 
 __all__ = ["build_parser", "main", "run_evaluation"]
@@ -112,7 +112,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite
-    evaluation["seen_in_fitting"] = seen_in_fitting(report)
+    evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
     evaluation = json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
     if not distributed.is_main():  # rank 0 writes

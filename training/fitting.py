@@ -21,19 +21,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from detector import ImageDataset, UncannyValleyDetector, distributed, fgsm, pgd
+from detector import ImageDataset, UncannyValleyDetector, distributed, pgd
+from detector.attacks import get_attack
 from detector.estimator import make_detector
+from detector.evaluation import same_attack
 from detector.features import detector_features, output_weight_norm
 from detector.layers import LayerGaussians, feature_rows, probe_layers
 from detector.shifts import apply_shift
 
 __all__ = [
-    "CLEAN_VARIANTS", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side", "calibration_rows", "fit_detector",
-    "split_calibration", "split_images",
+    "CLEAN_VARIANTS", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side", "calibration_rows",
+    "fit_attacks", "fit_detector", "seen_in_fitting", "split_calibration", "split_images",
 ]
 
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
@@ -41,6 +44,41 @@ __all__ = [
 #: the detector saw.
 CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "JPEG q60", "brightness ×0.9", "contrast ×0.85", "noise σ=0.01",
                   "noise σ=0.03", "JPEG q40", "noise σ=0.07")
+
+
+def fit_attacks(detector: str, pgd_params: dict) -> dict[str, dict]:
+    """The attacks whose adversarials the detector ``detector`` is fitted on, by source label:
+    ``{"attack": registered attack name, "params": {...}}``.  The first is the recorded PGD
+    (``pgd_params``: ``eps``, ``alpha``, ``steps``, ``norm``, ``random_start``); ``paper`` learns
+    its final iterate, the others every misclassified step of it and also one step of the full
+    radius and a 10-step PGD at a quarter of it, in the recorded norm."""
+    eps, norm = float(pgd_params["eps"]), pgd_params.get("norm", "linf")
+    name = "pgd-l2" if norm == "l2" else "pgd"
+    recorded = {"attack": name, "params": {"eps": eps, "alpha": float(pgd_params["alpha"]),
+                                           "steps": int(pgd_params["steps"]),
+                                           "random_start": bool(pgd_params.get("random_start", False))}}
+    if detector == "paper":
+        return {"final PGD iterate": recorded}
+    one_step = ({"attack": "fgsm", "params": {"eps": eps}} if norm == "linf"
+                else {"attack": "pgd-l2", "params": {"eps": eps, "alpha": eps, "steps": 1}})
+    return {"pgd path (every misclassified step)": recorded,
+            "fgsm" if norm == "linf" else "one-step L2": one_step,
+            "pgd ε/4": {"attack": name, "params": {"eps": eps / 4, "alpha": eps / 16, "steps": 10}}}
+
+
+def seen_in_fitting(report: dict[str, Any], attacks: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """What the detector saw in fitting (from the report): the natural shifts its clean rows went
+    through, and the labels of those ``attacks`` (evaluation records: ``label``, ``attack``,
+    ``params``) that run an attack it was fitted on, with the same parameters, on other images."""
+    detection = report.get("detection", {})
+    fitted = detection.get("fitted_on", {})
+    clean = fitted.get("clean", {})
+    seen = [name for name in clean if name != "clean images"] if isinstance(clean, dict) else []
+    # Reports written before the fitted attacks were recorded: the recipe, from the recorded attack.
+    sources = fitted.get("attacks") or (fit_attacks(detection["detector"], report["attack"])
+                                        if "detector" in detection and "eps" in report.get("attack", {}) else {})
+    return seen + [a["label"] for a in attacks
+                   if any(same_attack(a["attack"], a["params"], s["attack"], s["params"]) for s in sources.values())]
 
 
 @dataclass
@@ -212,7 +250,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
         path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)
     else:
         path_rows = _path_rows(attacked, detector.features, weight_norm)
-    eps = pgd_params["eps"]
+    attacks = fit_attacks(name, pgd_params)
     rng = np.random.default_rng(seed + 1)
     calibration = (None if detector.target_fpr is None else
                    calibration_rows(extract, data, attacked.index[calibration_images], device=device,
@@ -220,19 +258,22 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     if name == "paper":
         fit_set = balanced_side(attacked, fit_images, rng, path_rows)
         detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration)
-        return FittedDetector(detector, fit_set, path_rows, {"adversarial": {"final PGD iterate": int(fit_set.is_adv.sum())},
-                                                             "clean": {"clean images": int((fit_set.is_adv == 0).sum())},
-                                                             "balance": "50:50"})
+        described = {"adversarial": {"final PGD iterate": int(fit_set.is_adv.sum())},
+                     "clean": {"clean images": int((fit_set.is_adv == 0).sum())},
+                     "balance": "50:50", "attacks": attacks}
+        return FittedDetector(detector, fit_set, path_rows, described)
 
     # Both phases: every misclassified step of the path, plus one-step and small-ε attacks.
+    path_label, *others = attacks
     wrong = attacked.predictions[fit_images] != attacked.labels[fit_images, None]
     wrong[:, 0] = False
     adv_rows = [path_rows[fit_images][wrong]]
-    sources = {"pgd path (every misclassified step)": int(wrong.sum())}
+    sources = {path_label: int(wrong.sum())}
     index = attacked.index[fit_images]
-    for label, attack in (("fgsm", lambda x, y: fgsm(model, x, y, eps=eps)),
-                          ("pgd ε/4", lambda x, y: pgd(model, x, y, eps=eps / 4, alpha=eps / 16, steps=10))):
-        rows, misclassified = _batched_rows(extract, data, index, attack, device, batch_size)
+    for label in others:
+        fn, params = get_attack(attacks[label]["attack"]).fn, attacks[label]["params"]
+        rows, misclassified = _batched_rows(extract, data, index, lambda x, y, fn=fn, p=params: fn(model, x, y, **p),
+                                            device, batch_size)
         adv_rows.append(rows[misclassified])
         sources[label] = int(misclassified.sum())
     clean_rows = calibration_rows(extract, data, index, device=device, batch_size=batch_size, variants=clean_variants)
@@ -252,5 +293,6 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
     described = {"adversarial": sources, "clean": {"clean images": len(fit_images),
                                                    **{v: len(fit_images) for v in clean_variants}},
-                 "balance": "sample weights: clean and adversarial half each, every adversarial source alike"}
+                 "balance": "sample weights: clean and adversarial half each, every adversarial source alike",
+                 "attacks": attacks}
     return FittedDetector(detector, fit_set, path_rows, described)

@@ -28,6 +28,7 @@ from .fitting import (
     DetectorSet,
     balanced_side,
     fit_detector,
+    seen_in_fitting,
     split_calibration,
     split_images,
 )
@@ -49,7 +50,7 @@ from .output import (
 )
 from .prepare import Prepared, prepare
 
-__all__ = ["PipelineError", "TrainOptions", "evaluate_detector", "run", "seen_in_fitting"]
+__all__ = ["PipelineError", "TrainOptions", "evaluate_detector", "run"]
 
 #: Fewest successful adversarials each side of the split needs for a meaningful fit / evaluation.
 MIN_ADVERSARIAL_PER_SIDE = 2
@@ -263,7 +264,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                                int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
             seed=options.seed, progress=options.progress).to_dict()
-        evaluation["seen_in_fitting"] = seen_in_fitting(report)
+        evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
         suite_eps = attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"]
         evaluation["radius_scale"] = suite_eps / PAPER_ATTACK["eps"]
         evaluation = json_safe(remap_ids(evaluation, origin))
@@ -318,12 +319,6 @@ def remap_ids(evaluation: dict[str, Any], origin: np.ndarray) -> dict[str, Any]:
     evaluation["attacks"] = [{**a, "image_ids": origin[np.asarray(a["image_ids"], dtype=np.int64)].tolist()}
                              for a in evaluation["attacks"]]
     return evaluation
-
-
-def seen_in_fitting(report: dict[str, Any]) -> list[str]:
-    """The natural shifts the detector's clean fitting rows went through (from the report)."""
-    clean = report.get("detection", {}).get("fitted_on", {}).get("clean", {})
-    return [name for name in clean if name != "clean images"] if isinstance(clean, dict) else []
 
 
 #: Per-row arrays of an attack record: in evaluation.json, not in report.json or /model.

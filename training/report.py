@@ -436,11 +436,13 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "evasion budget L∞ / L2 | " + " | ".join(f"{b}: det / AUROC" for b in baselines) + " |",
         "|---|---|---:|---|---|---|---:|---|---|" + "---|" * len(baselines),
     ]
+    seen = set(evaluation.get("seen_in_fitting", []))
     for a in evaluation["attacks"]:
         base = " | ".join(f"{_pct(a['baselines'][b]['detection'])} / {_num(a['baselines'][b]['auroc'], 3)}"
                           for b in baselines)
+        label = f"{a['label']} (seen in fitting)" if a["label"] in seen else a["label"]
         lines.append(
-            f"| {a['label']} | {a['kind']} | {_pct(a.get('accuracy_under_attack'))} | {_pct(a['success']['rate'])} | "
+            f"| {label} | {a['kind']} | {_pct(a.get('accuracy_under_attack'))} | {_pct(a['success']['rate'])} | "
             f"{_rate(a['detection'])} | "
             f"{_pct(a['evasion']['rate'])} | {_num(a['auroc'], 3)} | {_linf(a['median_linf'])} / "
             f"{_num(a['median_l2'], 3)} | {_linf(a['evasion_budget_linf'])} / {_num(a['evasion_budget_l2'], 3)} | "
@@ -452,13 +454,14 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "Accuracy under attack: share of all evaluated images classified correctly after the attack. Success: "
         "share of the attacked (correctly classified) images misclassified. Detected: share of the successful "
         "adversarials flagged. Evasion: share of attacked images misclassified and not flagged. Evasion budget "
-        "(per attack): median perturbation of the successful adversarials that were not flagged.",
+        "(per attack): median perturbation of the successful adversarials that were not flagged. Seen in "
+        "fitting: the detector was fitted on adversarials of other images made by this attack with these "
+        "parameters; it never saw the other attacks.",
         "",
         *budget_markdown(evaluation.get("evasion_budget", {})),
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
         "|---|---|---|---:|",
     ]
-    seen = set(evaluation.get("seen_in_fitting", []))
     for sh in evaluation["shifts"]:
         name = f"{sh['name']} (seen in fitting)" if sh["name"] in seen else sh["name"]
         lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "

@@ -4,7 +4,8 @@ Reads the ``evaluation.json`` that ``detector-evaluate`` wrote for each bundle (
 adversarially trained classifier, say, or two detectors on one classifier; an attack that an older
 evaluation's suite lacked shows as "–") and writes Markdown tables
 (clean accuracy and false positives and the evasion budget per group of attacks; per attack: accuracy
-under attack, detection, evasion and AUROC; per natural shift: the share flagged) and one plot of
+under attack, detection, evasion and AUROC, marked where the detector was fitted on that attack; per
+natural shift: the share flagged) and one plot of
 evasion rate against L∞ budget with a line per bundle. ::
 
     python -m training.robustness runs/standard-evaluation runs/robust-evaluation \\
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from .fitting import seen_in_fitting
 from .report import _pct, budget_text, plot_evasion_budget
 
 __all__ = ["load", "main", "side_by_side"]
@@ -53,6 +55,9 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
     first = evaluations[names[0]]
     # Attacks in the order first met; one an evaluation did not run (an older suite) reads "–".
     by_label = {n: {a["label"]: a for a in ev["attacks"]} for n, ev in evaluations.items()}
+    # Per evaluation, the attacks its detector was fitted on (with these parameters, other images).
+    seen = {n: set(ev.get("seen_in_fitting", [])) | set(seen_in_fitting(ev.get("_report", {}), ev["attacks"]))
+            for n, ev in evaluations.items()}
     labels = list(dict.fromkeys(label for n in names for label in by_label[n]))
     shared = [label for label in labels if all(label in by_label[n] for n in names)]
     if not shared:
@@ -91,8 +96,11 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
             kind = a["kind"]
             auroc = "–" if a.get("auroc") is None else f"{a['auroc']:.2f}"
             cells.append(f"{_pct(a.get('accuracy_under_attack'))} / **{_pct(a['detection']['rate'])}** / "
-                         f"{_pct(a['evasion']['rate'])} / {auroc}")
+                         f"{_pct(a['evasion']['rate'])} / {auroc}" + (" (seen in fitting)" if label in seen[n] else ""))
         lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
+    if any(seen.values()):
+        lines += ["", "Seen in fitting: that detector was fitted on adversarials of other images made by this attack "
+                      "with these parameters."]
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
         lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
