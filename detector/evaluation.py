@@ -101,15 +101,16 @@ def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str
 
 
 def same_attack(attack: str, params: dict[str, Any], other: str, other_params: dict[str, Any]) -> bool:
-    """Whether two (registered attack, parameters) pairs run the same attack: equal names and
-    numerically equal parameters, a missing ``random_start`` read as none and seeds ignored."""
+    """Whether two (registered attack, parameters) pairs run the same attack: equal names and equal
+    parameters (numbers to rounding), a missing ``random_start`` read as none and seeds ignored."""
     if attack != other:
         return False
     a = {"random_start": False, **{k: v for k, v in params.items() if k != "seed"}}
     b = {"random_start": False, **{k: v for k, v in other_params.items() if k != "seed"}}
     if a.keys() != b.keys():
         return False
-    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-6, abs_tol=1e-12) for k in a)
+    return all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-12)
+               if isinstance(a[k], (int, float)) and isinstance(b[k], (int, float)) else a[k] == b[k] for k in a)
 
 
 # -- baselines -------------------------------------------------------------------------------------

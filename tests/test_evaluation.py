@@ -163,9 +163,13 @@ def test_the_evaluation_knows_which_attacks_the_detector_was_fitted_on():
     assert not same_attack("pgd", {"eps": 0.1}, "pgd-l2", {"eps": 0.1})
     records = [{"label": e.label, "attack": e.attack, "params": e.params} for e in attack_suite(8 / 255, level="full")]
     pgd8 = {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "norm": "linf", "random_start": False}
-    report = {"detection": {"detector": "activations", "fitted_on": {"clean": {"clean images": 9, "JPEG q75": 9}}},
-              "attack": pgd8}
+    # A report that counts its sources but does not list their parameters: read from the recipe.
+    sources = {label: 9 for label in fit_attacks("activations", pgd8)}
+    fitted_on = {"clean": {"clean images": 9, "JPEG q75": 9}, "adversarial": sources}
+    report = {"detection": {"detector": "activations", "fitted_on": fitted_on}, "attack": pgd8}
     assert seen_in_fitting(report, records) == ["JPEG q75", "FGSM L∞ 8/255", "PGD-10 L∞ 2/255", "PGD-10 L∞ 8/255"]
+    fitted_on["adversarial"] = {"final PGD iterate": 9}
+    assert seen_in_fitting(report, records) == ["JPEG q75"]  # sources the recipe does not name: none told
     report["detection"]["detector"] = "paper"  # its tree learns the final PGD iterate only
     assert seen_in_fitting(report, records) == ["JPEG q75", "PGD-10 L∞ 8/255"]
     # What the report records wins over the recipe: a detector fitted at 4/255 saw PGD-10 4/255.

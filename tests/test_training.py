@@ -591,3 +591,23 @@ def test_cifar10_subset_from_shared_data(cifar10_npz, tmp_path):
     assert 1 <= tr["peak_step"] <= 6 and kappa.max() > 1.1 * kappa[0]  # rises towards the boundary
     assert kappa[-1] < 0.85 * kappa.max()  # and falls once past it
     assert tr["mean_loss"][-1] > tr["mean_loss"][tr["peak_step"]]
+
+
+def test_compare_marks_the_attacks_each_detector_was_fitted_on(default_bundle, tmp_path):
+    """``python -m training.compare``: one classifier, detectors side by side; a cell is starred where
+    that detector was fitted on the attack (the paper's tree: its PGD only)."""
+    from training.compare import compare
+
+    base = TrainOptions(weights=str(default_bundle / "weights.pt"), epochs=0, max_samples=300, evaluate_images=60,
+                        progress=False)
+    table = compare(base, combinations=(("paper", None), ("activations", None)), workdir=tmp_path,
+                    log=lambda message: None)
+    head, *body = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    rows = {row[0].strip(): dict(zip([c.strip() for c in head], [c.strip() for c in row], strict=True))
+            for row in body}
+    assert set(rows) == {"paper", "activations"}
+    fitted = {"FGSM L∞ 8/255", "PGD-10 L∞ 2/255", "PGD-10 L∞ 8/255"}
+    for detector, seen in (("paper", {"PGD-10 L∞ 8/255"}), ("activations", fitted)):
+        starred = {column for column, cell in rows[detector].items() if cell.endswith("%*")}
+        assert starred == seen, detector
+    assert "\\* an attack that detector was fitted on" in table

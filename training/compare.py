@@ -4,7 +4,8 @@ The classifier is trained once (the first run); every other run loads its weight
 the attacks, the split and the held-out images are the same, and only the detector differs. Each run is
 a whole ``detector-train`` with the quick attack suite; the table gives, per (detector, estimator), the
 false-positive rate on clean held-out images and the detection rate of each attack of the suite at the
-operating point, with the run's held-out AUROC on the fitting attack. ::
+operating point (marked * where the detector was fitted on that attack), with the run's held-out AUROC
+on the fitting attack. ::
 
     python -m training.compare --data digits --out docs/compare-digits.md
 """
@@ -50,13 +51,16 @@ def compare(base: TrainOptions, combinations=COMBINATIONS, workdir: Path | None 
         evaluation = report.get("evaluation") or {}
         attacks = attacks or [a["label"] for a in evaluation.get("attacks", [])]
         by_label = {a["label"]: a for a in evaluation.get("attacks", [])}
+        seen = set(evaluation.get("seen_in_fitting", []))
         rows.append([detector, estimator or f"its own ({report['detection']['estimator'].split('(')[0]})",
                      _pct(evaluation.get("clean", {}).get("false_positives_correct")),
-                     *(_pct(by_label.get(label, {}).get("detection")) for label in attacks),
+                     *(_pct(by_label.get(label, {}).get("detection")) + ("*" if label in seen else "")
+                       for label in attacks),
                      f"{report['detection']['auroc']:.3f}"])
     columns = ["detector", "estimator", "clean flagged", *(attacks or []), "AUROC (fitting attack)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["", "\\* an attack that detector was fitted on (on other images)."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,9 @@ Two recipes, chosen by the detector's name (:data:`detector.estimator.DETECTORS`
 - ``paper``: the talk's 50:50 set of clean ψ and the final PGD iterate's ψ, a decision tree,
   flagged at P(adversarial) ≥ 0.5;
 - ``activations``, ``layers`` and ``curvature``: both phases of the path.  Adversarial rows are every
-  misclassified step of the recorded PGD path (near the boundary and deep in the valley), plus FGSM
-  and a PGD at a quarter of ε, each source weighing the same; clean rows are the clean images and
+  misclassified step of the recorded PGD path (near the boundary and deep in the valley), plus one
+  step of the full radius (FGSM for L∞) and a PGD at a quarter of it (:func:`fit_attacks`), each
+  source weighing the same; clean rows are the clean images and
   the same images after the service's own resize path, JPEG and mild photometric changes.
   The log-domain curvature features (``layers``: and the earlier layers' class-conditional
   distances; ``activations``: and those layers' channel means too) under gradient-boosted trees
@@ -74,9 +75,12 @@ def seen_in_fitting(report: dict[str, Any], attacks: Sequence[dict[str, Any]] = 
     fitted = detection.get("fitted_on", {})
     clean = fitted.get("clean", {})
     seen = [name for name in clean if name != "clean images"] if isinstance(clean, dict) else []
-    # Reports written before the fitted attacks were recorded: the recipe, from the recorded attack.
-    sources = fitted.get("attacks") or (fit_attacks(detection["detector"], report["attack"])
-                                        if "detector" in detection and "eps" in report.get("attack", {}) else {})
+    sources = fitted.get("attacks") or {}
+    if not sources and "detector" in detection and "eps" in report.get("attack", {}):
+        # Reports written before the fitted attacks were recorded: today's recipe, if its sources are
+        # the ones the report counts (an older recipe's are not told apart).
+        recipe = fit_attacks(detection["detector"], report["attack"])
+        sources = recipe if list(recipe) == list(fitted.get("adversarial", {})) else {}
     return seen + [a["label"] for a in attacks
                    if any(same_attack(a["attack"], a["params"], s["attack"], s["params"]) for s in sources.values())]
 

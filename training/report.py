@@ -454,9 +454,10 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "Accuracy under attack: share of all evaluated images classified correctly after the attack. Success: "
         "share of the attacked (correctly classified) images misclassified. Detected: share of the successful "
         "adversarials flagged. Evasion: share of attacked images misclassified and not flagged. Evasion budget "
-        "(per attack): median perturbation of the successful adversarials that were not flagged. Seen in "
-        "fitting: the detector was fitted on adversarials of other images made by this attack with these "
-        "parameters; it never saw the other attacks.",
+        "(per attack): median perturbation of the successful adversarials that were not flagged."
+        + (" Seen in fitting: the detector was fitted on adversarials of other images made by this attack with "
+           "these parameters; no other attack was in its fitting set."
+           if any(a["label"] in seen for a in evaluation["attacks"]) else ""),
         "",
         *budget_markdown(evaluation.get("evasion_budget", {})),
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",

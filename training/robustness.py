@@ -98,9 +98,9 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
             cells.append(f"{_pct(a.get('accuracy_under_attack'))} / **{_pct(a['detection']['rate'])}** / "
                          f"{_pct(a['evasion']['rate'])} / {auroc}" + (" (seen in fitting)" if label in seen[n] else ""))
         lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
-    if any(seen.values()):
+    if any(label in seen[n] for n in names for label in by_label[n]):
         lines += ["", "Seen in fitting: that detector was fitted on adversarials of other images made by this attack "
-                      "with these parameters."]
+                      "with these parameters; no other attack was in its fitting set."]
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
         lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
