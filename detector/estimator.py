@@ -63,7 +63,10 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     ones it needs.  Given ``kappa`` (or later through :meth:`calibrate`) it sets the uncanny-valley
     threshold τ to the ``valley_quantile`` of κ over the clean inputs.  Given ``calibration`` (feature
     rows of held-out clean inputs) and ``target_fpr``, it sets the flagging threshold so that at most
-    that share of them is flagged; otherwise the threshold is ``threshold``.
+    that share of them is flagged; otherwise the threshold is ``threshold``.  When the calibration
+    rows also hold changed copies of the clean inputs (resized, recompressed, …), ``calibration_as_given``
+    marks the inputs as they came, and at most ``target_fpr`` of those alone is flagged too: easy
+    variants must not buy false positives on ordinary inputs.
 
     Parameters
     ----------
@@ -91,6 +94,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     threshold_ : float, the flagging threshold in use
     valley_threshold_ : float, τ
     calibration_fpr_ : float, the share of calibration inputs flagged at ``threshold_`` (when fitted on them)
+    calibration_fpr_as_given_ : float, the same over the inputs as they came (when they were marked)
     """
 
     probe_means = False  # detectors saved before the parameter existed read this default
@@ -107,7 +111,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         self.target_fpr = target_fpr
         self.random_state = random_state
 
-    def fit(self, X, is_adversarial, kappa=None, calibration=None, sample_weight=None):
+    def fit(self, X, is_adversarial, kappa=None, calibration=None, sample_weight=None, calibration_as_given=None):
         X, y = check_X_y(X, is_adversarial, dtype=np.float64)
         y = y.astype(np.int64)
         if set(np.unique(y)) != {0, 1}:
@@ -140,16 +144,26 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             if calibration is None:
                 raise ValueError("target_fpr needs calibration=<feature rows of held-out clean inputs>: "
                                  "a threshold tuned on the fitting rows underestimates the false-positive rate")
-            self.set_operating_point(calibration)
+            self.set_operating_point(calibration, as_given=calibration_as_given)
         return self
 
-    def set_operating_point(self, calibration, target_fpr: float | None = None):
-        """Fit the flagging threshold on clean calibration rows to ``target_fpr`` (default: the parameter)."""
+    def set_operating_point(self, calibration, target_fpr: float | None = None, as_given=None):
+        """Fit the flagging threshold on clean calibration rows to ``target_fpr`` (default: the
+        parameter): at most that share of the rows flagged and, given ``as_given`` (a boolean mask of
+        the rows that are clean inputs as they came, the others their changed copies), at most that
+        share of those alone."""
         target = self.target_fpr if target_fpr is None else target_fpr
         if target is None or not 0.0 <= target < 1.0:
             raise ValueError(f"the operating point needs a target_fpr in [0, 1), got {target}")
         scores = self.score_samples(calibration)
         self.threshold_ = flagging_threshold(scores, target)
+        if as_given is not None:
+            as_given = np.asarray(as_given, dtype=bool)
+            if as_given.shape != scores.shape or not as_given.any():
+                raise ValueError(f"as_given must mark at least one of the {scores.size} calibration rows, "
+                                 f"got a mask of shape {as_given.shape} with {int(as_given.sum())} marked")
+            self.threshold_ = max(self.threshold_, flagging_threshold(scores[as_given], target))
+            self.calibration_fpr_as_given_ = float(np.mean(scores[as_given] >= self.threshold_))
         self.calibration_fpr_ = float(np.mean(scores >= self.threshold_))
         self.n_calibration_ = int(scores.size)
         return self

@@ -131,6 +131,30 @@ def test_operating_point_is_fitted_on_calibration_rows():
     assert np.mean(det.predict(fresh)) < 0.09  # held-out clean: near the target, not 0.5
 
 
+def test_easy_variants_do_not_buy_false_positives_on_inputs_as_they_came():
+    """Calibration rows of clean inputs plus changed copies that look even cleaner: pooled, 5% of all
+    rows lets through 3× more of the inputs as they came; marked, those stay at or under 5% too."""
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, (300, 3)), rng.normal(2, 1, (300, 3))]
+    y = np.r_[np.zeros(300, int), np.ones(300, int)]
+    as_came, easy = rng.normal(0, 1, (200, 3)), rng.normal(-3, 1, (400, 3))
+    calibration = np.r_[as_came, easy]
+    mask = np.r_[np.ones(200, bool), np.zeros(400, bool)]
+    pooled = make_detector("curvature", estimator="logistic", target_fpr=0.05).fit(x, y, calibration=calibration)
+    assert np.mean(pooled.predict(as_came)) > 0.1  # what the mask is for
+    det = make_detector("curvature", estimator="logistic", target_fpr=0.05).fit(x, y, calibration=calibration,
+                                                                                calibration_as_given=mask)
+    assert np.mean(det.predict(as_came)) == det.calibration_fpr_as_given_ <= 0.05
+    assert det.calibration_fpr_ <= 0.05 and det.threshold_ > pooled.threshold_
+    # Harder variants (the default's noise): the pooled threshold already holds the inputs as they came.
+    hard = np.r_[as_came, rng.normal(1, 1, (400, 3))]
+    both = [make_detector("curvature", estimator="logistic", target_fpr=0.05).fit(
+        x, y, calibration=hard, calibration_as_given=m) for m in (None, mask)]
+    assert both[0].threshold_ == both[1].threshold_
+    with pytest.raises(ValueError, match="as_given"):
+        det.set_operating_point(calibration, as_given=np.zeros(600, bool))
+
+
 # --- attacks -------------------------------------------------------------------------------------
 
 

@@ -176,6 +176,9 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     summary = summary_text(report)
     assert "budget       all attacks" in summary and "budget       minimal" in summary
     assert "Evasion budget" in md
+    # The operating point holds on the calibration images as they came, not only pooled with their variants.
+    assert det["calibration_fpr"] <= det["target_fpr"] and det["calibration_fpr_as_given"] <= det["target_fpr"]
+    assert "on the images as they came" in md
     # What it was fitted on is recorded, and the coverage table marks the attacks among them.
     fitted = det["fitted_on"]
     assert list(fitted["attacks"]) == list(fitted["adversarial"])

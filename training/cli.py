@@ -161,7 +161,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="the detector's classifier instead of its own (layers and curvature: boosting; "
                             "activations: logistic; paper: tree), to compare them")
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
-                       help="share of clean calibration images the detector may flag")
+                       help="share of clean calibration images the detector may flag, as they came and "
+                            "together with their --clean-variants")
         g.add_argument("--clean-variants", type=_shift_names, default=None, metavar="NAME,NAME,…|none",
                        help="what the clean fitting and calibration images also go through, so that inputs "
                             "changed that way do not fire; replaces the default list (" + ", ".join(CLEAN_VARIANTS)

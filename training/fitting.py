@@ -259,9 +259,12 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     calibration = (None if detector.target_fpr is None else
                    calibration_rows(extract, data, attacked.index[calibration_images], device=device,
                                     batch_size=batch_size, variants=clean_variants))
+    # calibration_rows puts the images as they came first, then each variant of them.
+    as_given = None if calibration is None else np.arange(len(calibration)) < len(calibration_images)
     if name == "paper":
         fit_set = balanced_side(attacked, fit_images, rng, path_rows)
-        detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration)
+        detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration,
+                     calibration_as_given=as_given)
         described = {"adversarial": {"final PGD iterate": int(fit_set.is_adv.sum())},
                      "clean": {"clean images": int((fit_set.is_adv == 0).sum())},
                      "balance": "50:50", "attacks": attacks}
@@ -292,7 +295,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     weights = np.r_[np.full(len(clean_rows), 0.5 / len(clean_rows)), 0.5 * adv_weights] * len(y)
     if "random_state" in detector.estimator.get_params():
         detector.estimator.set_params(random_state=seed)
-    detector.fit(X, y, calibration=calibration, sample_weight=weights)
+    detector.fit(X, y, calibration=calibration, sample_weight=weights, calibration_as_given=as_given)
     detector.calibrate(attacked.clean_kappa[fit_images])
     fit_set = DetectorSet(np.empty((0, 0)), np.empty(0), y, np.empty(0, np.int64), X)
     described = {"adversarial": sources, "clean": {"clean images": len(fit_images),

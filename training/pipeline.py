@@ -212,6 +212,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
             "threshold": float(detector.operating_threshold),
             "target_fpr": detector.target_fpr,
             "calibration_fpr": getattr(detector, "calibration_fpr_", None),
+            "calibration_fpr_as_given": getattr(detector, "calibration_fpr_as_given_", None),
             "n_calibration": getattr(detector, "n_calibration_", None),
             "fitted_on": fitted.described,
             "n_fit": int(len(fit_set.is_adv)),

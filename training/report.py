@@ -277,7 +277,10 @@ def write_markdown(path: Path, report: dict) -> None:
         f"{_num(det['threshold'])}" + (f", set on {det.get('n_calibration')} clean calibration rows from "
                                       f"{det.get('n_calibration_images')} other images for "
                                       f"{_pct(det['target_fpr'])} false positives (reached there: "
-                                      f"{_pct(det.get('calibration_fpr'))})" if det.get("target_fpr") else "")
+                                      f"{_pct(det.get('calibration_fpr'))}"
+                                      + (f"; on the images as they came: {_pct(det['calibration_fpr_as_given'])}"
+                                         if det.get("calibration_fpr_as_given") is not None else "")
+                                      + ")" if det.get("target_fpr") else "")
         + f". Evaluated on {det['n_test']} rows ({det['n_test_adversarial']} adversarial: the final PGD iterate) "
         f"from {det['n_test_images']} other images; split {det['split']}.",
         "",
