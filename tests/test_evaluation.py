@@ -480,6 +480,29 @@ def test_small_real_suite_counts_agree(bundle_and_split):
     json.dumps(d)  # JSON-ready
 
 
+def test_detectors_compared_at_one_false_positive_rate():
+    """``--matched-fpr``: every detector thresholded anew on its own held-out clean scores, at most that
+    share flagged (ties not), then each attack's successful adversarials counted at that threshold."""
+    from training.robustness import matched_detection, side_by_side
+
+    clean = np.arange(100, dtype=float)  # the top 5 (95..99) may be flagged, 94 may not
+    evaluation = {"clean": {"scores_correct": clean.tolist()},
+                  "attacks": [{"label": "a", "scores": [94.0, 95.0, 99.5, 10.0]}, {"label": "b", "scores": []}],
+                  "shifts": [{"name": "JPEG q50", "scores": [96.0, 3.0]}]}
+    fpr, detected = matched_detection(evaluation, 0.05)
+    assert fpr == 0.05 and detected == {"a": 0.5, "b": None, "JPEG q50": 0.5}
+    assert matched_detection(evaluation, 0.0)[1]["a"] == 0.25  # nothing clean flagged: only above 99
+    shifted = {**evaluation, "clean": {"scores_correct": (clean + 1000).tolist()}}
+    assert matched_detection(shifted, 0.05)[1]["a"] == 0.0  # its own clean scores set its threshold
+    full = {"clean": {"accuracy": 1.0, "false_positives_correct": {"rate": 0.1}, **evaluation["clean"]},
+            "attacks": [{**a, "kind": "budget", "accuracy_under_attack": 0.0, "detection": {"rate": 0.9},
+                         "evasion": {"rate": 0.1}, "auroc": 0.9} for a in evaluation["attacks"]], "_report": {},
+            "shifts": [{**evaluation["shifts"][0], "flagged": {"rate": 0.5}, "accuracy": 0.5}]}
+    table = side_by_side({"x": full, "y": {**full, "clean": {**full["clean"], **shifted["clean"]}}}, 0.05)
+    assert "| a | 50.0% | 0.0% |" in table and "| clean flagged (correct images) | 5.0% | 5.0% |" in table
+    assert "| JPEG q50 (flagged) | 50.0% | 0.0% |" in table  # 96 is above x's threshold, not y's (1000 up)
+
+
 def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     from training.evaluate import main
 

@@ -6,7 +6,9 @@ evaluation's suite lacked shows as "–") and writes Markdown tables
 (clean accuracy and false positives and the evasion budget per group of attacks; per attack: accuracy
 under attack, detection, evasion and AUROC, marked where the detector was fitted on that attack; per
 natural shift: the share flagged) and one plot of
-evasion rate against L∞ budget with a line per bundle. ::
+evasion rate against L∞ budget with a line per bundle.  Each bundle flags at its own operating point, so
+their clean false-positive rates on the held-out images differ; ``--matched-fpr`` adds each attack's
+detection with every bundle thresholded anew at the same share of its held-out clean images. ::
 
     python -m training.robustness runs/standard-evaluation runs/robust-evaluation \\
         --names standard robust --out docs/figures/robustness.png
@@ -19,10 +21,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from detector.estimator import flagging_threshold
+
 from .fitting import seen_in_fitting
 from .report import _pct, budget_text, plot_evasion_budget
 
-__all__ = ["load", "main", "side_by_side"]
+__all__ = ["load", "main", "matched_detection", "side_by_side"]
 
 
 def load(path: str | Path) -> dict:
@@ -49,8 +55,25 @@ def _classifier_line(evaluation: dict) -> str:
     return at["described"] if at else ("standard training" if c.get("epochs") else "weights as given")
 
 
-def side_by_side(evaluations: dict[str, dict]) -> str:
-    """The Markdown tables for ``{name: evaluation}``; an attack one of them did not run reads "–"."""
+def matched_detection(evaluation: dict, fpr: float) -> tuple[float, dict[str, float | None]]:
+    """The evaluation's detector thresholded anew so that at most ``fpr`` of its held-out clean, correctly
+    classified images are flagged (ties not flagged): the share of them flagged, and per attack label the
+    share of its successful adversarials flagged and per natural shift the share of its images."""
+    clean = np.asarray(evaluation["clean"]["scores_correct"], dtype=np.float64)
+    threshold = flagging_threshold(clean, fpr)
+
+    def flagged(scores: list[float]) -> float | None:
+        return float(np.mean(np.asarray(scores, dtype=np.float64) >= threshold)) if scores else None
+
+    return float(np.mean(clean >= threshold)), {
+        **{a["label"]: flagged(a["scores"]) for a in evaluation["attacks"]},
+        **{s["name"]: flagged(s["scores"]) for s in evaluation.get("shifts", [])}}
+
+
+def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None) -> str:
+    """The Markdown tables for ``{name: evaluation}``; an attack one of them did not run reads "–".
+    ``matched_fpr``: also each attack's detection with every detector at that clean false-positive rate
+    on its own held-out images (:func:`matched_detection`)."""
     names = list(evaluations)
     first = evaluations[names[0]]
     # Attacks in the order first met; one an evaluation did not run (an older suite) reads "–".
@@ -101,6 +124,16 @@ def side_by_side(evaluations: dict[str, dict]) -> str:
     if any(label in seen[n] for n in names for label in by_label[n]):
         lines += ["", "Seen in fitting: that detector was fitted on adversarials of other images made by this attack "
                       "with these parameters; no other attack was in its fitting set."]
+    if matched_fpr is not None:
+        matched = {n: matched_detection(ev, matched_fpr) for n, ev in evaluations.items()}
+        lines += ["", f"Thresholded anew at {matched_fpr:.1%} of the held-out clean (correct) images flagged:", "",
+                  "| attack or shift | " + " | ".join(f"{n}: detected" for n in names) + " |", "|---|" + "---|" * len(names),
+                  "| clean flagged (correct images) | " + " | ".join(_pct(matched[n][0]) for n in names) + " |"]
+        shift_names = list(dict.fromkeys(s["name"] for ev in evaluations.values() for s in ev.get("shifts", [])))
+        for label in labels + [f"{s} (flagged)" for s in shift_names]:
+            key = label.removesuffix(" (flagged)")
+            lines.append(f"| {label} | " + " | ".join(
+                "–" if key not in matched[n][1] else _pct(matched[n][1][key]) for n in names) + " |")
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
         lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
@@ -119,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", nargs="+", default=["all attacks", "minimal"],
                    help="attack groups drawn in the plot")
     p.add_argument("--out", help="write the plot of evasion rate against budget here (PNG)")
+    p.add_argument("--matched-fpr", type=float, default=None, metavar="SHARE",
+                   help="also give each attack's detection with every detector thresholded anew at this share "
+                        "of its held-out clean images flagged (e.g. 0.05)")
     p.add_argument("--up-to", type=float, default=None, metavar="LEVELS",
                    help="end the plot's budget axis here, in /255 (default: the largest budget)")
     args = p.parse_args(argv)
@@ -130,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"give --names")
     try:
         evaluations = {n: load(e) for n, e in zip(names, args.evaluations)}
-        table = side_by_side(evaluations)
+        if args.matched_fpr is not None and not 0.0 <= args.matched_fpr < 1.0:
+            raise ValueError(f"--matched-fpr must lie in [0, 1), got {args.matched_fpr}")
+        table = side_by_side(evaluations, args.matched_fpr)
     except (OSError, ValueError, KeyError) as exc:
         p.exit(2, f"python -m training.robustness: error: {exc}\n")
     print(table)
