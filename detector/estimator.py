@@ -94,7 +94,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     threshold_ : float, the flagging threshold in use
     valley_threshold_ : float, τ
     calibration_fpr_ : float, the share of calibration inputs flagged at ``threshold_`` (when fitted on them)
-    calibration_fpr_as_given_ : float, the same over the inputs as they came (when they were marked)
+    calibration_fpr_as_given_ : float or None, the same over the inputs as they came (None: not marked)
     """
 
     probe_means = False  # detectors saved before the parameter existed read this default
@@ -157,6 +157,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             raise ValueError(f"the operating point needs a target_fpr in [0, 1), got {target}")
         scores = self.score_samples(calibration)
         self.threshold_ = flagging_threshold(scores, target)
+        self.calibration_fpr_as_given_ = None  # a refit without the mask leaves no figure of an older one
         if as_given is not None:
             as_given = np.asarray(as_given, dtype=bool)
             if as_given.shape != scores.shape or not as_given.any():

@@ -415,6 +415,11 @@ def _probed(det: dict) -> str:
     return f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ{means}"
 
 
+#: What "(seen in fitting)" on an attack means, under every table that marks one.
+SEEN_IN_FITTING = ("Seen in fitting: the detector was fitted on adversarials of other images made by this attack "
+                   "with these parameters; no other attack was in its fitting set.")
+
+
 def evaluation_markdown(evaluation: dict) -> list[str]:
     """The coverage tables: clean false positives, every attack, every natural shift."""
     det, clean = evaluation["detector"], evaluation["clean"]
@@ -458,9 +463,7 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "share of the attacked (correctly classified) images misclassified. Detected: share of the successful "
         "adversarials flagged. Evasion: share of attacked images misclassified and not flagged. Evasion budget "
         "(per attack): median perturbation of the successful adversarials that were not flagged."
-        + (" Seen in fitting: the detector was fitted on adversarials of other images made by this attack with "
-           "these parameters; no other attack was in its fitting set."
-           if any(a["label"] in seen for a in evaluation["attacks"]) else ""),
+        + (f" {SEEN_IN_FITTING}" if any(a["label"] in seen for a in evaluation["attacks"]) else ""),
         "",
         *budget_markdown(evaluation.get("evasion_budget", {})),
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",

@@ -26,7 +26,7 @@ import numpy as np
 from detector.estimator import flagging_threshold
 
 from .fitting import seen_in_fitting
-from .report import _pct, budget_text, plot_evasion_budget
+from .report import SEEN_IN_FITTING, _pct, budget_text, plot_evasion_budget
 
 __all__ = ["load", "main", "matched_detection", "side_by_side"]
 
@@ -122,17 +122,16 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
                          f"{_pct(a['evasion']['rate'])} / {auroc}" + (" (seen in fitting)" if label in seen[n] else ""))
         lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     if any(label in seen[n] for n in names for label in by_label[n]):
-        lines += ["", "Seen in fitting: that detector was fitted on adversarials of other images made by this attack "
-                      "with these parameters; no other attack was in its fitting set."]
+        lines += ["", SEEN_IN_FITTING]
     if matched_fpr is not None:
         matched = {n: matched_detection(ev, matched_fpr) for n, ev in evaluations.items()}
         lines += ["", f"Thresholded anew at {matched_fpr:.1%} of the held-out clean (correct) images flagged:", "",
-                  "| attack or shift | " + " | ".join(f"{n}: detected" for n in names) + " |", "|---|" + "---|" * len(names),
+                  "| attack or shift | " + " | ".join(f"{n}: detected" for n in names) + " |",
+                  "|---|" + "---|" * len(names),
                   "| clean flagged (correct images) | " + " | ".join(_pct(matched[n][0]) for n in names) + " |"]
-        shift_names = list(dict.fromkeys(s["name"] for ev in evaluations.values() for s in ev.get("shifts", [])))
-        for label in labels + [f"{s} (flagged)" for s in shift_names]:
-            key = label.removesuffix(" (flagged)")
-            lines.append(f"| {label} | " + " | ".join(
+        shift_names = dict.fromkeys(s["name"] for ev in evaluations.values() for s in ev.get("shifts", []))
+        for title, key in [(label, label) for label in labels] + [(f"{s} (flagged)", s) for s in shift_names]:
+            lines.append(f"| {title} | " + " | ".join(
                 "–" if key not in matched[n][1] else _pct(matched[n][1][key]) for n in names) + " |")
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
