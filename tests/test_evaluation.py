@@ -501,6 +501,8 @@ def test_detectors_compared_at_one_false_positive_rate():
     table = side_by_side({"x": full, "y": {**full, "clean": {**full["clean"], **shifted["clean"]}}}, 0.05)
     assert "| a | 50.0% | 0.0% |" in table and "| clean flagged (correct images) | 5.0% | 5.0% |" in table
     assert "| JPEG q50 (flagged) | 50.0% | 0.0% |" in table  # 96 is above x's threshold, not y's (1000 up)
+    # The matched table comes last, after every table at each detector's own threshold.
+    assert table.index("Thresholded anew") > table.index("| natural shift |")
 
 
 def test_detector_evaluate_command(default_bundle, tmp_path, capsys):

@@ -123,7 +123,15 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
         lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     if any(label in seen[n] for n in names for label in by_label[n]):
         lines += ["", SEEN_IN_FITTING]
-    if matched_fpr is not None:
+    shifts = [s["name"] for s in first.get("shifts", [])]
+    if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
+        lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for i, name in enumerate(shifts):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_pct(evaluations[n]['shifts'][i]['flagged']['rate'])} / "
+                f"{_pct(evaluations[n]['shifts'][i]['accuracy'])}" for n in names) + " |")
+    if matched_fpr is not None:  # last: every table above is at each detector's own threshold
         matched = {n: matched_detection(ev, matched_fpr) for n, ev in evaluations.items()}
         lines += ["", f"Thresholded anew at {matched_fpr:.1%} of the held-out clean (correct) images flagged:", "",
                   "| attack or shift | " + " | ".join(f"{n}: detected" for n in names) + " |",
@@ -133,14 +141,6 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
         for title, key in [(label, label) for label in labels] + [(f"{s} (flagged)", s) for s in shift_names]:
             lines.append(f"| {title} | " + " | ".join(
                 "–" if key not in matched[n][1] else _pct(matched[n][1][key]) for n in names) + " |")
-    shifts = [s["name"] for s in first.get("shifts", [])]
-    if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
-        lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for i, name in enumerate(shifts):
-            lines.append(f"| {name} | " + " | ".join(
-                f"{_pct(evaluations[n]['shifts'][i]['flagged']['rate'])} / "
-                f"{_pct(evaluations[n]['shifts'][i]['accuracy'])}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
