@@ -192,7 +192,8 @@ def _batched_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, tra
 def calibration_rows(extract: Extractor, data: ImageDataset, index: np.ndarray, *, device: torch.device,
                      batch_size: int, variants: Sequence[str] = CLEAN_VARIANTS) -> np.ndarray:
     """Feature rows of clean images, as they come and through each of ``variants`` (names of
-    :mod:`detector.shifts`)."""
+    :mod:`detector.shifts`), in that order: the first ``len(index)`` rows are the images as they came,
+    which :func:`fit_detector` relies on to mark them for the operating point."""
     parts = [_batched_rows(extract, data, index, lambda x, y: x, device, batch_size)[0]]
     for name in variants:
         parts.append(_batched_rows(extract, data, index, lambda x, y, n=name: apply_shift(n, x), device,
