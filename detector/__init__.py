@@ -14,6 +14,7 @@ from .bundle import (
     InputSpec,
     load_bundle,
     save_bundle,
+    update_bundle,
     verify_bundle,
 )
 from .datasets import DatasetNotFoundError, ImageDataset, load_dataset
@@ -36,5 +37,5 @@ __all__ = [
     "ImageClassifier", "ImageDataset", "InputSpec", "PGDResult", "UncannyValleyDetector",
     "analyze", "build_classifier", "find_last_linear", "forward_features", "load_bundle",
     "fgsm", "load_dataset", "pgd", "psi", "relative_sharpness", "save_bundle", "sharpness_from_psi",
-    "verify_bundle",
+    "update_bundle", "verify_bundle",
 ]

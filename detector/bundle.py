@@ -24,7 +24,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Collection
+import shutil
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +42,7 @@ from .models import MODELS, ImageClassifier, build_classifier, load_weights
 
 __all__ = [
     "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "convert_pickled_bundle",
-    "load_bundle", "save_bundle", "verify_bundle",
+    "load_bundle", "save_bundle", "update_bundle", "verify_bundle",
 ]
 
 FORMAT_VERSION = 2
@@ -228,6 +229,41 @@ def save_bundle(
         (root / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     _write_manifest(root)
     return root
+
+
+def update_bundle(path: str | os.PathLike, write: Callable[[Path], None], expected_sha256: str | None = None) -> str:
+    """Add or replace a bundle's records (reports, evaluations, plots), never what makes its verdicts.
+
+    The bundle is verified first (and refused unless its hash is ``expected_sha256``, when given).
+    ``write`` gets a copy of the directory to write into; the copy, with a new manifest, then
+    replaces the bundle in one rename, so a failure leaves the bundle as it was.  Refused if
+    ``write`` changed the config, the weights or the detector.  Returns the new bundle hash: the
+    bundle is another one now, and pins of the old hash no longer match it.
+    """
+    root = Path(path)
+    verify_bundle(root, expected_sha256)
+    files, _, _ = _read_manifest(root)
+    stage = root.parent / f".{root.name}.update-{os.getpid()}"
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    for leftover in (stage, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(root, stage)  # links become plain files: writes go to the copy, never through a link
+    try:
+        write(stage)
+        for name in REQUIRED:
+            if not (stage / name).is_file() or _sha256(stage / name) != files[name]:
+                raise BundleError(f"updating bundle {str(root)!r} may add records, not change {name}")
+        digest = _write_manifest(stage)
+        root.rename(old)
+        stage.rename(root)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old.exists() and not root.exists():
+            old.rename(root)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return digest
 
 
 def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:

@@ -146,8 +146,9 @@ class ModelMetadata(BaseModel):
         description="Detection metrics from the bundle's training report (None when it has no report).")
     coverage: dict[str, Any] | None = Field(
         None, description="What the detector catches: the attack-suite evaluation on held-out images from the "
-                          "bundle's report (per attack: success, detection and evasion rates with 95% intervals, "
-                          "AUROC, evasion budget; per natural shift: flagged rate; clean false positives). "
-                          "None when the bundle was built without an evaluation.")
+                          "bundle's report: detector-train's, or the one detector-evaluate --attach added (per attack: "
+                          "success, detection and evasion rates with 95% intervals, AUROC, evasion budget; per "
+                          "natural shift: flagged rate; clean false positives). None when the bundle holds no "
+                          "evaluation.")
     device: str = Field(description="Where the classifier runs.")
     limits: ServiceLimits

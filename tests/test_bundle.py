@@ -250,3 +250,45 @@ def test_a_bundle_naming_an_importable_callable_never_calls_it(bundle_dir, tmp_p
     with pytest.raises(BundleError, match="subprocess:run.*trust"):
         load_bundle(bundle_dir)
     assert not marker.exists()
+
+
+def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
+    from detector import update_bundle, verify_bundle
+
+    before = verify_bundle(bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())["files"]
+    after = update_bundle(bundle_dir, lambda stage: (stage / "notes.md").write_text("evaluated\n"),
+                          expected_sha256=before)
+    assert after != before and verify_bundle(bundle_dir) == after
+    files = json.loads((bundle_dir / "manifest.json").read_text())["files"]
+    assert files == {**manifest, "notes.md": hashlib.sha256(b"evaluated\n").hexdigest()}
+    assert load_bundle(bundle_dir, expected_sha256=after).report == {"detection": {"accuracy": 0.5}}
+    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["b"]  # no staging copy left behind
+
+
+def test_update_bundle_never_changes_what_makes_the_verdicts(bundle_dir):
+    from detector import update_bundle, verify_bundle
+
+    before = verify_bundle(bundle_dir)
+    for name in ("weights.pt", "detector.skops", "config.json"):
+        def tamper(stage, name=name):
+            (stage / "notes.md").write_text("x")
+            (stage / name).write_bytes((stage / name).read_bytes() + b" ")
+
+        with pytest.raises(BundleError, match=f"not change {name}"):
+            update_bundle(bundle_dir, tamper)
+        assert verify_bundle(bundle_dir) == before and not (bundle_dir / "notes.md").exists()
+
+    def fail(stage):
+        (stage / "notes.md").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        update_bundle(bundle_dir, fail)
+    assert verify_bundle(bundle_dir) == before and sorted(p.name for p in bundle_dir.parent.iterdir()) == ["b"]
+    # Another bundle than the pinned one, or one with a tampered file, is not updated at all.
+    with pytest.raises(BundleError, match="not the pinned one"):
+        update_bundle(bundle_dir, lambda stage: None, expected_sha256="0" * 64)
+    (bundle_dir / "figure.png").write_bytes(b"changed")
+    with pytest.raises(BundleError, match="figure.png does not match"):
+        update_bundle(bundle_dir, lambda stage: None)

@@ -560,3 +560,36 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         side_by_side([str(out), str(tmp_path / "disjoint.json")])
     assert stop.value.code == 2 and "share no attack" in capsys.readouterr().err
+
+
+def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bundle, tmp_path, capsys):
+    import shutil
+
+    from detector import BundleError, verify_bundle
+    from training.evaluate import attach_evaluation, main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle, bundle)
+    before = verify_bundle(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    out = tmp_path / "ev"
+    assert main(["--bundle", str(bundle), "--suite", "quick", "--max-images", "40", "--out", str(out),
+                 "--no-progress", "--attach"]) == 0
+    printed = capsys.readouterr().out
+    after = verify_bundle(bundle)
+    assert after != before and printed.rstrip().endswith(after)
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["bundle"]["sha256"] == before
+    assert json.loads((bundle / "evaluation.json").read_text())["image_ids"] == ev["image_ids"]
+    assert json.loads((bundle / "split.json").read_text())["evaluated"] == ev["image_ids"]["evaluated"]
+    files = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert all(files[name] == manifest[name] for name in ("config.json", "weights.pt", "detector.skops"))
+    # What /model serves as the coverage: this evaluation, not the one detector-train ran.
+    served = load_bundle(bundle).report["evaluation"]
+    assert served["n_evaluated"] == 40 and served["suite"] == "quick" and "--attach" in served["command"]
+    assert [a["detection"] for a in served["attacks"]] == [a["detection"] for a in ev["attacks"]]
+    assert "run by `detector-evaluate --bundle" in (bundle / "report.md").read_text()
+    # An evaluation of the bundle as it was before is not attached to what it has become.
+    with pytest.raises(BundleError, match="not the pinned one"):
+        attach_evaluation(bundle, ev, title="stale")
+    assert verify_bundle(bundle) == after

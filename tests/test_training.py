@@ -188,6 +188,7 @@ def test_default_run_report_is_sane(default_bundle, default_report):
                                                                       report["evaluation"]["attacks"]}] == seen
     assert all(f"| {label} (seen in fitting) |" in md for label in seen)
     assert "| PGD L∞ 8/255, stopped at first misclassification (seen in fitting) |" not in md
+    assert report["evaluation"]["suite"] == "quick" and "The quick suite." in md
 
 
 def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp_path, capsys):

@@ -3,7 +3,8 @@
 The images are the bundle's test split minus every image its detector was fitted or calibrated on
 (``split.json``), checked disjoint in :func:`detector.evaluation.evaluate`.  Writes
 ``evaluation.json`` (every rate with its interval, the image ids of every evaluated row),
-``evaluation.md`` and three plots to ``--out``.
+``evaluation.md`` and three plots to ``--out``; with ``--attach`` also into the bundle, whose
+``report.json`` (what ``/model`` serves as its coverage) then carries this evaluation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import BundleError, distributed, load_bundle
+from detector import BundleError, distributed, load_bundle, update_bundle
 from detector.datasets import DatasetNotFoundError
 from detector.evaluation import attack_suite, evaluate
 
@@ -25,10 +26,11 @@ from . import report as reporting
 from .cli import HelpFormatter, _number
 from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
-from .output import json_safe
+from .output import dump_json, json_safe
+from .pipeline import summarize_evaluation
 from .prepare import load_splits
 
-__all__ = ["build_parser", "main", "run_evaluation"]
+__all__ = ["attach_evaluation", "build_parser", "main", "run_evaluation"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bring-your-own architecture the bundle may name: loading imports and calls it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
+    p.add_argument("--attach", action="store_true",
+                   help="also write the evaluation into the bundle, replacing the one it holds, so that the "
+                        "service's /model reports it as the bundle's coverage; this changes the bundle's SHA-256 "
+                        "(printed), so update any --bundle-sha256 pin")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -120,9 +126,33 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
              f"{len(evaluation['image_ids']['evaluated'])} held-out images")
     reporting.write_evaluation(out, evaluation, title=title, command=command)
+    if args.attach:
+        evaluation["attached_sha256"] = attach_evaluation(bundle_dir, evaluation, title=title, command=command)
     evaluation["out"] = str(out)
     evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
     return evaluation
+
+
+def attach_evaluation(bundle_dir: Path, evaluation: dict, *, title: str, command: str | None = None) -> str:
+    """Write ``evaluation`` into the bundle it judged, as ``detector-train --evaluate`` does: its files
+    (replacing the ones there), its summary as ``report.json``'s ``evaluation`` (what ``/model``
+    serves) with ``report.md`` written again, and its image ids in ``split.json``.  Refused unless the
+    bundle is still the one evaluated (same hash); returns the bundle's new hash."""
+    def write(stage: Path) -> None:
+        report_file = stage / "report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        files = reporting.write_evaluation(stage, evaluation, title=title, command=command)
+        report["evaluation"] = {**summarize_evaluation(evaluation), "command": command}
+        report["files"] = {**report.get("files", {}), **files}
+        dump_json(report_file, report)
+        if (stage / "report.md").is_file():
+            reporting.write_markdown(stage / "report.md", report)
+        if (stage / "split.json").is_file():
+            split = json.loads((stage / "split.json").read_text())
+            split["evaluated"] = evaluation["image_ids"]["evaluated"]
+            dump_json(stage / "split.json", split)
+
+    return update_bundle(bundle_dir, write, expected_sha256=evaluation["bundle"]["sha256"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(reporting.evaluation_markdown(evaluation)))
     print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md, plots) in "
           f"{evaluation['wall_seconds']:.0f} s")
+    if "attached_sha256" in evaluation:
+        print(f"attached to {args.bundle}: /model now reports this evaluation; the bundle's new SHA-256 "
+              f"(update any --bundle-sha256 pin): {evaluation['attached_sha256']}")
     return 0
 
 

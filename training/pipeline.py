@@ -268,6 +268,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
         suite_eps = attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"]
         evaluation["radius_scale"] = suite_eps / PAPER_ATTACK["eps"]
+        evaluation["suite"] = options.evaluate
         evaluation = json_safe(remap_ids(evaluation, origin))
         report["evaluation"] = summarize_evaluation(evaluation)
         timing["attack_suite"] = time.perf_counter() - start
@@ -346,6 +347,7 @@ def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
         "n_evaluated": len(evaluation["image_ids"]["evaluated"]),
         "radius_scale": evaluation.get("radius_scale", 1.0),
         "seen_in_fitting": evaluation.get("seen_in_fitting", []),
+        "suite": evaluation.get("suite"),
     }
 
 

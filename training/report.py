@@ -318,8 +318,11 @@ def write_markdown(path: Path, report: dict) -> None:
     if report.get("warnings"):
         lines[4:4] = ["**Warnings**: " + " ".join(f"{w}." for w in report["warnings"]), ""]
     if "evaluation" in report:
+        ev = report["evaluation"]
+        made_by = ([f"The {ev['suite']} suite" + (f", run by `{ev['command']}`." if ev.get("command") else "."), ""]
+                   if ev.get("suite") else [])
         lines += ["", "## What it catches: the attack suite on held-out images", "",
-                  *evaluation_markdown(report["evaluation"]), "",
+                  *made_by, *evaluation_markdown(ev), "",
                   f"Plots and per-image ids: [{report['files']['evaluation_md']}]({report['files']['evaluation_md']}).",
                   ""]
     lines += [
