@@ -589,7 +589,22 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert served["n_evaluated"] == 40 and served["suite"] == "quick" and "--attach" in served["command"]
     assert [a["detection"] for a in served["attacks"]] == [a["detection"] for a in ev["attacks"]]
     assert "run by `detector-evaluate --bundle" in (bundle / "report.md").read_text()
+    assert "Command: `detector-evaluate --bundle" in (bundle / "evaluation.md").read_text()
     # An evaluation of the bundle as it was before is not attached to what it has become.
     with pytest.raises(BundleError, match="not the pinned one"):
-        attach_evaluation(bundle, ev, title="stale")
+        attach_evaluation(bundle, ev)
     assert verify_bundle(bundle) == after
+    # An evaluation already written is attached without running it again, to the bundle it judged.
+    from training.bundle_tool import main as bundle_tool
+
+    twin = tmp_path / "twin"
+    shutil.copytree(default_bundle, twin)
+    capsys.readouterr()
+    assert bundle_tool(["attach-evaluation", str(twin), str(out)]) == 0
+    assert capsys.readouterr().out.strip() == verify_bundle(twin) == after  # the same files as --attach wrote
+    assert bundle_tool(["attach-evaluation", str(bundle), str(out / "evaluation.json")]) == 1
+    assert "not the pinned one" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"attacks": []}))
+    assert bundle_tool(["attach-evaluation", str(twin), str(tmp_path / "other.json")]) == 1
+    assert "not an evaluation detector-evaluate wrote" in capsys.readouterr().err
+    assert verify_bundle(twin) == after

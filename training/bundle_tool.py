@@ -1,12 +1,17 @@
-"""``detector-bundle``: check a bundle (and print the hash to pin it with), or convert a bundle of the
-old, pickled format once, on the user's word that it is trusted."""
+"""``detector-bundle``: check a bundle (and print the hash to pin it with), attach an evaluation
+``detector-evaluate`` wrote to the bundle it judged, or convert a bundle of the old, pickled format
+once, on the user's word that it is trusted."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from detector.bundle import BundleError, convert_pickled_bundle, verify_bundle
+
+from .options import PipelineError
 
 __all__ = ["build_parser", "main"]
 
@@ -18,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(what detector-serve --bundle-sha256 pins)")
     verify.add_argument("bundle")
     verify.add_argument("--sha256", help="refuse unless the bundle's hash is this one")
+    attach = sub.add_parser("attach-evaluation",
+                            help="write an evaluation detector-evaluate wrote into the bundle it judged, so that "
+                                 "/model serves it as the bundle's coverage (detector-evaluate --attach does it "
+                                 "at once); prints the bundle's new SHA-256")
+    attach.add_argument("bundle")
+    attach.add_argument("evaluation", help="evaluation.json, or the folder detector-evaluate wrote it to")
     convert = sub.add_parser("convert", help="rewrite a format-1 bundle (detector.joblib, a pickle) as the current "
                                              "format (detector.skops) in place")
     convert.add_argument("bundle")
@@ -31,14 +42,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             print(verify_bundle(args.bundle, args.sha256))
+        elif args.command == "attach-evaluation":
+            from .evaluate import attach_evaluation  # the report's plots: only when one is written
+
+            evaluation = _read_evaluation(Path(args.evaluation))
+            digest = attach_evaluation(args.bundle, evaluation)
+            print(f"attached {args.evaluation} to {args.bundle}; new bundle SHA-256:", file=sys.stderr)
+            print(digest)
         else:
             digest = convert_pickled_bundle(args.bundle)
             print(f"converted {args.bundle}: detector.joblib → detector.skops; new bundle SHA-256:", file=sys.stderr)
             print(digest)
-    except BundleError as exc:
+    except (BundleError, PipelineError) as exc:
         print(f"detector-bundle: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_evaluation(path: Path) -> dict:
+    file = path / "evaluation.json" if path.is_dir() else path
+    try:
+        evaluation = json.loads(file.read_text())
+    except OSError as exc:
+        raise PipelineError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise PipelineError(f"{file} is not JSON: {exc}") from exc
+    if not isinstance(evaluation, dict):
+        raise PipelineError(f"{file} is not an evaluation detector-evaluate wrote")
+    return evaluation
 
 
 if __name__ == "__main__":

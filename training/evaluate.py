@@ -30,7 +30,7 @@ from .output import dump_json, json_safe
 from .pipeline import summarize_evaluation
 from .prepare import load_splits
 
-__all__ = ["attach_evaluation", "build_parser", "main", "run_evaluation"]
+__all__ = ["attach_evaluation", "build_parser", "evaluation_title", "main", "run_evaluation"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,30 +118,47 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite
+    evaluation["command"] = command
     evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
     evaluation = json_safe(evaluation)
     out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
     if not distributed.is_main():  # rank 0 writes
         return evaluation
-    title = (f"{bundle.architecture} on {data}; bundle {bundle.sha256[:12]}; {args.suite} suite, "
-             f"{len(evaluation['image_ids']['evaluated'])} held-out images")
-    reporting.write_evaluation(out, evaluation, title=title, command=command)
+    reporting.write_evaluation(out, evaluation, title=evaluation_title(bundle.architecture, evaluation), command=command)
     if args.attach:
-        evaluation["attached_sha256"] = attach_evaluation(bundle_dir, evaluation, title=title, command=command)
+        evaluation["attached_sha256"] = attach_evaluation(bundle_dir, evaluation)
     evaluation["out"] = str(out)
     evaluation["wall_seconds"] = round(time.perf_counter() - started, 1)
     return evaluation
 
 
-def attach_evaluation(bundle_dir: Path, evaluation: dict, *, title: str, command: str | None = None) -> str:
-    """Write ``evaluation`` into the bundle it judged, as ``detector-train --evaluate`` does: its files
-    (replacing the ones there), its summary as ``report.json``'s ``evaluation`` (what ``/model``
-    serves) with ``report.md`` written again, and its image ids in ``split.json``.  Refused unless the
-    bundle is still the one evaluated (same hash); returns the bundle's new hash."""
+def evaluation_title(architecture: str, evaluation: dict) -> str:
+    """The line under ``evaluation.md``'s heading: what was judged, on what, by which suite."""
+    return (f"{architecture} on {evaluation['data']['spec']}; bundle {evaluation['bundle']['sha256'][:12]}; "
+            f"{evaluation['suite']} suite, {len(evaluation['image_ids']['evaluated'])} held-out images")
+
+
+#: What an evaluation must hold to be attached to a bundle (``detector-evaluate`` writes them all).
+ATTACHABLE = ("detector", "target_fpr", "clean", "attacks", "shifts", "image_ids", "data", "bundle", "suite")
+
+
+def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
+    """Write ``evaluation`` (``detector-evaluate``'s) into the bundle it judged, as ``detector-train
+    --evaluate`` does: its files (replacing the ones there), its summary as ``report.json``'s
+    ``evaluation`` (what ``/model`` serves) with ``report.md`` written again, and its image ids in
+    ``split.json``.  Refused unless the bundle is still the one evaluated (same hash); returns the
+    bundle's new hash."""
+    missing = [key for key in ATTACHABLE if key not in evaluation]
+    if missing or not isinstance(evaluation["bundle"], dict) or "sha256" not in evaluation["bundle"]:
+        raise PipelineError(f"not an evaluation detector-evaluate wrote: it lacks {missing or ['bundle.sha256']}")
+
     def write(stage: Path) -> None:
         report_file = stage / "report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-        files = reporting.write_evaluation(stage, evaluation, title=title, command=command)
+        architecture = json.loads((stage / "config.json").read_text())["architecture"]
+        command = evaluation.get("command")
+        files = reporting.write_evaluation(stage, evaluation, title=evaluation_title(architecture, evaluation),
+                                           command=command)
         report["evaluation"] = {**summarize_evaluation(evaluation), "command": command}
         report["files"] = {**report.get("files", {}), **files}
         dump_json(report_file, report)
