@@ -322,6 +322,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _without_threshold(section_of: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """``section_of`` with ``section_of[key]["threshold"]`` left out (verdict-only answers keep it)."""
+    if not isinstance(section_of, dict) or not isinstance(section_of.get(key), dict):
+        return section_of
+    return {**section_of, key: {k: v for k, v in section_of[key].items() if k != "threshold"}}
+
+
 def _where(upload, index: int | None) -> str:
     name = f" {upload.filename!r}" if upload.filename else ""
     return f"file{name}" if index is None else f"files[{index}]{name}"
@@ -519,6 +526,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics["clean_accuracy"] = classifier["clean_accuracy"]
         s = svc.settings
         coverage = report.get("evaluation") if isinstance(report.get("evaluation"), dict) else None
+        if s.verdict_only:  # the flagging threshold is one too, wherever the report records it
+            metrics = _without_threshold(metrics, "detection")
+            coverage = _without_threshold(coverage, "detector")
         return ModelMetadata(
             coverage=coverage, name=engine.name, sha256=engine.sha256, architecture=bundle.architecture, layer=bundle.layer,
             classes=bundle.classes, input_spec=InputSpecModel(**bundle.input_spec.to_dict()),

@@ -1017,6 +1017,9 @@ def test_verdict_only_answers_hold_no_scores(locked, good_png):
         assert set(r.json()) == {"label", "class_name", "adversarial", "uncanny_valley", "input", "model"}
         model = c.get("/model", headers=_bearer(KEYS[0])).json()
         assert model["thresholds"] == {} and "valley" not in (model["detection_metrics"] or {})
+        # Nor the flagging threshold where the report records it: the training metrics and the coverage.
+        assert "threshold" not in model["detection_metrics"]["detection"]
+        assert "threshold" not in model["coverage"]["detector"] and model["coverage"]["attacks"]
         schema = c.get("/openapi.json").json()["components"]["schemas"]
         assert "Verdict" in schema and "psi" not in schema["Verdict"]["properties"]
 
