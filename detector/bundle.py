@@ -18,6 +18,10 @@ refused with the command that converts them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import hmac
 import io
@@ -25,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -234,36 +239,74 @@ def save_bundle(
 def update_bundle(path: str | os.PathLike, write: Callable[[Path], None], expected_sha256: str | None = None) -> str:
     """Add or replace a bundle's records (reports, evaluations, plots), never what makes its verdicts.
 
-    The bundle is verified first (and refused unless its hash is ``expected_sha256``, when given).
-    ``write`` gets a copy of the directory to write into; the copy, with a new manifest, then
-    replaces the bundle in one rename, so a failure leaves the bundle as it was.  Refused if
-    ``write`` changed the config, the weights or the detector.  Returns the new bundle hash: the
-    bundle is another one now, and pins of the old hash no longer match it.
+    ``path`` is resolved first (a link to a bundle updates the bundle it points to).  Under a lock
+    beside the bundle, so that two updates never interleave, the bundle is verified (and refused
+    unless its hash is ``expected_sha256``, when given) and copied; ``write`` gets the copy to write
+    into.  The copy, with a new manifest and verified again, then takes the bundle's place: in one
+    atomic exchange where the system has one (Linux), else by two renames.  A failure leaves the
+    bundle as it was.  Refused if ``write`` changed the config, the weights or the detector.  Returns
+    the new bundle hash: the bundle is another one now, and pins of the old hash no longer match it.
     """
-    root = Path(path)
-    verify_bundle(root, expected_sha256)
-    files, _, _ = _read_manifest(root)
-    stage = root.parent / f".{root.name}.update-{os.getpid()}"
-    old = root.parent / f".{root.name}.old-{os.getpid()}"
-    for leftover in (stage, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    shutil.copytree(root, stage)  # links become plain files: writes go to the copy, never through a link
-    try:
-        write(stage)
-        for name in REQUIRED:
-            if not (stage / name).is_file() or _sha256(stage / name) != files[name]:
-                raise BundleError(f"updating bundle {str(root)!r} may add records, not change {name}")
-        digest = _write_manifest(stage)
-        root.rename(old)
-        stage.rename(root)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old.exists() and not root.exists():
-            old.rename(root)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    root = Path(path).resolve()
+    with _update_lock(root):
+        bundle_hash = verify_bundle(root, expected_sha256)
+        files, _, _ = _read_manifest(root)
+        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.update-", dir=root.parent))
+        try:
+            shutil.copytree(root, stage, dirs_exist_ok=True)  # links become files: writes stay in the copy
+            if verify_bundle(stage) != bundle_hash:
+                raise BundleError(f"bundle {str(root)!r} changed while it was copied; try again")
+            write(stage)
+            for name in REQUIRED:
+                if not (stage / name).is_file() or _sha256(stage / name) != files[name]:
+                    raise BundleError(f"updating bundle {str(root)!r} may add records, not change {name}")
+            digest = _write_manifest(stage)
+            try:
+                verify_bundle(stage)
+            except BundleError as exc:
+                raise BundleError(f"the update would leave bundle {str(root)!r} unloadable: {exc}") from exc
+            _swap(stage, root)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # the update's copy, or after the swap the old bundle
     return digest
+
+
+@contextlib.contextmanager
+def _update_lock(root: Path):
+    """An exclusive lock on ``.NAME.lock`` beside the bundle, held while it is updated (the file
+    stays: removing it could let a waiting update and a new one in at once).  Copies left by an
+    update that was killed are removed under it: no update can be running then."""
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {str(root)!r} does not exist")
+    with open(root.parent / f".{root.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for leftover in root.parent.glob(f".{root.name}.update-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _swap(new: Path, old: Path) -> None:
+    """Put directory ``new`` in ``old``'s place, leaving the old contents at ``new``: one atomic
+    ``renameat2(RENAME_EXCHANGE)`` where available, so that the bundle is never missing from its path."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None:
+        if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(old))
+    aside = new.with_name(new.name + ".old")
+    old.rename(aside)
+    try:
+        new.rename(old)
+    except BaseException:
+        aside.rename(old)
+        raise
+    aside.rename(new)
 
 
 def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:

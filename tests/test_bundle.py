@@ -263,7 +263,8 @@ def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
     files = json.loads((bundle_dir / "manifest.json").read_text())["files"]
     assert files == {**manifest, "notes.md": hashlib.sha256(b"evaluated\n").hexdigest()}
     assert load_bundle(bundle_dir, expected_sha256=after).report == {"detection": {"accuracy": 0.5}}
-    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["b"]  # no staging copy left behind
+    # No staging copy left behind; the lock file stays (removing it could let two updates in at once).
+    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == [".b.lock", "b"]
 
 
 def test_update_bundle_never_changes_what_makes_the_verdicts(bundle_dir):
@@ -285,10 +286,73 @@ def test_update_bundle_never_changes_what_makes_the_verdicts(bundle_dir):
 
     with pytest.raises(OSError):
         update_bundle(bundle_dir, fail)
-    assert verify_bundle(bundle_dir) == before and sorted(p.name for p in bundle_dir.parent.iterdir()) == ["b"]
+    assert verify_bundle(bundle_dir) == before and sorted(p.name for p in bundle_dir.parent.iterdir()) == [".b.lock", "b"]
     # Another bundle than the pinned one, or one with a tampered file, is not updated at all.
     with pytest.raises(BundleError, match="not the pinned one"):
         update_bundle(bundle_dir, lambda stage: None, expected_sha256="0" * 64)
     (bundle_dir / "figure.png").write_bytes(b"changed")
     with pytest.raises(BundleError, match="figure.png does not match"):
         update_bundle(bundle_dir, lambda stage: None)
+
+
+def test_update_bundle_through_a_link_or_from_inside_keeps_the_layout(bundle_dir, tmp_path, monkeypatch):
+    import os
+
+    from detector import update_bundle, verify_bundle
+
+    os.chmod(bundle_dir, 0o755)
+    (tmp_path / "current").symlink_to(bundle_dir)
+    (tmp_path / f".{bundle_dir.name}.update-killed").mkdir()  # what an update killed midway left
+    digest = update_bundle(tmp_path / "current", lambda stage: (stage / "a.md").write_text("a"))
+    assert (tmp_path / "current").is_symlink() and verify_bundle(bundle_dir) == digest
+    assert (bundle_dir / "a.md").read_text() == "a" and oct(bundle_dir.stat().st_mode & 0o777) == "0o755"
+    assert not list(tmp_path.glob(".*update*")) and not list(tmp_path.glob(".*old*"))
+    monkeypatch.chdir(bundle_dir)
+    digest = update_bundle(".", lambda stage: (stage / "b.md").write_text("b"))
+    assert verify_bundle(bundle_dir) == digest and not list(bundle_dir.glob(".*"))
+
+
+def test_two_updates_of_one_bundle_never_interleave(bundle_dir):
+    import threading
+
+    from detector import update_bundle, verify_bundle
+
+    before = verify_bundle(bundle_dir)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(stage):
+        (stage / "first.md").write_text("1")
+        inside.set()
+        release.wait(30)
+
+    first = threading.Thread(target=update_bundle, args=(bundle_dir, slow, before))
+    first.start()
+    assert inside.wait(30)
+    outcome = {}
+
+    def second():
+        try:
+            update_bundle(bundle_dir, lambda stage: (stage / "second.md").write_text("2"), before)
+        except BundleError as exc:
+            outcome["refused"] = str(exc)
+
+    other = threading.Thread(target=second)
+    other.start()
+    other.join(1.0)
+    assert other.is_alive()  # waits for the first update's lock
+    release.set()
+    first.join(30)
+    other.join(30)
+    # Both were pinned to the bundle as it was: the second finds another bundle and changes nothing.
+    assert "not the pinned one" in outcome["refused"]
+    assert (bundle_dir / "first.md").is_file() and not (bundle_dir / "second.md").exists()
+
+
+def test_update_bundle_where_the_system_cannot_exchange_two_directories(bundle_dir, monkeypatch):
+    import detector.bundle as bundle_module
+    from detector import update_bundle, verify_bundle
+
+    monkeypatch.setattr(bundle_module.ctypes, "CDLL", lambda *args, **kwargs: object())  # no renameat2
+    digest = update_bundle(bundle_dir, lambda stage: (stage / "a.md").write_text("a"))
+    assert verify_bundle(bundle_dir) == digest and (bundle_dir / "a.md").is_file()
+    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == [".b.lock", "b"]

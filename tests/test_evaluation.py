@@ -567,6 +567,7 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
 
     from detector import BundleError, verify_bundle
     from training.evaluate import attach_evaluation, main
+    from training.options import PipelineError
 
     bundle = tmp_path / "bundle"
     shutil.copytree(default_bundle, bundle)
@@ -586,7 +587,8 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert all(files[name] == manifest[name] for name in ("config.json", "weights.pt", "detector.skops"))
     # What /model serves as the coverage: this evaluation, not the one detector-train ran.
     served = load_bundle(bundle).report["evaluation"]
-    assert served["n_evaluated"] == 40 and served["suite"] == "quick" and "--attach" in served["command"]
+    assert served["n_evaluated"] == 40 and served["suite"] == "quick"
+    assert "--attach" in load_bundle(bundle).report["evaluation_command"] and "command" not in served
     assert [a["detection"] for a in served["attacks"]] == [a["detection"] for a in ev["attacks"]]
     assert "run by `detector-evaluate --bundle" in (bundle / "report.md").read_text()
     assert "Command: `detector-evaluate --bundle" in (bundle / "evaluation.md").read_text()
@@ -608,3 +610,9 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert bundle_tool(["attach-evaluation", str(twin), str(tmp_path / "other.json")]) == 1
     assert "not an evaluation detector-evaluate wrote" in capsys.readouterr().err
     assert verify_bundle(twin) == after
+    # Of the evaluation it replaces, no file is left; one of another dataset is not the bundle's coverage.
+    attach_evaluation(twin, dict(ev, bundle={"sha256": after}, evasion_budget={}))
+    report = load_bundle(twin).report
+    assert not (twin / "evaluation_budget.png").exists() and "evaluation_budget" not in report["files"]
+    with pytest.raises(PipelineError, match="the bundle was fitted on digits"):
+        attach_evaluation(twin, dict(ev, bundle={"sha256": verify_bundle(twin)}, data={"spec": "cifar10"}))

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,9 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         raise PipelineError(f"the bundle was fitted on test images up to position {int(excluded.max())}, but {data} "
                             f"has {len(test)} test images: it is not the dataset the detector was fitted on "
                             f"({options.get('data', 'see its report')})")
+    if args.attach and options.get("data") and data != options["data"]:
+        raise PipelineError(f"--attach: the bundle was fitted on {options['data']}; an evaluation on {data} is not "
+                            f"its coverage")
     if options.get("data") and data != options["data"] and distributed.is_main():
         print(f"detector-evaluate: warning: evaluating on {data}, the bundle was fitted on {options['data']}; "
               f"images are told apart from the fitted ones by position in the test split only",
@@ -139,31 +143,55 @@ def evaluation_title(architecture: str, evaluation: dict) -> str:
 
 
 #: What an evaluation must hold to be attached to a bundle (``detector-evaluate`` writes them all).
-ATTACHABLE = ("detector", "target_fpr", "clean", "attacks", "shifts", "image_ids", "data", "bundle", "suite")
+ATTACHABLE = ("detector", "target_fpr", "clean", "attacks", "shifts", "image_ids", "data", "bundle", "suite",
+              "seconds")
+
+
+def _check_attachable(evaluation: Any) -> None:
+    missing = [key for key in ATTACHABLE if key not in evaluation] if isinstance(evaluation, dict) else ["everything"]
+    if not missing:
+        shapes = {"bundle.sha256": isinstance(evaluation["bundle"], dict)
+                  and isinstance(evaluation["bundle"].get("sha256"), str),
+                  "data.spec": isinstance(evaluation["data"], dict) and isinstance(evaluation["data"].get("spec"), str),
+                  "image_ids.evaluated": isinstance(evaluation["image_ids"], dict)
+                  and isinstance(evaluation["image_ids"].get("evaluated"), list)}
+        missing = [name for name, ok in shapes.items() if not ok]
+    if missing:
+        raise PipelineError(f"not an evaluation detector-evaluate wrote: it lacks {', '.join(missing)}")
 
 
 def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
     """Write ``evaluation`` (``detector-evaluate``'s) into the bundle it judged, as ``detector-train
-    --evaluate`` does: its files (replacing the ones there), its summary as ``report.json``'s
-    ``evaluation`` (what ``/model`` serves) with ``report.md`` written again, and its image ids in
-    ``split.json``.  Refused unless the bundle is still the one evaluated (same hash); returns the
-    bundle's new hash."""
-    missing = [key for key in ATTACHABLE if key not in evaluation]
-    if missing or not isinstance(evaluation["bundle"], dict) or "sha256" not in evaluation["bundle"]:
-        raise PipelineError(f"not an evaluation detector-evaluate wrote: it lacks {missing or ['bundle.sha256']}")
+    --evaluate`` does: its files (replacing the evaluation files there), its summary as
+    ``report.json``'s ``evaluation`` (what ``/model`` serves) with ``report.md`` written again, and its
+    image ids in ``split.json``.  Refused unless the bundle is still the one evaluated (same hash)
+    and the evaluation ran on the bundle's dataset; returns the bundle's new hash."""
+    _check_attachable(evaluation)
 
     def write(stage: Path) -> None:
         report_file = stage / "report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        fitted_on = report.get("options", {}).get("data")
+        if fitted_on and evaluation["data"]["spec"] != fitted_on:
+            raise PipelineError(f"the evaluation ran on {evaluation['data']['spec']}, the bundle was fitted on "
+                                f"{fitted_on}: its figures are not the bundle's coverage")
+        # The evaluation files of the one it replaces go, so that no plot of it is left behind.
+        previous = {k: v for k, v in report.get("files", {}).items() if k.startswith("evaluation")}
+        for name in {*previous.values(), *reporting.EVALUATION_FILES}:
+            (stage / name).unlink(missing_ok=True)
         architecture = json.loads((stage / "config.json").read_text())["architecture"]
-        command = evaluation.get("command")
-        files = reporting.write_evaluation(stage, evaluation, title=evaluation_title(architecture, evaluation),
-                                           command=command)
-        report["evaluation"] = {**summarize_evaluation(evaluation), "command": command}
-        report["files"] = {**report.get("files", {}), **files}
-        dump_json(report_file, report)
-        if (stage / "report.md").is_file():
-            reporting.write_markdown(stage / "report.md", report)
+        try:
+            files = reporting.write_evaluation(stage, evaluation, title=evaluation_title(architecture, evaluation),
+                                               command=evaluation.get("command"))
+            report["evaluation"] = summarize_evaluation(evaluation)
+            report["evaluation_command"] = evaluation.get("command")
+            report["files"] = {**{k: v for k, v in report.get("files", {}).items() if k not in previous}, **files}
+            dump_json(report_file, report)
+            if (stage / "report.md").is_file():
+                reporting.write_markdown(stage / "report.md", report)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise PipelineError(f"cannot write this evaluation into the bundle's report "
+                                f"({type(exc).__name__}: {exc}): is it one detector-evaluate wrote?") from exc
         if (stage / "split.json").is_file():
             split = json.loads((stage / "split.json").read_text())
             split["evaluated"] = evaluation["image_ids"]["evaluated"]
@@ -192,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md, plots) in "
           f"{evaluation['wall_seconds']:.0f} s")
     if "attached_sha256" in evaluation:
-        print(f"attached to {args.bundle}: /model now reports this evaluation; the bundle's new SHA-256 "
-              f"(update any --bundle-sha256 pin): {evaluation['attached_sha256']}")
+        print(f"attached to {args.bundle}: /model reports this evaluation once the service loads the bundle again; "
+              f"the bundle's new SHA-256 (update any --bundle-sha256 pin): {evaluation['attached_sha256']}")
     return 0
 
 

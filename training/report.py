@@ -319,7 +319,8 @@ def write_markdown(path: Path, report: dict) -> None:
         lines[4:4] = ["**Warnings**: " + " ".join(f"{w}." for w in report["warnings"]), ""]
     if "evaluation" in report:
         ev = report["evaluation"]
-        made_by = ([f"The {ev['suite']} suite" + (f", run by `{ev['command']}`." if ev.get("command") else "."), ""]
+        command = report.get("evaluation_command")
+        made_by = ([f"The {ev['suite']} suite" + (f", run by `{command}`." if command else "."), ""]
                    if ev.get("suite") else [])
         lines += ["", "## What it catches: the attack suite on held-out images", "",
                   *made_by, *evaluation_markdown(ev), "",
@@ -401,6 +402,7 @@ DETECTION_PLOT = "evaluation_detection.png"
 ROC_PLOT = "evaluation_roc.png"
 SCORES_PLOT = "evaluation_scores.png"
 BUDGET_PLOT = "evaluation_budget.png"
+EVALUATION_FILES = (EVALUATION_JSON, EVALUATION_MD, DETECTION_PLOT, ROC_PLOT, SCORES_PLOT, BUDGET_PLOT)
 
 
 def _rate(r: dict | None) -> str:
