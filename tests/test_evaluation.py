@@ -560,6 +560,10 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         side_by_side([str(out), str(tmp_path / "disjoint.json")])
     assert stop.value.code == 2 and "share no attack" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{")  # a file cut short: named, not a traceback
+    with pytest.raises(SystemExit) as stop:
+        side_by_side([str(out), str(tmp_path / "broken.json")])
+    assert stop.value.code == 2 and "broken.json is not JSON" in capsys.readouterr().err
 
 
 def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bundle, tmp_path, capsys):

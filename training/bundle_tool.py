@@ -5,9 +5,7 @@ once, on the user's word that it is trusted."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from detector.bundle import BundleError, convert_pickled_bundle, verify_bundle
 
@@ -43,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             print(verify_bundle(args.bundle, args.sha256))
         elif args.command == "attach-evaluation":
-            from .evaluate import attach_evaluation  # the report's plots: only when one is written
+            from .evaluate import attach_evaluation, read_evaluation  # the report's plots: only when one is written
 
-            evaluation = _read_evaluation(Path(args.evaluation))
+            evaluation = read_evaluation(args.evaluation)
             digest = attach_evaluation(args.bundle, evaluation)
             print(f"attached {args.evaluation} to {args.bundle}; new bundle SHA-256:", file=sys.stderr)
             print(digest)
@@ -57,19 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detector-bundle: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _read_evaluation(path: Path) -> dict:
-    file = path / "evaluation.json" if path.is_dir() else path
-    try:
-        evaluation = json.loads(file.read_text())
-    except OSError as exc:
-        raise PipelineError(f"cannot read {file}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise PipelineError(f"{file} is not JSON: {exc}") from exc
-    if not isinstance(evaluation, dict):
-        raise PipelineError(f"{file} is not an evaluation detector-evaluate wrote")
-    return evaluation
 
 
 if __name__ == "__main__":

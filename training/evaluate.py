@@ -31,7 +31,22 @@ from .output import dump_json, json_safe
 from .pipeline import summarize_evaluation
 from .prepare import load_splits
 
-__all__ = ["attach_evaluation", "build_parser", "evaluation_title", "main", "run_evaluation"]
+__all__ = ["attach_evaluation", "build_parser", "evaluation_title", "main", "read_evaluation", "run_evaluation"]
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """An evaluation as ``detector-evaluate`` wrote it: ``evaluation.json`` or the folder holding it."""
+    path = Path(path)
+    file = path / "evaluation.json" if path.is_dir() else path
+    try:
+        evaluation = json.loads(file.read_text())
+    except OSError as exc:
+        raise PipelineError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise PipelineError(f"{file} is not JSON: {exc}") from exc
+    if not isinstance(evaluation, dict):
+        raise PipelineError(f"{file} is not an evaluation detector-evaluate wrote")
+    return evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:

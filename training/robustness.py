@@ -25,7 +25,9 @@ import numpy as np
 
 from detector.estimator import flagging_threshold
 
+from .evaluate import read_evaluation
 from .fitting import seen_in_fitting
+from .options import PipelineError
 from .report import SEEN_IN_FITTING, _pct, budget_text, plot_evasion_budget
 
 __all__ = ["load", "main", "matched_detection", "side_by_side"]
@@ -33,11 +35,10 @@ __all__ = ["load", "main", "matched_detection", "side_by_side"]
 
 def load(path: str | Path) -> dict:
     """An evaluation (``evaluation.json`` or the folder holding it) and its bundle's report, if found."""
+    evaluation = read_evaluation(path)
     path = Path(path)
-    file = path / "evaluation.json" if path.is_dir() else path
-    evaluation = json.loads(file.read_text())
     # detector-evaluate names the bundle; detector-train's own suite sits inside the bundle.
-    bundle = Path(evaluation["bundle"]["path"]) if "bundle" in evaluation else file.parent
+    bundle = Path(evaluation["bundle"]["path"]) if "bundle" in evaluation else path if path.is_dir() else path.parent
     report_file = bundle / "report.json"
     evaluation["_report"] = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return evaluation
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.matched_fpr is not None and not 0.0 <= args.matched_fpr < 1.0:
             raise ValueError(f"--matched-fpr must lie in [0, 1), got {args.matched_fpr}")
         table = side_by_side(evaluations, args.matched_fpr)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, PipelineError) as exc:
         p.exit(2, f"python -m training.robustness: error: {exc}\n")
     print(table)
     if args.out:
