@@ -8,6 +8,8 @@ Order of checks, cheapest first, so that nothing expensive happens to a hostile 
 4. the dimensions the header announces, read by :func:`header_dimensions` before PIL sees the
    file: zero sizes, and width × height against the pixel cap; checked again on what PIL's lazy
    ``open`` (header only) reports, with PIL's own decompression-bomb guard as a last line;
+   for JPEG also a file too short for the frame it announces, and more scans than
+   :data:`JPEG_MAX_SCANS` (each a decoding pass over the image);
 5. decoding (first frame only), where truncated or corrupt data fails;
 6. conversion to the model's input spec by :func:`detector.images.to_model_array`.
 
@@ -18,6 +20,7 @@ was wrong; the caller turns it into a 4xx JSON answer.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -31,14 +34,16 @@ from detector.images import to_model_array
 __all__ = [
     "ALLOWED_FORMATS",
     "INLINE_DECODE_PIXELS",
+    "JPEG_MAX_SCANS",
     "ImageRejected",
-    "check_format",
     "UploadInfo",
+    "check_format",
     "decode_image",
     "decode_upload",
     "header_dimensions",
     "is_small_image",
     "jpeg_min_bytes",
+    "jpeg_scans",
     "sniff_format",
 ]
 
@@ -54,6 +59,14 @@ ALLOWED_FORMATS: dict[str, tuple[str, ...]] = {
 # their decode (≤ ~0.1 ms) costs less than handing them to a decode thread and back.
 INLINE_DECODE_PIXELS = 64 * 64
 _INLINE_DECODE_BYTES = 64 * 1024
+# Formats whose decoding work the announced size and the file's length bound. Not GIF (a frame may be
+# larger than the screen its header announces) nor WebP (frames and chunks to walk); PNG only without
+# chunks that inflate on opening (text and ICC profiles, up to megabytes each).
+_INLINE_FORMATS = ("PNG", "JPEG", "BMP")
+_PNG_INFLATED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
+# Progressive JPEGs have about ten scans; each one more costs the decoder a pass over the image. The
+# limit is nvImageCodec's default (NVIMGCODEC_MAX_JPEG_SCANS), set after an audit of libjpeg-turbo.
+JPEG_MAX_SCANS = 256
 
 # Content types that make no claim about the format.
 _NEUTRAL_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/x-www-form-urlencoded"}
@@ -145,27 +158,43 @@ def header_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
                 return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
             return None
         if fmt == "JPEG":
-            i = 2
-            while i + 4 <= len(data):
-                if data[i] != 0xFF:
-                    return None
-                marker = data[i + 1]
-                if marker == 0xFF:  # fill byte
-                    i += 1
-                    continue
-                if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
-                    i += 2
-                    continue
-                (length,) = struct.unpack(">H", data[i + 2:i + 4])
-                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                    height, width = struct.unpack(">HH", data[i + 5:i + 9])
-                    return width, height
-                if marker == 0xDA or length < 2:  # start of scan before any frame header
-                    return None
-                i += 2 + length
-            return None
+            i = _jpeg_frame_header(data)
+            if i is None:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
     except struct.error:
         return None
+    return None
+
+
+_JPEG_FRAMES = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # SOFn
+_JPEG_STANDALONE = (0x01, *range(0xD0, 0xD8))  # TEM, RSTn: markers without a length
+# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
+# after it is the next marker (0xFF itself: fill bytes before one).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
+
+
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan or a malformed
+    segment comes first."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker in _JPEG_FRAMES:
+            return i
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        i += 2 + length
     return None
 
 
@@ -176,46 +205,80 @@ def jpeg_min_bytes(data: bytes) -> int | None:
     sequential scan adds an end-of-block code). A file shorter than that was cut: libjpeg decodes such
     a file without an error when it ends in an EOI marker, filling what is missing with grey.
     """
-    i = 2
+    i = _jpeg_frame_header(data)
+    if i is None:
+        return None
     try:
-        while i + 4 <= len(data):
-            if data[i] != 0xFF:
-                return None
-            marker = data[i + 1]
-            if marker == 0xFF:
-                i += 1
-                continue
-            if marker in (0x01, *range(0xD0, 0xD8)):
-                i += 2
-                continue
-            (length,) = struct.unpack(">H", data[i + 2:i + 4])
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                height, width, n = struct.unpack(">HHB", data[i + 5:i + 10])
-                factors = [(data[i + 11 + 3 * c] >> 4, data[i + 11 + 3 * c] & 0x0F) for c in range(n)]
-                h_max, v_max = max(f[0] for f in factors), max(f[1] for f in factors)
-                if h_max == 0 or v_max == 0:
-                    return None
-                blocks = sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) for h, v in factors)
-                return blocks // 8
-            if marker == 0xDA or length < 2:
-                return None
-            i += 2 + length
+        height, width, n = struct.unpack(">HHB", data[i + 5:i + 10])
+        factors = [(data[i + 11 + 3 * c] >> 4, data[i + 11 + 3 * c] & 0x0F) for c in range(n)]
     except (struct.error, IndexError):
         return None
-    return None
+    if not factors or min(min(f) for f in factors) == 0:  # no component, or a zero sampling factor
+        return None
+    h_max, v_max = max(f[0] for f in factors), max(f[1] for f in factors)
+    blocks = sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) for h, v in factors)
+    return blocks // 8
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """How many scans (SOS segments) the JPEG holds, counting no further than ``stop_after + 1``.
+
+    A progressive JPEG refines the whole image once per scan, so the decoder's work grows with their
+    number while the file grows by a few bytes per scan.
+    """
+    scans, i = 0, 2
+    while i + 4 <= len(data) and scans <= stop_after:
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if length < 2:
+            break
+        i += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            found = _JPEG_NEXT_MARKER.search(data, i)  # the scan's data runs to the next marker
+            if found is None:
+                break
+            i = found.start()
+    return scans
 
 
 def is_small_image(data: bytes) -> bool:
-    """Whether ``data`` is short and its header announces at most :data:`INLINE_DECODE_PIXELS` pixels.
+    """Whether ``data`` is short, in a format whose decoding its header bounds, and announces at most
+    :data:`INLINE_DECODE_PIXELS` pixels.
 
-    A cheap look at the header only (no checks, no decoding): the caller still runs
+    A cheap look at the headers only (no checks, no decoding): the caller still runs
     :func:`decode_image`, which rejects whatever is wrong with the file.
     """
     if len(data) > _INLINE_DECODE_BYTES:
         return False
     fmt = sniff_format(data[:32])
-    announced = header_dimensions(data, fmt) if fmt is not None else None
+    if fmt not in _INLINE_FORMATS or (fmt == "PNG" and _png_has_inflated_chunks(data)):
+        return False
+    announced = header_dimensions(data, fmt)
     return announced is not None and announced[0] * announced[1] <= INLINE_DECODE_PIXELS
+
+
+def _png_has_inflated_chunks(data: bytes) -> bool:
+    """Whether the PNG holds a chunk that PIL inflates when it opens the file (or a malformed chunk list)."""
+    i = 8
+    while i + 8 <= len(data):
+        kind = data[i + 4:i + 8]
+        if kind in _PNG_INFLATED_CHUNKS:
+            return True
+        if kind == b"IEND":
+            return False
+        i += 12 + int.from_bytes(data[i:i + 4], "big")
+    return True
 
 
 def _check_dimensions(fmt: str, width: int, height: int, max_pixels: int, source: str) -> None:
@@ -311,6 +374,10 @@ def decode_upload(
             raise ImageRejected(400, "corrupt_image",
                                 f"the JPEG is truncated: a complete {w}×{h} JPEG has at least {needed:,} bytes of "
                                 f"image data, this file has {len(data):,} bytes in all")
+        if jpeg_scans(data, JPEG_MAX_SCANS) > JPEG_MAX_SCANS:
+            raise ImageRejected(400, "too_many_scans",
+                                f"the JPEG has more than {JPEG_MAX_SCANS} scans (a progressive JPEG has about ten); "
+                                "each one costs a pass over the whole image, so it was not decoded")
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:

@@ -30,11 +30,13 @@ from images_util import (
     bmp_header,
     encode,
     gif_header,
+    jpeg_with_scans,
     jpeg_with_size,
     png_header,
     to_mode,
     webp_header,
 )
+from launch import free_port
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,12 +53,6 @@ START_TIMEOUT = 120.0
 
 
 # -- the server process ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -425,6 +421,9 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
         "truncated png": ("/predict", one(_truncated(good_png)), 400, "corrupt_image"),
         "truncated jpeg": ("/predict", one(_truncated(jpeg)), 400, "corrupt_image"),
         "jpeg cut short but closed": ("/predict", one(_cut_jpeg()), 400, "corrupt_image"),
+        "jpeg frame without components": ("/predict", one(b"\xff\xd8\xff\xc0\x00\x08\x08\x00\x08\x00\x08\x00\xff\xd9"),
+                                         400, "corrupt_image"),
+        "jpeg of 300 scans": ("/predict", one(jpeg_with_scans(300)), 400, "too_many_scans"),
         "corrupt png data": ("/predict", one(_bad_crc_png(good_png)), 400, "corrupt_image"),
         "png signature only": ("/predict", one(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), 400, "corrupt_image"),
         "tiff": ("/predict", one(encode(Image.fromarray(digit), "TIFF"), "image/tiff"), 415, "unsupported_format"),
@@ -459,7 +458,7 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
 BAD = [
     "no body", "json body", "multipart without parts", "missing field", "field is text", "garbled multipart",
     "empty file", "not an image", "html posing as png", "truncated png", "truncated jpeg", "jpeg cut short but closed",
-    "corrupt png data",
+    "jpeg frame without components", "jpeg of 300 scans", "corrupt png data",
     "png signature only", "tiff", "ico", "png declared jpeg", "png declared text", "jpeg declared gif",
     "png 0 wide", "gif 0 high", "bmp 0x0", "jpeg 0 wide", "png header 100k x 100k", "gif header 65535 x 65535",
     "bmp header 50k x 50k", "webp header 16384 x 16384", "jpeg header 60k x 60k", "real png bomb 8000 x 8000",

@@ -14,11 +14,15 @@ import pytest
 from images_util import (
     bmp_header,
     encode,
+    gif_frame_beyond_screen,
     gif_header,
+    jpeg_with_scans,
     jpeg_with_size,
     png_header,
+    png_with_text,
     webp_header,
 )
+from launch import free_port
 from PIL import Image
 
 from detector.devices import DeviceError, resolve_device
@@ -26,10 +30,13 @@ from service.batching import MicroBatcher, Overloaded
 from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
 from service.images import (
     INLINE_DECODE_PIXELS,
+    JPEG_MAX_SCANS,
     ImageRejected,
     decode_image,
     header_dimensions,
     is_small_image,
+    jpeg_min_bytes,
+    jpeg_scans,
     sniff_format,
 )
 from service.settings import Settings
@@ -257,17 +264,17 @@ def test_cli_refuses_a_broken_bundle_naming_the_file(default_bundle, tmp_path, c
     broken = tmp_path / "b"
     shutil.copytree(default_bundle, broken)
     (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
-    assert main(["--bundle", str(broken)]) == 2
+    assert main(["--bundle", str(broken), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "SHA-256" in err
     (broken / "manifest.json").unlink()
-    assert main(["--bundle", str(broken)]) == 2
+    assert main(["--bundle", str(broken), "--port", str(free_port())]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
 
 
 def test_explicit_bundle_is_never_trained(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("training.pipeline.run", lambda options: pytest.fail("trained an explicit bundle"))
-    assert main(["--bundle", str(tmp_path / "nothing-here")]) == 2
+    assert main(["--bundle", str(tmp_path / "nothing-here"), "--port", str(free_port())]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -324,7 +331,7 @@ def test_header_dimensions_of_real_files():
 
 def test_only_small_images_are_decoded_inline():
     side = int(INLINE_DECODE_PIXELS ** 0.5)
-    for fmt in ("PNG", "JPEG", "BMP", "WEBP", "GIF"):
+    for fmt in ("PNG", "JPEG", "BMP"):
         assert is_small_image(encode(Image.new("RGB", (side, side)), fmt)), fmt
         assert not is_small_image(encode(Image.new("RGB", (side + 1, side)), fmt)), fmt
     # What the header claims decides, not the file's size; unknown or unreadable headers go to a thread.
@@ -332,6 +339,38 @@ def test_only_small_images_are_decoded_inline():
     assert not is_small_image(b"hello")
     assert not is_small_image(b"\x89PNG\r\n\x1a\n")
     assert not is_small_image(encode(Image.new("RGB", (8, 8)), "PNG") + b"\0" * (1 << 17))  # a long tail
+    # Nor formats whose decoding the header does not bound: 35 bytes announcing a 1×1 GIF decode as
+    # 4096×4096, 60 kB of PNG text chunks inflate to 60 MB when PIL opens the file.
+    for fmt in ("GIF", "WEBP"):
+        assert not is_small_image(encode(Image.new("RGB", (8, 8)), fmt)), fmt
+    bomb = gif_frame_beyond_screen(1, 4096)
+    assert len(bomb) < 64 and header_dimensions(bomb, "GIF") == (1, 1)
+    assert Image.open(io.BytesIO(bomb)).size == (4096, 4096) and not is_small_image(bomb)
+    texts = png_with_text(encode(Image.new("L", (8, 8)), "PNG"), chunks=60, inflated=1 << 20)
+    assert len(texts) < 64 * 1024 and len(Image.open(io.BytesIO(texts)).text["comment"]) == 1 << 20
+    assert not is_small_image(texts)
+
+
+def test_jpeg_scans_are_counted_and_capped():
+    assert jpeg_scans(encode(Image.new("RGB", (40, 30)), "JPEG"), 10) == 1
+    assert jpeg_scans(encode(Image.effect_noise((40, 30), 80), "JPEG", progressive=True), 100) == 6  # grey
+    assert jpeg_scans(encode(Image.new("RGB", (40, 30)), "JPEG", progressive=True), 100) == 10
+    many = jpeg_with_scans(300)
+    assert jpeg_scans(many, 1000) == 300 and jpeg_scans(many, 20) == 21  # no further than needed
+    assert Image.open(io.BytesIO(many)).load() is not None  # libjpeg decodes it: the cap is ours
+    with pytest.raises(ImageRejected) as info:
+        decode_image(jpeg_with_scans(JPEG_MAX_SCANS + 1), "image/jpeg", channels=1, size=(8, 8),
+                     max_pixels=1_000_000)
+    assert (info.value.status, info.value.code) == (400, "too_many_scans")
+    decode_image(jpeg_with_scans(JPEG_MAX_SCANS), "image/jpeg", channels=1, size=(8, 8), max_pixels=1_000_000)
+
+
+def test_a_jpeg_frame_without_components_is_corrupt_not_an_error():
+    empty = b"\xff\xd8\xff\xc0\x00\x08\x08\x00\x08\x00\x08\x00\xff\xd9"  # SOF0: 8×8, 0 components
+    assert jpeg_min_bytes(empty) is None
+    with pytest.raises(ImageRejected) as info:
+        decode_image(empty, "image/jpeg", channels=1, size=(8, 8), max_pixels=1_000_000)
+    assert (info.value.status, info.value.code) == (400, "corrupt_image")
 
 
 def test_decode_checks_pixels_before_decoding():
