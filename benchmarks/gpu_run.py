@@ -3,7 +3,7 @@
 A GPU is lent for minutes, start-up included, so everything is prepared here and runs as one call::
 
     python -m benchmarks.gpu_run --data-dir DIR --out "$OUT"          # on the GPU machine
-    python -m benchmarks.gpu_run --dry-run --data-dir DIR --out /tmp/x  # anywhere, on the CPU, in seconds
+    python -m benchmarks.gpu_run --dry-run --data-dir DIR --out /tmp/x  # anywhere, on the CPU, in minutes
 
 Steps, each a subprocess with its own time limit, in this order:
 

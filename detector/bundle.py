@@ -436,9 +436,9 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     if architecture not in MODELS and architecture not in trusted_architectures:
         raise BundleError(
             f"bundle {str(root)!r} names the architecture {architecture!r}, a factory that loading would import "
-            f"and call; it is not one of the built-in {sorted(MODELS)}. If you trust it, allow it by name "
-            f"(detector-serve: DETECTOR_TRUSTED_ARCHITECTURES={architecture}; detector-evaluate: "
-            f"--trust-architecture {architecture})")
+            f"and call; it is not one of the built-in {sorted(MODELS)}. If you trust it, allow it by name: "
+            f"--trust-architecture {architecture} (detector-serve, detector-evaluate, detector-scan), or "
+            f"DETECTOR_TRUSTED_ARCHITECTURES={architecture} for detector-serve")
     try:
         model = build_classifier(architecture, len(classes), spec.channels, spec.mean, spec.std, model_config)
     except (ValueError, TypeError) as exc:

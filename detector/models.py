@@ -8,6 +8,8 @@ so attacks and the service work in pixel space.  Bring-your-own models are wrapp
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,6 +194,10 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     if not sep or not module_name or not attr:
         raise ValueError(f"an architecture must be a registered name {sorted(MODELS)} or "
                          f"'package.module:callable', got {spec!r}")
+    # Console scripts do not put the working directory on sys.path (``python -m`` does): a user's module
+    # beside them is found there, after every installed package, whichever command loads it.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

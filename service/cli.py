@@ -60,13 +60,16 @@ _FLAGS = {
     "--api-keys-file": ("api_keys_file", str, "file with one API key per line; with keys, requests need one"),
     "--rate-limit-per-s": ("rate_limit_per_s", float, "images a second per client and worker (default 0: no limit)"),
     "--rate-limit-burst": ("rate_limit_burst", int, "images a client may send at once (default: max batch files)"),
-    "--verdict-only": ("verdict_only", str, "true: answer label and flags only, no probabilities, ψ, κ or scores"),
+    "--verdict-only": ("verdict_only", bool, "answer label and flags only, no probabilities, ψ, κ or scores"),
     "--audit-log": ("audit_log", str, "append an audit line (JSON) per flagged image to this file"),
     "--quarantine-dir": ("quarantine_dir", str, "keep flagged uploads here as <sha256>.<format>"),
     "--quarantine-max-bytes": ("quarantine_max_bytes", int, "bytes the quarantine may hold (default 1 GiB)"),
     "--unready-after-failures": ("unready_after_failures", int,
                                  "failed micro-batches in a row that turn readiness to 503 (default 3)"),
     "--warmup-iterations": ("warmup_iterations", int, "warm-up inferences before readiness (default 1)"),
+    "--forwarded-allow-ips": ("forwarded_allow_ips", str,
+                              "comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
+                              "(default none: the connection's address is the client)"),
     "--host": ("host", str, "interface to bind (default 127.0.0.1)"),
     "--port": ("port", int, "port (default 8000)"),
     "--workers": ("workers", int, "uvicorn worker processes, each with its own model (default 1)"),
@@ -87,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{ENV_PREFIX}MAX_WAIT_MS); flags win.",
     )
     for flag, (field, kind, help_text) in _FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+        if flag == "--trusted-architectures":  # spelled as detector-evaluate and detector-scan spell it too
+            parser.add_argument(flag, "--trust-architecture", dest=field, action="append", default=None,
+                                metavar="MODULE:CALLABLE[,…]", help=help_text + "; may be repeated")
+        elif kind is bool:  # a switch: given alone it means true
+            parser.add_argument(flag, dest=field, nargs="?", const="true", default=None, metavar="true|false",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
     parser.add_argument("--no-train", dest="train_default", action="store_false",
                         help="do not train the embedded default bundle when it is missing; fail instead")
     return parser
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment first, then the flags that were given."""
     overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values() if getattr(args, field) is not None}
+    if isinstance(overrides.get("trusted_architectures"), list):
+        overrides["trusted_architectures"] = ",".join(overrides["trusted_architectures"])
     return Settings(**overrides)
 
 
@@ -163,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.uses_default_bundle and args.train_default:
         ensure_default_bundle(Path(settings.default_bundle_dir))
-    from detector import BundleError, verify_bundle
+    from detector import BundleError, load_bundle
 
-    try:
-        verify_bundle(settings.bundle_dir, settings.bundle_sha256)  # fail fast and clearly, before uvicorn starts
+    try:  # fail fast and clearly, before uvicorn starts: every check the workers' load will make
+        load_bundle(settings.bundle_dir, "cpu", settings.bundle_sha256, settings.trusted_architecture_list)
     except BundleError as exc:
         print(f"detector-serve: error: cannot serve bundle {str(settings.bundle_dir)!r}: {exc}", file=sys.stderr)
         return 2
@@ -188,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local client could then name
+        # itself anyone, to the rate limit and the audit trail. Only the proxies named here are believed.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         http=PROTOCOL,  # uvicorn's httptools protocol with head, time and connection limits
         # uvicorn's default of 5 s is shorter than importing PyTorch on a busy host: the workers would be
         # killed and restarted forever.

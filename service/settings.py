@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     warmup_iterations: int = Field(
         1, ge=1, description="Warm-up inferences (at batch size 1 and max_batch_size) before readiness."
     )
+    forwarded_allow_ips: str = Field(
+        "", description="Comma-separated addresses (or networks, or '*') of reverse proxies whose X-Forwarded-For "
+                        "and X-Forwarded-Proto are believed: the client the proxy names is then the one rate limits "
+                        "and audit lines see. Empty: no forwarding header is read; the client is the connection's "
+                        "address.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the model).")

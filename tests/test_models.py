@@ -66,3 +66,15 @@ def test_bring_your_own_factory():
         import_factory("not_a_module_xyz:thing")
     with pytest.raises(ValueError, match="no attribute"):
         import_factory("torchvision.models:not_a_model")
+
+
+def test_a_factory_beside_the_working_directory_imports_from_any_command(tmp_path, monkeypatch):
+    """Console scripts do not put the working directory on sys.path; the factory is found there all the same."""
+    import sys
+
+    (tmp_path / "factory_in_cwd.py").write_text("from torch import nn\n\ndef make(width=3):\n"
+                                                "    return nn.Linear(2, width)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert import_factory("factory_in_cwd:make")(width=5).out_features == 5
+    assert sys.path[-1] == str(tmp_path)  # after every installed package: it shadows none

@@ -926,6 +926,15 @@ def faulty_bundle(tmp_path_factory, digits_train):
                        detector=detector, classes=digits_train.classes, input_spec=InputSpec(1, 8, 8, [0.0], [1.0]))
 
 
+def test_an_untrusted_architecture_stops_detector_serve_before_uvicorn(faulty_bundle, tmp_path):
+    env = clean_env(PYTHONPATH=str(REPO / "tests"))
+    run = subprocess.run([sys.executable, "-m", "service", "--bundle", str(faulty_bundle), "--port", str(free_port()),
+                          "--device", "cpu"], env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert run.returncode == 2, run.stderr
+    assert f"--trust-architecture {FAULTY}" in run.stderr and f"DETECTOR_TRUSTED_ARCHITECTURES={FAULTY}" in run.stderr
+    assert "Traceback" not in run.stderr and "Uvicorn" not in run.stderr + run.stdout
+
+
 def test_one_failing_input_fails_only_its_request_and_a_broken_model_turns_readiness_off(
         faulty_bundle, digits, tmp_path):
     port = free_port()
@@ -1036,6 +1045,29 @@ def test_rate_limit_counts_images_per_key(locked, good_png):
         time.sleep(1.1)
         assert c.post("/predict", files={"file": ("x.png", good_png, "image/png")},
                       headers=_bearer(KEYS[0])).status_code == 200
+
+
+def test_forwarded_for_is_believed_only_from_a_named_proxy(default_bundle, good_png, tmp_path):
+    """Rate limits key on the client's address; a client that could name itself in X-Forwarded-For
+    would get a fresh bucket with every request."""
+    port = free_port()
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
+                 "--device", "cpu", "--torch-threads", "1", "--rate-limit-per-s", "0.01", "--rate-limit-burst", "2",
+                 "--forwarded-allow-ips", "127.0.0.2"], clean_env(), tmp_path / "server.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+
+        def statuses(source: str) -> list[int]:
+            with httpx.Client(base_url=srv.url, timeout=30,
+                              transport=httpx.HTTPTransport(local_address=source)) as c:
+                return [c.post("/predict", files={"file": ("x.png", good_png, "image/png")},
+                               headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(4)]
+
+        assert statuses("127.0.0.1") == [200, 200, 429, 429]  # not a named proxy: its own address counts
+        assert statuses("127.0.0.2") == [200] * 4  # the proxy: each forwarded client has its own bucket
+    finally:
+        stop(srv)
 
 
 def _flagged_png(library, digits) -> bytes:

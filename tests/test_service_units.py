@@ -233,6 +233,13 @@ def test_flags_override_the_environment(monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert Settings() == s  # what the workers rebuild from the environment
+    # A switch given alone means true; the trust flag takes both spellings, repeated or comma-separated.
+    args = build_parser().parse_args(["--verdict-only", "--trust-architecture", "a.b:c",
+                                      "--trusted-architectures", "d.e:f, g.h:i", "--forwarded-allow-ips", "10.0.0.1"])
+    s = settings_from_args(args)
+    assert s.verdict_only and s.trusted_architecture_list == ["a.b:c", "d.e:f", "g.h:i"]
+    assert s.forwarded_allow_ips == "10.0.0.1" and not Settings().forwarded_allow_ips  # believed only when named
+    assert not settings_from_args(build_parser().parse_args(["--verdict-only", "false"])).verdict_only
 
 
 @pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"device": "tpu"}, {"max_wait_ms": -1}, {"port": 70000}])

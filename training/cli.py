@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from fractions import Fraction
@@ -25,7 +24,7 @@ from .fitting import CLEAN_VARIANTS
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
-__all__ = ["build_parser", "main", "options_from_args", "trajectory_main"]
+__all__ = ["add_trust_flag", "build_parser", "main", "options_from_args", "trajectory_main", "trusted_names"]
 
 
 def _number(text: str) -> float:
@@ -235,6 +234,19 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
     )
 
 
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """``--trust-architecture`` (also spelled ``--trusted-architectures``, as detector-serve's flag)."""
+    parser.add_argument("--trust-architecture", "--trusted-architectures", dest="trust_architecture",
+                        action="append", default=[], metavar="MODULE:CALLABLE[,…]",
+                        help="a bring-your-own architecture the bundle may name (loading imports and calls it); "
+                             "repeat it or separate names by commas")
+
+
+def trusted_names(values: list[str]) -> list[str]:
+    """The architecture names ``--trust-architecture`` gave, repeated or comma-separated."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 def _command(prog: str, argv: list[str]) -> str:
     return " ".join([prog, *map(shlex.quote, argv)])
 
@@ -243,10 +255,6 @@ def _entry(argv: list[str] | None, trajectory: bool) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(trajectory)
     args = parser.parse_args(argv)
-    # Console scripts do not put the working directory on sys.path; `python -m` would. A user's
-    # --arch module next to them must import either way.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
         options = options_from_args(args, _command(parser.prog, argv))
         options.progress = options.progress and distributed.is_main()  # under torchrun: rank 0's bars only

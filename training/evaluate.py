@@ -24,7 +24,7 @@ from detector.datasets import DatasetNotFoundError
 from detector.evaluation import attack_suite, evaluate
 
 from . import report as reporting
-from .cli import HelpFormatter, _number
+from .cli import HelpFormatter, _number, add_trust_flag, trusted_names
 from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
 from .output import dump_json, json_safe
@@ -70,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference L∞ radius the suite's radii are scaled to (default: the bundle's PGD ε)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
-    p.add_argument("--trust-architecture", action="append", default=[], metavar="MODULE:CALLABLE",
-                   help="a bring-your-own architecture the bundle may name: loading imports and calls it")
+    add_trust_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
     p.add_argument("--attach", action="store_true",
@@ -87,7 +86,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     bundle_dir = Path(args.bundle)
     device = resolve_device(args.device)
     distributed.init(device)  # under torchrun every rank attacks its share of the images
-    bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=args.trust_architecture)
+    bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
     report = bundle.report or {}
     options = report.get("options", {})
     split_file = bundle_dir / "split.json"

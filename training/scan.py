@@ -36,7 +36,7 @@ from detector import BundleError, distributed, load_bundle
 from detector.datasets import DatasetNotFoundError
 from detector.images import to_model_array
 
-from .cli import HelpFormatter
+from .cli import HelpFormatter, add_trust_flag, trusted_names
 from .options import PipelineError, TrainOptions, resolve_device
 from .prepare import load_splits
 
@@ -323,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: parquet for a .parquet --out, else jsonl)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
-    p.add_argument("--trust-architecture", action="append", default=[], metavar="MODULE:CALLABLE",
-                   help="a bring-your-own architecture the bundle may name: loading imports and calls it")
+    add_trust_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         distributed.init(device)
-        bundle = load_bundle(args.bundle, map_location=device, trusted_architectures=args.trust_architecture)
+        bundle = load_bundle(args.bundle, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
         spec = bundle.input_spec
         shape = (spec.channels, spec.height, spec.width)
         kind, _, path = args.data.partition(":")
