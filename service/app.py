@@ -449,7 +449,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return "DETECTOR_MAX_BATCH_UPLOAD_BYTES" if path == PREDICT_BATCH else "DETECTOR_MAX_UPLOAD_BYTES"
 
     # Added last = runs first: ids and metrics see every request, keys are checked before the body is read.
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for)
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for,
+                       in_flight_cap=settings.max_inflight_body_bytes,
+                       in_flight_setting="DETECTOR_MAX_INFLIGHT_BODY_BYTES")
     app.add_middleware(AccessMiddleware, keys=service.keys, protected=frozenset({PREDICT, PREDICT_BATCH, "/model",
                                                                                  "/metrics"}))
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)

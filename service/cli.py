@@ -45,6 +45,9 @@ _FLAGS = {
     "--max-upload-bytes": ("max_upload_bytes", int, "byte cap of a /predict body (default 10 MiB)"),
     "--max-batch-upload-bytes": ("max_batch_upload_bytes", int,
                                  "byte cap of a /predict/batch body (default 4 × max upload bytes)"),
+    "--max-inflight-body-bytes": ("max_inflight_body_bytes", int,
+                                  "bytes the bodies of requests being served may add up to (default 256 MiB; 503 "
+                                  "beyond)"),
     "--max-pixels": ("max_pixels", int, "pixel cap (width × height) checked before decoding (default 4096 × 4096)"),
     "--max-batch-files": ("max_batch_files", int, "most files per /predict/batch (default 64)"),
     "--decode-threads": ("decode_threads", int, "images decoded at once"),

@@ -1,8 +1,13 @@
-"""The request-body byte cap, enforced while the body streams in.
+"""The request-body byte caps, enforced while the body streams in.
 
-A declared ``Content-Length`` over the cap is refused before a single body byte is read; a body
-without one (chunked) is counted chunk by chunk and refused as soon as the count passes the cap,
-so an oversized upload is never buffered or spooled whole.  The answer is a 413 JSON error.
+Per request: a declared ``Content-Length`` over the cap is refused before a single body byte is read;
+a body without one (chunked) is counted chunk by chunk and refused as soon as the count passes the
+cap, so an oversized upload is never buffered or spooled whole.  The answer is a 413 JSON error.
+
+In all: the bodies of the requests being served (declared lengths, or bytes received so far) may add
+up to at most ``in_flight_cap``; a request that would pass it gets 503 with ``Retry-After``.  Each
+request holds its body, and more while it is parsed and decoded, until it is answered, so without
+this many concurrent uploads, each under its own cap, add up to more memory than the process has.
 (uvicorn discards whatever the client still sends and keeps the connection usable.)
 """
 
@@ -21,13 +26,22 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """413 for request bodies over ``limit_for(path)`` bytes."""
+class _TooMuchInFlight(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], setting_for: Callable[[str], str]):
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``limit_for(path)`` bytes; 503 for one that would take the bodies
+    in flight over ``in_flight_cap`` bytes."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], setting_for: Callable[[str], str],
+                 in_flight_cap: int, in_flight_setting: str):
         self.app = app
         self.limit_for = limit_for
         self.setting_for = setting_for
+        self.in_flight_cap = in_flight_cap
+        self.in_flight_setting = in_flight_setting
+        self.in_flight = 0  # body bytes of the requests being served: one event loop, so no lock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,8 +57,19 @@ class BodyLimitMiddleware:
             except ValueError:
                 declared = None
         received = 0
+        held = 0  # this request's share of self.in_flight
         exceeded = False
+        busy = False
         started = False
+
+        def hold(total: int) -> None:
+            nonlocal held, busy
+            if total > held:
+                if self.in_flight + total - held > self.in_flight_cap:
+                    busy = True
+                    raise _TooMuchInFlight
+                self.in_flight += total - held
+                held = total
 
         async def limited_receive() -> Message:
             nonlocal received, exceeded
@@ -57,23 +82,38 @@ class BodyLimitMiddleware:
                 if received > limit:
                     exceeded = True
                     raise _BodyTooLarge
+                hold(received)
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded and not started:
-                return  # the app's own answer to the aborted read is replaced by the 413 below
+            if (exceeded or busy) and not started:
+                return  # the app's own answer to the aborted read is replaced by the 413 or 503 below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
+            if declared is not None and declared <= limit:
+                hold(declared)  # before a body byte is read
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _TooMuchInFlight):
             pass
         except Exception:
-            if not exceeded:
+            if not (exceeded or busy):
                 raise
+        finally:
+            self.in_flight -= held
+        if busy and not started:
+            size = f"{declared:,} bytes" if declared is not None else f"more than {received:,} bytes so far"
+            response = JSONResponse(
+                {"code": "overloaded",
+                 "detail": f"the request bodies being served would pass {self.in_flight_cap:,} bytes in all with "
+                           f"this one ({size}; {self.in_flight_setting}); retry shortly"},
+                status_code=503, headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
         if exceeded and not started:
             size = f"{declared:,} bytes" if declared is not None and declared > limit else f"more than {limit:,} bytes"
             response = JSONResponse(

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_batch_upload_bytes: int | None = Field(
         None, ge=1, description="Byte cap of a /predict/batch request body; unset: 4 × max_upload_bytes."
     )
+    max_inflight_body_bytes: int = Field(
+        256 * MiB, ge=1, description="Bytes the bodies of the requests being served may add up to, per worker "
+                                     "(declared lengths, or what has arrived of chunked ones); a request that would "
+                                     "pass it gets 503 with Retry-After. At least max_batch_upload_bytes.")
     max_pixels: int = Field(
         4096 * 4096, ge=1, description="Largest width × height accepted, checked from the header before decoding; "
                                        "it bounds each image's decode time (formats without reduced decoding, "
@@ -150,6 +154,10 @@ class Settings(BaseSettings):
     def _fill_batch_upload_cap(self) -> Settings:
         if self.max_batch_upload_bytes is None:
             self.max_batch_upload_bytes = 4 * self.max_upload_bytes
+        largest = max(self.max_upload_bytes, self.max_batch_upload_bytes)
+        if self.max_inflight_body_bytes < largest:
+            raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes:,}) is below the largest body "
+                             f"a request may have ({largest:,}): such a request could never be served")
         return self
 
     @property

@@ -793,7 +793,8 @@ def test_a_taken_port_fails_fast_with_a_hint_before_the_bundle_loads(server, def
 
 # -- connection limits: heads, slow clients, connection caps ---------------------------------------
 GUARD = {"max_header_bytes": 4096, "max_headers": 20, "header_timeout_s": 1.5, "body_timeout_s": 2.0,
-         "max_connections": 12, "max_connections_per_client": 6}
+         "max_connections": 12, "max_connections_per_client": 6,
+         "max_upload_bytes": 512 * 1024, "max_inflight_body_bytes": 2048 * 1024}  # a batch may be 2 MiB
 
 
 @pytest.fixture(scope="module")
@@ -903,6 +904,38 @@ def test_connections_are_capped_per_client_and_in_all(guarded, good_png):
     time.sleep(0.3)
     with httpx.Client(base_url=guarded.url, timeout=30) as client:  # the slots come back
         assert_serving(client, good_png)
+
+
+def test_bodies_in_flight_are_capped_in_all(guarded, good_png):
+    """Uploads still arriving hold their declared bytes: one that would take the total over the cap is
+    answered 503 at once, a small one still fits, and the bytes come back when the uploads end."""
+    def upload_head(path: str, length: int) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {length}\r\n\r\n--b\r\n").encode()
+
+    big = encode(Image.effect_noise((300, 300), 90).convert("RGB"), "PNG")  # 215 KiB: under the 512 KiB cap,
+    # over the 48 KiB left of the 2 MiB
+    held = []
+    try:
+        for source in ("127.0.0.4", "127.0.0.5"):  # two clients' batches of 1000 KiB, still arriving
+            s = _connect(guarded, source)
+            s.sendall(upload_head("/predict/batch", 1000 * 1024))
+            held.append(s)
+        time.sleep(0.3)
+        with httpx.Client(base_url=guarded.url, timeout=30) as client:
+            r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
+            assert r.status_code == 503 and r.json()["code"] == "overloaded", r.text
+            assert "DETECTOR_MAX_INFLIGHT_BODY_BYTES" in r.json()["detail"] and r.headers["retry-after"] == "1"
+            assert_serving(client, good_png)  # a few hundred bytes still fit
+            for s in held:
+                s.close()
+            held = []
+            time.sleep(0.3)
+            assert client.post("/predict", files={"file": ("big.png", big, "image/png")}).status_code == 200
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in guarded.output()
 
 
 # -- failure isolation -------------------------------------------------------------------------------

@@ -242,7 +242,8 @@ def test_flags_override_the_environment(monkeypatch):
     assert not settings_from_args(build_parser().parse_args(["--verdict-only", "false"])).verdict_only
 
 
-@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"device": "tpu"}, {"max_wait_ms": -1}, {"port": 70000}])
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"device": "tpu"}, {"max_wait_ms": -1}, {"port": 70000},
+                                 {"max_upload_bytes": 1000, "max_inflight_body_bytes": 3999}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValueError):
         Settings(**bad)
