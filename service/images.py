@@ -24,6 +24,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,28 +174,50 @@ _JPEG_STANDALONE = (0x01, *range(0xD0, 0xD8))  # TEM, RSTn: markers without a le
 # In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
 # after it is the next marker (0xFF itself: fill bytes before one).
 _JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
+# Between segments, any 0xFF not followed by 0x00 is a marker; libjpeg (and PIL) skip other bytes.
+_JPEG_ANY_MARKER = re.compile(rb"\xff(?=[^\x00])")
 
 
-def _jpeg_frame_header(data: bytes) -> int | None:
-    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan or a malformed
-    segment comes first."""
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(marker, offset)`` of each JPEG segment with a length, in the order libjpeg reads them: bytes
+    between segments skipped as it skips them, each scan's entropy-coded data jumped over. Ends at the
+    end-of-image marker, at a length below 2 or where the data ends."""
     i = 2
     while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
+        if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: skipped, as libjpeg does (with a warning)
+            found = _JPEG_ANY_MARKER.search(data, i + 1)
+            if found is None:
+                return
+            i = found.start()
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
+        if marker == 0xD9:  # end of image
+            return
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if length < 2:
+            return
+        yield marker, i
+        i += 2 + length
+        if marker == 0xDA:  # the scan's data runs to the next marker
+            found = _JPEG_NEXT_MARKER.search(data, i)
+            if found is None:
+                return
+            i = found.start()
+
+
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan comes first or there is none."""
+    for marker, i in _jpeg_segments(data):
         if marker in _JPEG_FRAMES:
             return i
-        if marker == 0xDA or length < 2:  # start of scan before any frame header
+        if marker == 0xDA:
             return None
-        i += 2 + length
     return None
 
 
@@ -226,29 +249,12 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     A progressive JPEG refines the whole image once per scan, so the decoder's work grows with their
     number while the file grows by a few bytes per scan.
     """
-    scans, i = 0, 2
-    while i + 4 <= len(data) and scans <= stop_after:
-        if data[i] != 0xFF:
-            break
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker == 0xD9:  # end of image
-            break
-        if marker in _JPEG_STANDALONE:
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2:i + 4])
-        if length < 2:
-            break
-        i += 2 + length
+    scans = 0
+    for marker, _ in _jpeg_segments(data):
         if marker == 0xDA:
             scans += 1
-            found = _JPEG_NEXT_MARKER.search(data, i)  # the scan's data runs to the next marker
-            if found is None:
+            if scans > stop_after:
                 break
-            i = found.start()
     return scans
 
 

@@ -366,6 +366,10 @@ def test_jpeg_scans_are_counted_and_capped():
     many = jpeg_with_scans(300)
     assert jpeg_scans(many, 1000) == 300 and jpeg_scans(many, 20) == 21  # no further than needed
     assert Image.open(io.BytesIO(many)).load() is not None  # libjpeg decodes it: the cap is ours
+    first = 4 + int.from_bytes(many[4:6], "big")  # the end of the segment after start-of-image
+    junk = many[:first] + b"\x00junk" + many[first:]  # bytes between segments, which PIL and libjpeg skip
+    assert Image.open(io.BytesIO(junk)).load() is not None and jpeg_scans(junk, 1000) == 300
+    assert header_dimensions(junk, "JPEG") == (64, 64)
     with pytest.raises(ImageRejected) as info:
         decode_image(jpeg_with_scans(JPEG_MAX_SCANS + 1), "image/jpeg", channels=1, size=(8, 8),
                      max_pixels=1_000_000)
