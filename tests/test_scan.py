@@ -99,7 +99,9 @@ def test_scan_a_folder_of_uploads(default_bundle, tmp_path, capsys):
         other = {k: v for k, v in by_path[row["path"]].items() if v is not None and k != "index"}
         assert other.keys() == row.keys() - {"index"}
         for key, value in other.items():
-            assert value == (pytest.approx(row[key], rel=1e-4, abs=1e-6) if isinstance(value, float) else row[key])
+            # Float32 convolutions round differently at another batch size (by CPU), and the detector's
+            # logistic score carries that up to ~1e-4 relative in its tails.
+            assert value == (pytest.approx(row[key], rel=1e-3, abs=1e-6) if isinstance(value, float) else row[key])
     # An 8×8 PNG scores as that digit does in the dataset.
     bundle = load_bundle(default_bundle)
     x, _ = test.batch(slice(1, 2))
