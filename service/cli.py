@@ -46,7 +46,7 @@ _FLAGS = {
     "--max-batch-upload-bytes": ("max_batch_upload_bytes", int,
                                  "byte cap of a /predict/batch body (default 4 × max upload bytes)"),
     "--max-inflight-body-bytes": ("max_inflight_body_bytes", int,
-                                  "bytes the bodies of requests being served may add up to (default 256 MiB; 503 "
+                                  "body bytes the requests being served may hold in all (default 256 MiB; 503 "
                                   "beyond)"),
     "--max-pixels": ("max_pixels", int, "pixel cap (width × height) checked before decoding (default 4096 × 4096)"),
     "--max-batch-files": ("max_batch_files", int, "most files per /predict/batch (default 64)"),

@@ -4,10 +4,11 @@ Per request: a declared ``Content-Length`` over the cap is refused before a sing
 a body without one (chunked) is counted chunk by chunk and refused as soon as the count passes the
 cap, so an oversized upload is never buffered or spooled whole.  The answer is a 413 JSON error.
 
-In all: the bodies of the requests being served (declared lengths, or bytes received so far) may add
-up to at most ``in_flight_cap``; a request that would pass it gets 503 with ``Retry-After``.  Each
-request holds its body, and more while it is parsed and decoded, until it is answered, so without
-this many concurrent uploads, each under its own cap, add up to more memory than the process has.
+In all: the body bytes received by the requests being served may add up to at most ``in_flight_cap``;
+a request whose body would pass it gets 503 with ``Retry-After``.  Each request holds its body, and
+more while it is parsed and decoded, until it is answered, so without this many concurrent uploads,
+each under its own cap, add up to more memory than the process has.  Bytes are counted as they
+arrive, not as declared: a client that declares a large body and sends nothing holds nothing.
 (uvicorn discards whatever the client still sends and keeps the connection usable.)
 """
 
@@ -94,8 +95,6 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            if declared is not None and declared <= limit:
-                hold(declared)  # before a body byte is read
             await self.app(scope, limited_receive, guarded_send)
         except (_BodyTooLarge, _TooMuchInFlight):
             pass
@@ -105,7 +104,7 @@ class BodyLimitMiddleware:
         finally:
             self.in_flight -= held
         if busy and not started:
-            size = f"{declared:,} bytes" if declared is not None else f"more than {received:,} bytes so far"
+            size = f"{declared:,} bytes" if declared is not None else f"{received:,} bytes so far"
             response = JSONResponse(
                 {"code": "overloaded",
                  "detail": f"the request bodies being served would pass {self.in_flight_cap:,} bytes in all with "

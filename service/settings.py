@@ -51,9 +51,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Byte cap of a /predict/batch request body; unset: 4 × max_upload_bytes."
     )
     max_inflight_body_bytes: int = Field(
-        256 * MiB, ge=1, description="Bytes the bodies of the requests being served may add up to, per worker "
-                                     "(declared lengths, or what has arrived of chunked ones); a request that would "
-                                     "pass it gets 503 with Retry-After. At least max_batch_upload_bytes.")
+        256 * MiB, ge=1, description="Body bytes the requests being served may hold in all, per worker, counted "
+                                     "as they arrive; a request whose body would pass it gets 503 with Retry-After. "
+                                     "At least max_batch_upload_bytes.")
     max_pixels: int = Field(
         4096 * 4096, ge=1, description="Largest width × height accepted, checked from the header before decoding; "
                                        "it bounds each image's decode time (formats without reduced decoding, "

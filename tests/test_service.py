@@ -907,19 +907,27 @@ def test_connections_are_capped_per_client_and_in_all(guarded, good_png):
 
 
 def test_bodies_in_flight_are_capped_in_all(guarded, good_png):
-    """Uploads still arriving hold their declared bytes: one that would take the total over the cap is
-    answered 503 at once, a small one still fits, and the bytes come back when the uploads end."""
+    """Uploads still arriving hold the bytes they have sent: one that would take the total over the cap
+    is answered 503, a small one still fits, and the bytes come back when the uploads end. A declared
+    length that has not arrived holds nothing."""
     def upload_head(path: str, length: int) -> bytes:
         return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                f"Content-Length: {length}\r\n\r\n--b\r\n").encode()
+                f"Content-Length: {length}\r\n\r\n").encode()
 
     big = encode(Image.effect_noise((300, 300), 90).convert("RGB"), "PNG")  # 215 KiB: under the 512 KiB cap,
     # over the 48 KiB left of the 2 MiB
     held = []
     try:
-        for source in ("127.0.0.4", "127.0.0.5"):  # two clients' batches of 1000 KiB, still arriving
+        squatter = _connect(guarded, "127.0.0.6")  # declares 2 MiB, sends none of it
+        squatter.sendall(upload_head("/predict/batch", 2048 * 1024))
+        held.append(squatter)
+        time.sleep(0.3)
+        with httpx.Client(base_url=guarded.url, timeout=30) as client:
+            assert client.post("/predict", files={"file": ("big.png", big, "image/png")}).status_code == 200
+        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for source in ("127.0.0.4", "127.0.0.5"):  # two clients' batches: 1000 KiB sent of 1001 KiB
             s = _connect(guarded, source)
-            s.sendall(upload_head("/predict/batch", 1000 * 1024))
+            s.sendall(upload_head("/predict/batch", 1001 * 1024) + part + b"x" * (1000 * 1024 - len(part)))
             held.append(s)
         time.sleep(0.3)
         with httpx.Client(base_url=guarded.url, timeout=30) as client:
