@@ -244,18 +244,16 @@ def jpeg_min_bytes(data: bytes) -> int | None:
 
 
 def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """How many scans (SOS segments) the JPEG holds, counting no further than ``stop_after + 1``.
+    """At least as many as the scans libjpeg can decode in the file, counting no further than ``stop_after + 1``.
 
     A progressive JPEG refines the whole image once per scan, so the decoder's work grows with their
-    number while the file grows by a few bytes per scan.
+    number while the file grows by a few bytes per scan. Every scan starts with the bytes FF DA, which
+    entropy-coded data cannot hold (an FF there is followed by 00 or a restart marker), so counting the
+    pair bounds the scans however the segments around them are crafted: libjpeg skips junk between
+    segments, short lengths and unknown markers at restart points, which a parse of the segments could
+    be led to miss. Metadata (an EXIF thumbnail, an ICC profile) may hold the pair too, and counts.
     """
-    scans = 0
-    for marker, _ in _jpeg_segments(data):
-        if marker == 0xDA:
-            scans += 1
-            if scans > stop_after:
-                break
-    return scans
+    return min(data.count(b"\xff\xda"), stop_after + 1)
 
 
 def is_small_image(data: bytes) -> bool:

@@ -370,6 +370,9 @@ def test_jpeg_scans_are_counted_and_capped():
     junk = many[:first] + b"\x00junk" + many[first:]  # bytes between segments, which PIL and libjpeg skip
     assert Image.open(io.BytesIO(junk)).load() is not None and jpeg_scans(junk, 1000) == 300
     assert header_dimensions(junk, "JPEG") == (64, 64)
+    second = many.index(b"\xff\xda", many.index(b"\xff\xda") + 2)
+    short = many[:second] + b"\xff\xfe\x00\x00" + many[second:]  # a comment of length 0: libjpeg skips nothing
+    assert Image.open(io.BytesIO(short)).load() is not None and jpeg_scans(short, 1000) == 300
     with pytest.raises(ImageRejected) as info:
         decode_image(jpeg_with_scans(JPEG_MAX_SCANS + 1), "image/jpeg", channels=1, size=(8, 8),
                      max_pixels=1_000_000)
