@@ -35,7 +35,6 @@ from .images import (
     ImageRejected,
     UploadInfo,
     decode_upload,
-    is_small_image,
 )
 from .limits import BodyLimitMiddleware
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
@@ -214,9 +213,7 @@ class Service:
         data = await upload.read()
         decode = partial(decode_upload, data, upload.content_type, channels=self.engine.channels,
                          size=self.engine.size, max_pixels=self.settings.max_pixels)
-        try:
-            if is_small_image(data):  # cheaper here than a hop to a decode thread and back
-                return (*decode(), data)
+        try:  # never on the event loop: a file of a few bytes can cost the decoder tens of milliseconds
             return (*await anyio.to_thread.run_sync(decode, limiter=self.decode_limiter), data)
         except ImageRejected as exc:
             self.metrics.rejected.labels(exc.code).inc()

@@ -34,7 +34,6 @@ from detector.images import to_model_array
 
 __all__ = [
     "ALLOWED_FORMATS",
-    "INLINE_DECODE_PIXELS",
     "JPEG_MAX_SCANS",
     "ImageRejected",
     "UploadInfo",
@@ -42,7 +41,6 @@ __all__ = [
     "decode_image",
     "decode_upload",
     "header_dimensions",
-    "is_small_image",
     "jpeg_min_bytes",
     "jpeg_scans",
     "sniff_format",
@@ -56,15 +54,6 @@ ALLOWED_FORMATS: dict[str, tuple[str, ...]] = {
     "WEBP": ("image/webp",),
     "GIF": ("image/gif",),
 }
-# Images whose header announces at most this many pixels (64 × 64) are decoded on the event loop:
-# their decode (≤ ~0.1 ms) costs less than handing them to a decode thread and back.
-INLINE_DECODE_PIXELS = 64 * 64
-_INLINE_DECODE_BYTES = 64 * 1024
-# Formats whose decoding work the announced size and the file's length bound. Not GIF (a frame may be
-# larger than the screen its header announces) nor WebP (frames and chunks to walk); PNG only without
-# chunks that inflate on opening (text and ICC profiles, up to megabytes each).
-_INLINE_FORMATS = ("PNG", "JPEG", "BMP")
-_PNG_INFLATED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 # Progressive JPEGs have about ten scans; each one more costs the decoder a pass over the image. The
 # limit is nvImageCodec's default (NVIMGCODEC_MAX_JPEG_SCANS), set after an audit of libjpeg-turbo.
 JPEG_MAX_SCANS = 256
@@ -254,35 +243,6 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     be led to miss. Metadata (an EXIF thumbnail, an ICC profile) may hold the pair too, and counts.
     """
     return min(data.count(b"\xff\xda"), stop_after + 1)
-
-
-def is_small_image(data: bytes) -> bool:
-    """Whether ``data`` is short, in a format whose decoding its header bounds, and announces at most
-    :data:`INLINE_DECODE_PIXELS` pixels.
-
-    A cheap look at the headers only (no checks, no decoding): the caller still runs
-    :func:`decode_image`, which rejects whatever is wrong with the file.
-    """
-    if len(data) > _INLINE_DECODE_BYTES:
-        return False
-    fmt = sniff_format(data[:32])
-    if fmt not in _INLINE_FORMATS or (fmt == "PNG" and _png_has_inflated_chunks(data)):
-        return False
-    announced = header_dimensions(data, fmt)
-    return announced is not None and announced[0] * announced[1] <= INLINE_DECODE_PIXELS
-
-
-def _png_has_inflated_chunks(data: bytes) -> bool:
-    """Whether the PNG holds a chunk that PIL inflates when it opens the file (or a malformed chunk list)."""
-    i = 8
-    while i + 8 <= len(data):
-        kind = data[i + 4:i + 8]
-        if kind in _PNG_INFLATED_CHUNKS:
-            return True
-        if kind == b"IEND":
-            return False
-        i += 12 + int.from_bytes(data[i:i + 4], "big")
-    return True
 
 
 def _check_dimensions(fmt: str, width: int, height: int, max_pixels: int, source: str) -> None:

@@ -20,12 +20,12 @@ __all__ = [
     "animated_gif",
     "bmp_header",
     "encode",
-    "gif_frame_beyond_screen",
+   
     "gif_header",
     "jpeg_with_scans",
     "jpeg_with_size",
     "png_header",
-    "png_with_text",
+   
     "to_mode",
     "webp_header",
 ]
@@ -123,18 +123,3 @@ def jpeg_with_scans(n: int, side: int = 64) -> bytes:
     last = data.rfind(b"\xff\xda")
     assert data.endswith(b"\xff\xd9") and n >= scans
     return data[:-2] + data[last:-2] * (n - scans) + b"\xff\xd9"
-
-
-def gif_frame_beyond_screen(screen: int, frame: int) -> bytes:
-    """A GIF whose header announces a ``screen × screen`` screen and whose first frame is
-    ``frame × frame``: PIL enlarges the image to the frame."""
-    head = b"GIF89a" + struct.pack("<HH", screen, screen) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
-    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, frame, frame) + b"\x00"
-    return head + descriptor + b"\x02\x02\x4c\x01\x00\x3b"
-
-
-def png_with_text(png: bytes, chunks: int, inflated: int) -> bytes:
-    """``png`` with ``chunks`` compressed text chunks (zTXt) of ``inflated`` bytes each, after IHDR."""
-    ztxt = _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"a" * inflated, 9))
-    end_of_ihdr = 8 + 8 + 13 + 4
-    return png[:end_of_ihdr] + ztxt * chunks + png[end_of_ihdr:]

@@ -14,12 +14,10 @@ import pytest
 from images_util import (
     bmp_header,
     encode,
-    gif_frame_beyond_screen,
     gif_header,
     jpeg_with_scans,
     jpeg_with_size,
     png_header,
-    png_with_text,
     webp_header,
 )
 from launch import free_port
@@ -29,12 +27,10 @@ from detector.devices import DeviceError, resolve_device
 from service.batching import MicroBatcher, Overloaded
 from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
 from service.images import (
-    INLINE_DECODE_PIXELS,
     JPEG_MAX_SCANS,
     ImageRejected,
     decode_image,
     header_dimensions,
-    is_small_image,
     jpeg_min_bytes,
     jpeg_scans,
     sniff_format,
@@ -335,28 +331,6 @@ def test_header_dimensions_of_real_files():
     assert header_dimensions(jpeg, "JPEG") == (37, 21)
     assert header_dimensions(jpeg_with_size(jpeg, 9, 4), "JPEG") == (9, 4)
     assert header_dimensions(b"\x89PNG\r\n\x1a\n", "PNG") is None
-
-
-def test_only_small_images_are_decoded_inline():
-    side = int(INLINE_DECODE_PIXELS ** 0.5)
-    for fmt in ("PNG", "JPEG", "BMP"):
-        assert is_small_image(encode(Image.new("RGB", (side, side)), fmt)), fmt
-        assert not is_small_image(encode(Image.new("RGB", (side + 1, side)), fmt)), fmt
-    # What the header claims decides, not the file's size; unknown or unreadable headers go to a thread.
-    assert not is_small_image(png_header(5000, 5000))
-    assert not is_small_image(b"hello")
-    assert not is_small_image(b"\x89PNG\r\n\x1a\n")
-    assert not is_small_image(encode(Image.new("RGB", (8, 8)), "PNG") + b"\0" * (1 << 17))  # a long tail
-    # Nor formats whose decoding the header does not bound: 35 bytes announcing a 1×1 GIF decode as
-    # 4096×4096, 60 kB of PNG text chunks inflate to 60 MB when PIL opens the file.
-    for fmt in ("GIF", "WEBP"):
-        assert not is_small_image(encode(Image.new("RGB", (8, 8)), fmt)), fmt
-    bomb = gif_frame_beyond_screen(1, 4096)
-    assert len(bomb) < 64 and header_dimensions(bomb, "GIF") == (1, 1)
-    assert Image.open(io.BytesIO(bomb)).size == (4096, 4096) and not is_small_image(bomb)
-    texts = png_with_text(encode(Image.new("L", (8, 8)), "PNG"), chunks=60, inflated=1 << 20)
-    assert len(texts) < 64 * 1024 and len(Image.open(io.BytesIO(texts)).text["comment"]) == 1 << 20
-    assert not is_small_image(texts)
 
 
 def test_jpeg_scans_are_counted_and_capped():
