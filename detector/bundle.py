@@ -75,6 +75,11 @@ class BundleError(ValueError):
     """The bundle is missing, incomplete, tampered with or malformed; the message names the file."""
 
 
+#: The largest input side a bundle may declare: its model's input is allocated for whole batches at
+#: warm-up, so a bundle declaring 100,000 × 100,000 would exhaust memory before serving anything.
+MAX_INPUT_SIDE = 1024
+
+
 @dataclass
 class InputSpec:
     """What the model takes: ``channels`` × ``height`` × ``width`` pixels in [0, 1], then normalised."""
@@ -94,6 +99,8 @@ class InputSpec:
                    [float(v) for v in data["mean"]], [float(v) for v in data["std"]])
         if spec.channels not in (1, 3) or spec.height < 1 or spec.width < 1:
             raise ValueError(f"invalid input spec {data}")
+        if max(spec.height, spec.width) > MAX_INPUT_SIDE:
+            raise ValueError(f"input spec of {spec.height}×{spec.width} pixels: at most {MAX_INPUT_SIDE} on a side")
         if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
             raise ValueError(f"input spec mean/std must have {spec.channels} values")
         return spec

@@ -195,13 +195,19 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         raise ValueError(f"an architecture must be a registered name {sorted(MODELS)} or "
                          f"'package.module:callable', got {spec!r}")
     # Console scripts do not put the working directory on sys.path (``python -m`` does): a user's module
-    # beside them is found there, after every installed package, whichever command loads it.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    # beside them is found there, after every installed package, whichever command loads it; and only
+    # while it is imported, so that no later import (a server's optional dependency) looks there.
+    cwd = os.getcwd()
+    searched = cwd not in sys.path
+    if searched:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import module {module_name!r} for architecture {spec!r}: {exc}") from exc
+    finally:
+        if searched and cwd in sys.path:
+            sys.path.remove(cwd)
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):

@@ -252,6 +252,16 @@ def test_a_bundle_naming_an_importable_callable_never_calls_it(bundle_dir, tmp_p
     assert not marker.exists()
 
 
+def test_a_bundle_declaring_a_huge_input_is_refused_before_anything_is_allocated(bundle_dir):
+    """The service warms up with whole batches of the declared input: 100,000 × 100,000 would exhaust memory."""
+    config = json.loads((bundle_dir / "config.json").read_text())
+    config["input_spec"].update(height=100_000, width=100_000)
+    (bundle_dir / "config.json").write_text(json.dumps(config))
+    _rehash(bundle_dir, "config.json")
+    with pytest.raises(BundleError, match="100000×100000 pixels: at most 1024 on a side"):
+        load_bundle(bundle_dir)
+
+
 def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
     from detector import update_bundle, verify_bundle
 

@@ -70,11 +70,16 @@ def test_bring_your_own_factory():
 
 def test_a_factory_beside_the_working_directory_imports_from_any_command(tmp_path, monkeypatch):
     """Console scripts do not put the working directory on sys.path; the factory is found there all the same."""
+    import importlib
     import sys
 
     (tmp_path / "factory_in_cwd.py").write_text("from torch import nn\n\ndef make(width=3):\n"
                                                 "    return nn.Linear(2, width)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    (tmp_path / "optional_dependency_probe.py").write_text("raise SystemExit('imported from the working directory')\n")
     assert import_factory("factory_in_cwd:make")(width=5).out_features == 5
-    assert sys.path[-1] == str(tmp_path)  # after every installed package: it shadows none
+    # Only for that import: a later one (say, a server's optional dependency) does not look there.
+    assert str(tmp_path) not in sys.path
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("optional_dependency_probe")

@@ -553,6 +553,8 @@ def test_folder_dataset(tmp_path, capsys):
     assert "images: 10×10 pixels, 1 channel (--image-size)" in capsys.readouterr().err
     with pytest.raises(PipelineError, match="folder: data only"):
         load_splits(TrainOptions(data="digits", image_size=[10]))
+    with pytest.raises(PipelineError, match="8×1100 pixels; a bundle takes at most 1024 on a side: give --image-size"):
+        load_splits(TrainOptions(data=f"folder:{root}", image_size=[8, 1100]))  # refused before any training
 
 
 def test_cifar10_in_torchvision_format(fake_cifar10, tmp_path):

@@ -22,6 +22,7 @@ from detector import (
     distributed,
     load_dataset,
 )
+from detector.bundle import MAX_INPUT_SIDE
 from detector.datasets import DatasetNotFoundError
 from detector.models import MODELS, build_network, load_weights
 
@@ -98,6 +99,9 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
         raise PipelineError(f"dataset {spec!r} has an empty split ({len(train)} train, {len(test)} test)")
     if train.input_shape != test.input_shape:
         raise PipelineError(f"train images are {train.input_shape}, test images {test.input_shape}")
+    if max(train.input_shape[1:]) > MAX_INPUT_SIDE:
+        raise PipelineError(f"the images are {train.input_shape[1]}×{train.input_shape[2]} pixels; a bundle takes at "
+                            f"most {MAX_INPUT_SIDE} on a side: give --image-size")
     if kind == "folder":
         c, h, w = train.input_shape
         how = "--image-size" if size is not None else "the first training image's size; --image-size changes it"
