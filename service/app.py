@@ -448,7 +448,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = runs first: ids and metrics see every request, keys are checked before the body is read.
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for,
                        in_flight_cap=settings.max_inflight_body_bytes,
-                       in_flight_setting="DETECTOR_MAX_INFLIGHT_BODY_BYTES")
+                       in_flight_setting="DETECTOR_MAX_INFLIGHT_BODY_BYTES",
+                       largest_body=max(settings.max_upload_bytes, settings.max_batch_upload_bytes))
     app.add_middleware(AccessMiddleware, keys=service.keys, protected=frozenset({PREDICT, PREDICT_BATCH, "/model",
                                                                                  "/metrics"}))
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)

@@ -8,12 +8,15 @@ In all: the body bytes received by the requests being served may add up to at mo
 a request whose body would pass it gets 503 with ``Retry-After``.  Each request holds its body, and
 more while it is parsed and decoded, until it is answered, so without this many concurrent uploads,
 each under its own cap, add up to more memory than the process has.  Bytes are counted as they
-arrive, not as declared: a client that declares a large body and sends nothing holds nothing.
+arrive, not as declared: a client that declares a large body and sends nothing holds nothing.  One
+client address may hold at most a quarter of the cap (or one largest body, if that is more), so that
+a single client holding uploads open cannot lock every other one out.
 (uvicorn discards whatever the client still sends and keeps the connection usable.)
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
@@ -36,13 +39,15 @@ class BodyLimitMiddleware:
     in flight over ``in_flight_cap`` bytes."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], setting_for: Callable[[str], str],
-                 in_flight_cap: int, in_flight_setting: str):
+                 in_flight_cap: int, in_flight_setting: str, largest_body: int = 0):
         self.app = app
         self.limit_for = limit_for
         self.setting_for = setting_for
         self.in_flight_cap = in_flight_cap
         self.in_flight_setting = in_flight_setting
         self.in_flight = 0  # body bytes of the requests being served: one event loop, so no lock
+        self.per_client_cap = max(in_flight_cap // 4, largest_body)
+        self.per_client: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +64,7 @@ class BodyLimitMiddleware:
                 declared = None
         received = 0
         held = 0  # this request's share of self.in_flight
+        client = (scope.get("client") or ("",))[0]
         exceeded = False
         busy = False
         started = False
@@ -66,10 +72,13 @@ class BodyLimitMiddleware:
         def hold(total: int) -> None:
             nonlocal held, busy
             if total > held:
-                if self.in_flight + total - held > self.in_flight_cap:
+                more = total - held
+                if (self.in_flight + more > self.in_flight_cap
+                        or self.per_client[client] + more > self.per_client_cap):
                     busy = True
                     raise _TooMuchInFlight
-                self.in_flight += total - held
+                self.in_flight += more
+                self.per_client[client] += more
                 held = total
 
         async def limited_receive() -> Message:
@@ -103,12 +112,16 @@ class BodyLimitMiddleware:
                 raise
         finally:
             self.in_flight -= held
+            self.per_client[client] -= held
+            if self.per_client[client] <= 0:
+                del self.per_client[client]
         if busy and not started:
             size = f"{declared:,} bytes" if declared is not None else f"{received:,} bytes so far"
             response = JSONResponse(
                 {"code": "overloaded",
-                 "detail": f"the request bodies being served would pass {self.in_flight_cap:,} bytes in all with "
-                           f"this one ({size}; {self.in_flight_setting}); retry shortly"},
+                 "detail": f"the request bodies being served would pass {self.in_flight_cap:,} bytes in all, or "
+                           f"this client's share of {self.per_client_cap:,}, with this one ({size}; "
+                           f"{self.in_flight_setting}); retry shortly"},
                 status_code=503, headers={"Retry-After": "1"},
             )
             await response(scope, receive, send)

@@ -794,7 +794,7 @@ def test_a_taken_port_fails_fast_with_a_hint_before_the_bundle_loads(server, def
 # -- connection limits: heads, slow clients, connection caps ---------------------------------------
 GUARD = {"max_header_bytes": 4096, "max_headers": 20, "header_timeout_s": 1.5, "body_timeout_s": 2.0,
          "max_connections": 12, "max_connections_per_client": 6,
-         "max_upload_bytes": 512 * 1024, "max_inflight_body_bytes": 2048 * 1024}  # a batch may be 2 MiB
+         "max_upload_bytes": 128 * 1024, "max_inflight_body_bytes": 2048 * 1024}  # a batch may be 512 KiB
 
 
 @pytest.fixture(scope="module")
@@ -906,40 +906,48 @@ def test_connections_are_capped_per_client_and_in_all(guarded, good_png):
         assert_serving(client, good_png)
 
 
-def test_bodies_in_flight_are_capped_in_all(guarded, good_png):
-    """Uploads still arriving hold the bytes they have sent: one that would take the total over the cap
-    is answered 503, a small one still fits, and the bytes come back when the uploads end. A declared
-    length that has not arrived holds nothing."""
-    def upload_head(path: str, length: int) -> bytes:
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+def test_bodies_in_flight_are_capped_in_all_and_per_client(guarded, good_png):
+    """Uploads still arriving hold the bytes they have sent, up to 2 MiB in all and 512 KiB per client
+    address: past either, an upload is answered 503, a small one from elsewhere still fits, and the
+    bytes come back when the uploads end. A declared length that has not arrived holds nothing."""
+    def upload_head(length: int) -> bytes:
+        return (f"POST /predict/batch HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 f"Content-Length: {length}\r\n\r\n").encode()
 
-    big = encode(Image.effect_noise((300, 300), 90).convert("RGB"), "PNG")  # 215 KiB: under the 512 KiB cap,
-    # over the 48 KiB left of the 2 MiB
+    def hold_batch(source: str) -> socket.socket:  # 500 KiB sent of 510 KiB, then nothing
+        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        s = _connect(guarded, source)
+        s.sendall(upload_head(510 * 1024) + part + b"x" * (500 * 1024 - len(part)))
+        return s
+
+    def post(data: bytes, source: str = "127.0.0.1") -> httpx.Response:
+        with httpx.Client(base_url=guarded.url, timeout=30, transport=httpx.HTTPTransport(local_address=source)) as c:
+            return c.post("/predict", files={"file": ("x.png", data, "image/png")})
+
+    big = encode(Image.effect_noise((170, 170), 90).convert("RGB"), "PNG")
+    assert 64 * 1024 < len(big) < GUARD["max_upload_bytes"]
     held = []
     try:
-        squatter = _connect(guarded, "127.0.0.6")  # declares 2 MiB, sends none of it
-        squatter.sendall(upload_head("/predict/batch", 2048 * 1024))
-        held.append(squatter)
+        held.append(_connect(guarded, "127.0.0.9"))  # declares a whole batch, sends none of it
+        held[-1].sendall(upload_head(510 * 1024))
         time.sleep(0.3)
-        with httpx.Client(base_url=guarded.url, timeout=30) as client:
-            assert client.post("/predict", files={"file": ("big.png", big, "image/png")}).status_code == 200
-        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
-        for source in ("127.0.0.4", "127.0.0.5"):  # two clients' batches: 1000 KiB sent of 1001 KiB
-            s = _connect(guarded, source)
-            s.sendall(upload_head("/predict/batch", 1001 * 1024) + part + b"x" * (1000 * 1024 - len(part)))
-            held.append(s)
+        assert post(big).status_code == 200
+        held.append(hold_batch("127.0.0.4"))
         time.sleep(0.3)
-        with httpx.Client(base_url=guarded.url, timeout=30) as client:
-            r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
-            assert r.status_code == 503 and r.json()["code"] == "overloaded", r.text
-            assert "DETECTOR_MAX_INFLIGHT_BODY_BYTES" in r.json()["detail"] and r.headers["retry-after"] == "1"
-            assert_serving(client, good_png)  # a few hundred bytes still fit
-            for s in held:
-                s.close()
-            held = []
-            time.sleep(0.3)
-            assert client.post("/predict", files={"file": ("big.png", big, "image/png")}).status_code == 200
+        r = post(big, "127.0.0.4")  # the same address: over its share
+        assert r.status_code == 503 and r.json()["code"] == "overloaded", r.text
+        assert "DETECTOR_MAX_INFLIGHT_BODY_BYTES" in r.json()["detail"] and r.headers["retry-after"] == "1"
+        assert post(big).status_code == 200  # another address is not locked out
+        held += [hold_batch(source) for source in ("127.0.0.5", "127.0.0.6", "127.0.0.7")]  # 2,000 of 2,048 KiB
+        time.sleep(0.3)
+        r = post(big)
+        assert r.status_code == 503 and r.json()["code"] == "overloaded", r.text
+        assert post(good_png).status_code == 200  # a few hundred bytes still fit
+        for s in held:
+            s.close()
+        held = []
+        time.sleep(0.3)
+        assert post(big).status_code == 200 and post(big, "127.0.0.4").status_code == 200
     finally:
         for s in held:
             s.close()
