@@ -9,8 +9,8 @@ a request whose body would pass it gets 503 with ``Retry-After``.  Each request 
 more while it is parsed and decoded, until it is answered, so without this many concurrent uploads,
 each under its own cap, add up to more memory than the process has.  Bytes are counted as they
 arrive, not as declared: a client that declares a large body and sends nothing holds nothing.  One
-client address may hold at most a quarter of the cap (or one largest body, if that is more), so that
-a single client holding uploads open cannot lock every other one out.
+client address may hold at most ``per_client_cap``, so that a single client holding uploads open
+cannot lock every other one out.
 (uvicorn discards whatever the client still sends and keeps the connection usable.)
 """
 
@@ -39,14 +39,14 @@ class BodyLimitMiddleware:
     in flight over ``in_flight_cap`` bytes."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], setting_for: Callable[[str], str],
-                 in_flight_cap: int, in_flight_setting: str, largest_body: int = 0):
+                 in_flight_cap: int, in_flight_setting: str, per_client_cap: int | None = None):
         self.app = app
         self.limit_for = limit_for
         self.setting_for = setting_for
         self.in_flight_cap = in_flight_cap
         self.in_flight_setting = in_flight_setting
         self.in_flight = 0  # body bytes of the requests being served: one event loop, so no lock
-        self.per_client_cap = max(in_flight_cap // 4, largest_body)
+        self.per_client_cap = in_flight_cap if per_client_cap is None else per_client_cap
         self.per_client: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

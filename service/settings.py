@@ -161,6 +161,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def per_client_inflight_share(self) -> bool:
+        """Whether one client may hold only a share of the body bytes in flight: not behind a proxy the
+        service does not believe (no per-client connection cap, no trusted proxy), where every client
+        is the proxy."""
+        return self.max_connections_per_client != 0 or bool(self.forwarded_allow_ips)
+
+    @property
     def bundle_dir(self) -> Path:
         """The bundle to serve: ``bundle`` if given, else the embedded default's directory."""
         return self.bundle if self.bundle is not None else self.default_bundle_dir
