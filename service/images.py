@@ -24,7 +24,6 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,53 +159,37 @@ def header_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
 
 _JPEG_FRAMES = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # SOFn
 _JPEG_STANDALONE = (0x01, *range(0xD0, 0xD8))  # TEM, RSTn: markers without a length
-# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else
-# after it is the next marker (0xFF itself: fill bytes before one).
-_JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
 # Between segments, any 0xFF not followed by 0x00 is a marker; libjpeg (and PIL) skip other bytes.
 _JPEG_ANY_MARKER = re.compile(rb"\xff(?=[^\x00])")
 
 
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
-    """``(marker, offset)`` of each JPEG segment with a length, in the order libjpeg reads them: bytes
-    between segments skipped as it skips them, each scan's entropy-coded data jumped over. Ends at the
-    end-of-image marker, at a length below 2 or where the data ends."""
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Where the JPEG's frame header (SOFn marker) starts, walking the segments as libjpeg reads them
+    (bytes between segments skipped as it skips them), or ``None`` when a scan, the end of the image, a
+    length below 2 or the end of the data comes first."""
     i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: skipped, as libjpeg does (with a warning)
             found = _JPEG_ANY_MARKER.search(data, i + 1)
             if found is None:
-                return
+                return None
             i = found.start()
             continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker == 0xD9:  # end of image
-            return
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         if length < 2:
-            return
-        yield marker, i
-        i += 2 + length
-        if marker == 0xDA:  # the scan's data runs to the next marker
-            found = _JPEG_NEXT_MARKER.search(data, i)
-            if found is None:
-                return
-            i = found.start()
-
-
-def _jpeg_frame_header(data: bytes) -> int | None:
-    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan comes first or there is none."""
-    for marker, i in _jpeg_segments(data):
+            return None
         if marker in _JPEG_FRAMES:
             return i
-        if marker == 0xDA:
-            return None
+        i += 2 + length
     return None
 
 
