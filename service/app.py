@@ -449,10 +449,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for,
                        in_flight_cap=settings.max_inflight_body_bytes,
                        in_flight_setting="DETECTOR_MAX_INFLIGHT_BODY_BYTES",
-                       # a quarter of it, or one largest body: several clients' uploads always fit
-                       per_client_cap=max(settings.max_inflight_body_bytes // 4, settings.max_upload_bytes,
-                                          settings.max_batch_upload_bytes)
-                       if settings.per_client_inflight_share else None)
+                       per_client_cap=settings.max_inflight_body_bytes_per_client)
     app.add_middleware(AccessMiddleware, keys=service.keys, protected=frozenset({PREDICT, PREDICT_BATCH, "/model",
                                                                                  "/metrics"}))
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)

@@ -154,18 +154,23 @@ class Settings(BaseSettings):
     def _fill_batch_upload_cap(self) -> Settings:
         if self.max_batch_upload_bytes is None:
             self.max_batch_upload_bytes = 4 * self.max_upload_bytes
-        largest = max(self.max_upload_bytes, self.max_batch_upload_bytes)
-        if self.max_inflight_body_bytes < largest:
+        if self.max_inflight_body_bytes < self.largest_body_bytes:
             raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes:,}) is below the largest body "
-                             f"a request may have ({largest:,}): such a request could never be served")
+                             f"a request may have ({self.largest_body_bytes:,}): such a request could never be served")
         return self
 
     @property
-    def per_client_inflight_share(self) -> bool:
-        """Whether one client may hold only a share of the body bytes in flight: not behind a proxy the
-        service does not believe (no per-client connection cap, no trusted proxy), where every client
-        is the proxy."""
-        return self.max_connections_per_client != 0 or bool(self.forwarded_allow_ips)
+    def largest_body_bytes(self) -> int:
+        return max(self.max_upload_bytes, self.max_batch_upload_bytes or 0)
+
+    @property
+    def max_inflight_body_bytes_per_client(self) -> int | None:
+        """Body bytes in flight one client address may hold: a quarter of the cap, or one largest body
+        (several clients' uploads always fit). ``None`` behind a proxy the service does not believe (no
+        per-client connection cap, no trusted proxy), where every client is the proxy."""
+        if self.max_connections_per_client == 0 and not self.forwarded_allow_ips:
+            return None
+        return max(self.max_inflight_body_bytes // 4, self.largest_body_bytes)
 
     @property
     def bundle_dir(self) -> Path:

@@ -237,9 +237,10 @@ def test_flags_override_the_environment(monkeypatch):
     assert s.forwarded_allow_ips == "10.0.0.1" and not Settings().forwarded_allow_ips  # believed only when named
     assert not settings_from_args(build_parser().parse_args(["--verdict-only", "false"])).verdict_only
     # Behind a proxy the service does not believe, every client is the proxy: no per-client share of uploads.
-    assert Settings().per_client_inflight_share
-    assert not Settings(max_connections_per_client=0).per_client_inflight_share
-    assert Settings(max_connections_per_client=0, forwarded_allow_ips="10.0.0.1").per_client_inflight_share
+    assert Settings().max_inflight_body_bytes_per_client == 64 * 2**20  # a quarter of 256 MiB
+    assert Settings(max_connections_per_client=0).max_inflight_body_bytes_per_client is None
+    assert Settings(max_connections_per_client=0,
+                    forwarded_allow_ips="10.0.0.1").max_inflight_body_bytes_per_client == 64 * 2**20
 
 
 @pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"device": "tpu"}, {"max_wait_ms": -1}, {"port": 70000},
