@@ -7,7 +7,8 @@ its key (``key:1a2b3c4d``), or by its address when no keys are configured (``ip:
 what the rate limit counts and the audit log records.
 
 The rate limit is a token bucket per client, counted in images: ``DETECTOR_RATE_LIMIT_PER_S`` tokens a
-second, up to ``DETECTOR_RATE_LIMIT_BURST`` at once. Each worker process counts on its own.
+second, up to ``DETECTOR_RATE_LIMIT_BURST`` at once. Each worker process counts on its own. A client
+whose bucket is empty is refused before its body is read.
 """
 
 from __future__ import annotations
@@ -97,33 +98,50 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
+    def check(self, client: str, n: int = 1) -> None:
+        """Raise what :meth:`take` would for ``n`` tokens, spending none: a client whose bucket is
+        already empty is refused before its body is read."""
+        if self.enabled:
+            self._available(client, n, self.clock())
+
     def take(self, client: str, n: int = 1) -> None:
         """Spend ``n`` tokens of ``client``'s bucket or raise :class:`AccessError` (429, Retry-After)."""
         if not self.enabled:
             return
+        now = self.clock()
+        self._buckets[client] = (self._available(client, n, now) - n, now)
+
+    def _available(self, client: str, n: int, now: float) -> float:
+        """The tokens in ``client``'s bucket at ``now``, at least ``n``, or :class:`AccessError`.  The
+        bucket becomes the most recently seen either way, so that a refused client is not the first
+        dropped (which would hand it a full bucket)."""
         if n > self.burst:
             raise AccessError(429, "rate_limited", f"{n} images in one request, more than the burst of {self.burst} "
                                                    f"a client may send at once (DETECTOR_RATE_LIMIT_BURST)")
-        now = self.clock()
         tokens, when = self._buckets.pop(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
         if tokens < n:
-            self._buckets[client] = (tokens, now)
             wait = math.ceil((n - tokens) / self.rate)
             raise AccessError(429, "rate_limited",
                               f"rate limit: {self.rate:g} images a second per client (DETECTOR_RATE_LIMIT_PER_S), "
                               f"bursts of {self.burst}; retry in {wait} s", {"Retry-After": str(wait)})
-        self._buckets[client] = (tokens - n, now)
-        while len(self._buckets) > self.max_clients:
-            self._buckets.popitem(last=False)
+        return tokens
 
 
 class AccessMiddleware:
-    """Names the client of every request (``scope["state"]["client"]``) and, when API keys are
-    configured, answers 401 on ``protected`` paths before a byte of the body is read."""
+    """Names the client of every request (``scope["state"]["client"]``) and, before a byte of the body
+    is read, answers 401 on ``protected`` paths when API keys are configured and the request has no
+    accepted one, and 429 on ``limited`` paths when the client's rate-limit bucket is already empty
+    (``refused(code)`` is told of those).  The handler spends the request's images once it knows
+    how many there are."""
 
-    def __init__(self, app, keys: ApiKeys, protected: frozenset[str]):
+    def __init__(self, app, keys: ApiKeys, protected: frozenset[str], limiter: RateLimiter | None = None,
+                 limited: frozenset[str] = frozenset(), refused=None):
         self.app, self.keys, self.protected = app, keys, protected
+        self.limiter, self.limited, self.refused = limiter, limited, refused
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -131,19 +149,31 @@ class AccessMiddleware:
             return
         headers = {k: v for k, v in scope.get("headers", []) if k in (b"authorization", b"x-api-key")}
         address = scope.get("client")[0] if scope.get("client") else None
+        path = scope.get("path")
         try:
             client = self.keys.client(_text(headers.get(b"authorization")), _text(headers.get(b"x-api-key")), address)
         except AccessError as exc:
-            if scope.get("path") in self.protected:
-                from starlette.responses import JSONResponse
-
-                response = JSONResponse({"code": exc.code, "detail": exc.detail}, status_code=exc.status,
-                                        headers=exc.headers)
-                await response(scope, receive, send)
+            if path in self.protected:
+                await _refuse(exc, scope, receive, send)
                 return
             client = f"ip:{address or 'unknown'}"  # open paths (health, docs) need no key
+        if self.limiter is not None and path in self.limited:
+            try:
+                self.limiter.check(client)
+            except AccessError as exc:
+                if self.refused is not None:
+                    self.refused(exc.code)
+                await _refuse(exc, scope, receive, send)
+                return
         scope.setdefault("state", {})["client"] = client
         await self.app(scope, receive, send)
+
+
+async def _refuse(exc: AccessError, scope, receive, send) -> None:
+    from starlette.responses import JSONResponse
+
+    response = JSONResponse({"code": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+    await response(scope, receive, send)
 
 
 def _text(value: bytes | None) -> str | None:

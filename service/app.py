@@ -445,13 +445,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def setting_for(path: str) -> str:
         return "DETECTOR_MAX_BATCH_UPLOAD_BYTES" if path == PREDICT_BATCH else "DETECTOR_MAX_UPLOAD_BYTES"
 
-    # Added last = runs first: ids and metrics see every request, keys are checked before the body is read.
+    # Added last = runs first: ids and metrics see every request; keys, and empty rate-limit buckets, are
+    # checked before the body is read.
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, setting_for=setting_for,
                        in_flight_cap=settings.max_inflight_body_bytes,
                        in_flight_setting="DETECTOR_MAX_INFLIGHT_BODY_BYTES",
                        per_client_cap=settings.max_inflight_body_bytes_per_client)
     app.add_middleware(AccessMiddleware, keys=service.keys, protected=frozenset({PREDICT, PREDICT_BATCH, "/model",
-                                                                                 "/metrics"}))
+                                                                                 "/metrics"}),
+                       limiter=service.limiter, limited=frozenset({PREDICT, PREDICT_BATCH}),
+                       refused=lambda code: service.metrics.rejected.labels(code).inc())
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.add_middleware(RequestIdMiddleware)
     Answer = Verdict if settings.verdict_only else Prediction

@@ -1096,6 +1096,23 @@ def test_rate_limit_counts_images_per_key(locked, good_png):
                       headers=_bearer(KEYS[0])).status_code == 200
 
 
+def test_an_empty_rate_limit_bucket_is_refused_before_the_body(locked, good_png):
+    """A client over its limit gets 429 at once, not after the server has read (and parsed) a body
+    it will refuse anyway."""
+    time.sleep(RATE["rate_limit_burst"] / RATE["rate_limit_per_s"])  # full buckets
+    files = [("files", (f"{i}.png", good_png, "image/png")) for i in range(RATE["rate_limit_burst"])]
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        assert c.post("/predict/batch", files=files, headers={"X-API-Key": KEYS[0]}).status_code == 200
+    head = (f"POST /predict/batch HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS[0]}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n").encode()
+    answer = _raw_request(locked, head, b"--b\r\n", timeout=5.0)  # the rest of the 10 MB never comes
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+    assert b'"rate_limited"' in answer and b"retry-after:" in answer.lower()
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        metrics = c.get("/metrics", headers={"X-API-Key": KEYS[1]}).text
+    assert 'detector_rejected_uploads_total{reason="rate_limited"}' in metrics
+
+
 def test_forwarded_for_is_believed_only_from_a_named_proxy(default_bundle, good_png, tmp_path):
     """Rate limits key on the client's address; a client that could name itself in X-Forwarded-For
     would get a fresh bucket with every request."""

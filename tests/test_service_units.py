@@ -425,6 +425,28 @@ def test_rate_limiter_refills_at_its_rate_and_caps_the_burst():
     RateLimiter(rate=0.0, burst=0).take("a", 10_000)  # off
 
 
+def test_rate_limit_check_spends_nothing_and_keeps_refused_clients():
+    from service.access import AccessError, RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(rate=1.0, burst=2, max_clients=2, clock=lambda: now[0])
+    for _ in range(5):
+        limiter.check("a")  # asking is free
+    limiter.take("a", 2)
+    with pytest.raises(AccessError) as info:
+        limiter.check("a")
+    assert info.value.status == 429 and info.value.headers == {"Retry-After": "1"}
+    # The refused client is now the most recently seen: a new client drops the other one, not it,
+    # so that being refused never earns a fresh bucket.
+    limiter.take("b", 1)
+    with pytest.raises(AccessError):
+        limiter.check("a")
+    limiter.take("c", 1)
+    with pytest.raises(AccessError):
+        limiter.take("a", 1)
+    limiter.take("b", 2)  # b was dropped: a full bucket again
+
+
 def test_api_keys_name_clients_and_refuse_weak_keys(tmp_path):
     from service.access import AccessError, ApiKeys, read_api_keys
 
