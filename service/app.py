@@ -388,8 +388,11 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+        # Answered outside every middleware (Starlette's outermost error handler), so the request id
+        # that ties the answer to this log line is added here.
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+        return _error(500, "internal_error", f"internal error: {type(exc).__name__}", {"X-Request-ID": rid})
 
 
 # -- the app -------------------------------------------------------------------------------------

@@ -777,6 +777,23 @@ def test_a_pinned_hash_refuses_any_other_bundle(default_bundle, tmp_path):
     assert srv.proc.returncode != 0 and "not the pinned one" in srv.output(), srv.output()
 
 
+def test_an_unexpected_error_is_json_with_the_request_id_the_log_names(default_bundle, tmp_path):
+    port = free_port()
+    srv = start([sys.executable, "-m", "uvicorn", "--factory", "tests.raising_app:create_app", "--host", "127.0.0.1",
+                 "--port", str(port)], clean_env(DETECTOR_BUNDLE=str(default_bundle)), tmp_path / "a.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+        r = httpx.get(srv.url + "/bug", headers={"X-Request-ID": "bug-report-7"}, timeout=30)
+        assert r.status_code == 500, r.text
+        assert r.json() == {"code": "internal_error", "detail": "internal error: RuntimeError"}
+        assert r.headers["x-request-id"] == "bug-report-7"
+        assert httpx.get(srv.url + "/health/live", timeout=30).status_code == 200
+    finally:
+        stop(srv)
+    assert "(request bug-report-7)" in srv.output() and "a bug, not the client's fault" in srv.output()
+
+
 def test_pinned_server_reports_the_pinned_hash(client, default_bundle):
     assert client.get("/model").json()["sha256"] == verify_bundle(default_bundle)
 
