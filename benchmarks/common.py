@@ -467,7 +467,8 @@ def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: in
     x, _ = cifar_batch(n, device, seed=seed)
     with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
         y = model(x).argmax(1)
-    gaussians = LayerGaussians(probe_layers(model, det.probes), None, with_means=det.probe_means)
+    gaussians = LayerGaussians(probe_layers(model, det.probes), None, with_means=det.probe_means,
+                               with_agreement=det.probe_agreement)
     det.set_layer_statistics(gaussians.fit(model, x, y.cpu(), batch_size=64))
     spec = InputSpec(3, 32, 32, model.mean.flatten().tolist(), model.std.flatten().tolist())
     bundle = Bundle(model, det, [str(i) for i in range(10)], spec, "benchmark", {}, None, Path("."), "")
@@ -484,7 +485,8 @@ def describe_default_detector() -> str:
     from detector.estimator import DEFAULT_DETECTOR, make_detector
 
     det = make_detector(DEFAULT_DETECTOR)
-    stats = "class-conditional Mahalanobis distances" + (" and channel means" if det.probe_means else "")
+    stats = ("class-conditional Mahalanobis distances" + (" and agreement gaps" if det.probe_agreement else "")
+             + (" and channel means" if det.probe_means else ""))
     estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
     return (f"the default detector (`{DEFAULT_DETECTOR}`) through `Bundle.detect`, what the service calls per "
             f"batch: the same single forward pass with hooks on up to {det.probes} convolutions, curvature features, "

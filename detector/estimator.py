@@ -79,6 +79,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         Their statistics are fitted apart and set with :meth:`set_layer_statistics`.
     probe_means : bool
         Whether those layers' channel means follow their distances in each row.
+    probe_agreement : bool
+        Whether each layer's agreement gap (how much nearer another class is than the predicted one)
+        follows its distance in each row.
     valley_quantile : float
         Quantile of clean κ that becomes τ.
     threshold : float
@@ -98,14 +101,16 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     """
 
     probe_means = False  # detectors saved before the parameter existed read this default
+    probe_agreement = False  # the same
 
     def __init__(self, estimator=None, features: str = "psi", probes: int = 0, probe_means: bool = False,
-                 valley_quantile: float = 0.5, threshold: float = 0.5, target_fpr: float | None = None,
-                 random_state: int | None = 0):
+                 probe_agreement: bool = False, valley_quantile: float = 0.5, threshold: float = 0.5,
+                 target_fpr: float | None = None, random_state: int | None = 0):
         self.estimator = estimator
         self.features = features
         self.probes = probes
         self.probe_means = probe_means
+        self.probe_agreement = probe_agreement
         self.valley_quantile = valley_quantile
         self.threshold = threshold
         self.target_fpr = target_fpr
@@ -188,9 +193,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
 
     def reads(self) -> dict:
         """What the detector reads from the forward pass, for reports: its output-layer feature set, how
-        many earlier layers it probes and whether it reads their channel means too."""
+        many earlier layers it probes and whether it reads their agreement gaps and channel means too."""
         return {"features": self.feature_set, "probes": int(getattr(self, "probes", 0)),
-                "probe_means": bool(self.probe_means)}
+                "probe_means": bool(self.probe_means), "probe_agreement": bool(self.probe_agreement)}
 
     @property
     def layer_gaussians(self):
@@ -411,6 +416,8 @@ DETECTORS = {
         target_fpr=0.05),
     "layers": dict(features="curvature", probes=3, estimator=_BOOSTED, target_fpr=0.05),
     "activations": dict(features="curvature", probes=3, probe_means=True, estimator=_LOGISTIC, target_fpr=0.05),
+    "agreement": dict(features="curvature", probes=3, probe_means=True, probe_agreement=True, estimator=_LOGISTIC,
+                      target_fpr=0.05),
 }
 
 #: The detector ``detector-train`` fits unless told otherwise: the one the full attack suite favoured

@@ -16,6 +16,12 @@ activations in directions of its own (the gradient's), which a linear model on t
 where the distance, averaged over every direction, does not.  On the CIFAR-10 CNN that more than
 doubled the share of FGSM and margin-capped adversarials caught at a 5% target false-positive rate
 (docs/RESULTS.md).
+
+With ``with_agreement=True`` each layer also says whether it agrees with the output: how much
+farther its activations are from the predicted class than from the nearest class.  Noise that
+leaves the prediction alone leaves the earlier layers agreeing with it; an attack that flips the
+output while the earlier layers still see the true class does not (the layer-wise consistency of
+Papernot and McDaniel's deep k-nearest neighbours, with class means instead of neighbours).
 """
 
 from __future__ import annotations
@@ -94,13 +100,15 @@ class LayerGaussians:
     """
 
     with_means = False  # statistics saved before the option existed read this default
+    with_agreement = False  # the same
 
     def __init__(self, probes: Sequence[str], layer: str | None = None, ridge: float = 1e-3,
-                 with_means: bool = False):
+                 with_means: bool = False, with_agreement: bool = False):
         self.probes = list(probes)
         self.layer = layer
         self.ridge = ridge
         self.with_means = with_means
+        self.with_agreement = with_agreement
 
     @torch.no_grad()
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
@@ -143,16 +151,23 @@ class LayerGaussians:
 
     @property
     def n_features(self) -> int:
-        """Columns of :meth:`rows`: one distance per probe and φ, then their channels when ``with_means``."""
+        """Columns of :meth:`rows`: one distance per probe and φ, then as many agreement gaps when
+        ``with_agreement``, then their channels when ``with_means``."""
         n = len(self.probes) + 1
+        if self.with_agreement:
+            n *= 2
         if self.with_means:
             n += sum(int(m.shape[1]) for m in self.means_)
         return n
 
     def rows(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        """``[N, n_features]``: :meth:`distances` to the predicted class, followed by the channel means
-        of every probe and φ when ``with_means``.  Differentiable in the activations."""
-        out = self.distances(acts, phi, predicted)
+        """``[N, n_features]``: :meth:`distances` to the predicted class, followed by :meth:`agreement`
+        when ``with_agreement`` and by the channel means of every probe and φ when ``with_means``.
+        Differentiable in the activations."""
+        if self.with_agreement:
+            out = torch.cat(self._predicted_and_gap(acts, phi, predicted), dim=1)
+        else:
+            out = self.distances(acts, phi, predicted)
         if self.with_means:
             out = torch.cat([out, *(a.to(out.dtype) for a in [*acts, phi])], dim=1)
         return out
@@ -186,6 +201,48 @@ class LayerGaussians:
                 d2 = ((diff @ p) * diff).sum(dim=1)
             out.append(torch.log1p(d2.clamp_min(0)))
         return torch.stack(out, dim=1)
+
+    def agreement(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """``[N, L+1]``: how much farther each probe's (and φ's) activations are from the predicted
+        class than from their nearest class, log(1 + d²_predicted) − log(1 + d²_nearest) ≥ 0: 0 where
+        the layer agrees with the output.  An attack that flips the output in one step leaves the
+        earlier layers nearer the true class; noise that leaves the output alone leaves them agreeing.
+        Differentiable in the activations."""
+        return self._predicted_and_gap(acts, phi, predicted)[1]
+
+    def _predicted_and_gap(self, acts, phi, predicted) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`distances` to the predicted class and :meth:`agreement`, from one set of squared
+        distances to every class: ‖(v − m_c) U‖² with U the Cholesky factor of the precision, so
+        that each distance costs O(d), not O(d²)."""
+        dtype = _stat_dtype(phi)
+        dist, gap = [], []
+        for values, (factor, m_factor, fitted) in zip([*acts, phi], self._factored(dtype, phi.device), strict=True):
+            z = values.to(dtype) @ factor
+            d2 = (z[:, None, :] - m_factor[None]).square().sum(dim=2)  # [N, k]
+            to_predicted = torch.log1p(d2.gather(1, predicted[:, None].to(d2.device)).squeeze(1))
+            nearest = d2.masked_fill(~fitted, float("inf")).min(dim=1).values
+            dist.append(to_predicted)
+            gap.append((to_predicted - torch.log1p(nearest)).clamp_min(0))
+        return torch.stack(dist, dim=1), torch.stack(gap, dim=1)
+
+    def _factored(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """``(U, means @ U, fitted)`` per probe and φ: U the precision's Cholesky factor, ``fitted``
+        the classes that have a mean (a class no reference image stood for has a row of zeros)."""
+        cache = _AS_TENSORS.setdefault(self, {})
+        key = ("factored", dtype, device)
+        source = tuple(map(id, [*self.means_, *self.precisions_]))
+        cached = cache.get(key)
+        if cached is None or cached[0] != source:
+            factors = []
+            for means, precision in zip(self.means_, self.precisions_, strict=True):
+                means = np.asarray(means, dtype=np.float64)
+                chol = np.linalg.cholesky(np.asarray(precision, dtype=np.float64))  # P = U Uᵀ
+                with torch.inference_mode(False):
+                    factors.append((torch.as_tensor(chol, dtype=dtype, device=device),
+                                    torch.as_tensor(means @ chol, dtype=dtype, device=device),
+                                    torch.as_tensor(np.abs(means).sum(axis=1) > 0, device=device)))
+            cached = cache[key] = (source, factors, [*self.means_, *self.precisions_])
+        return cached[1]
 
 
 def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_norm: float,

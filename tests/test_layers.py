@@ -100,6 +100,49 @@ def test_rows_with_means_append_each_layers_channel_means(digits_model, digits_t
     assert old.rows(acts, phi, predicted).shape == (16, len(widths))
 
 
+def test_agreement_is_the_gap_to_the_nearest_class(digits_model, digits_test, gaussians):
+    """The agreement gap: log(1 + d²) to the predicted class minus to the nearest one, per layer;
+    computed from one set of distances to every class (through the precision's Cholesky factor), it
+    must equal the two distances taken apart."""
+    x, y = digits_test.batch(slice(0, 200))
+    x_adv = pgd(digits_model, x, y, eps=0.2, alpha=0.05, steps=10)
+    both = LayerGaussians(gaussians.probes, with_means=True, with_agreement=True)
+    both.means_, both.precisions_ = gaussians.means_, gaussians.precisions_
+    n = len(gaussians.probes) + 1
+    gaps = {}
+    for name, images in (("clean", x), ("adversarial", x_adv)):
+        logits, phi, acts = forward_probed(digits_model, images, gaussians.probes)
+        predicted = logits.argmax(1)
+        gap = gaussians.agreement(acts, phi, predicted).detach()
+        expected = (gaussians.distances(acts, phi, predicted) - gaussians.distances(acts, phi, None)).detach()
+        torch.testing.assert_close(gap, expected.clamp_min(0), atol=1e-4, rtol=1e-4)
+        assert gap.shape == (200, n) and (gap >= 0).all()
+        rows = both.rows(acts, phi, predicted).detach()
+        assert rows.shape == (200, both.n_features) == (200, 2 * n + sum(a.shape[1] for a in [*acts, phi]))
+        torch.testing.assert_close(rows[:, :n], gaussians.distances(acts, phi, predicted).detach(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rows[:, n:2 * n], gap)
+        torch.testing.assert_close(rows[:, 2 * n:], torch.cat([*acts, phi], dim=1).to(rows.dtype))
+        gaps[name] = gap
+    # Clean images: the earlier layers agree with the output (measured: some layer disagrees on 4.5%);
+    # PGD adversarials: the first probe still points elsewhere on 46%, some layer on 57%.
+    assert (gaps["clean"] > 0).any(dim=1).float().mean() < 0.1
+    assert (gaps["adversarial"] > 0).any(dim=1).float().mean() > 0.4
+    # A class no reference image stood for (a row of zeros) is never the nearest one.
+    logits, phi, acts = forward_probed(digits_model, x[:16], gaussians.probes)
+    predicted = logits.argmax(1)
+    missing = copy.copy(gaussians)
+    missing.means_ = [m.copy() for m in gaussians.means_]
+    lost = (int(predicted[0]) + 1) % 10
+    for m in missing.means_:
+        m[lost] = 0.0
+    origin = [torch.zeros_like(a[:1]) for a in acts], torch.zeros_like(phi[:1])
+    assert (missing.agreement(*origin, predicted[:1]) > 0).all()  # nearest is a fitted class, not the zero row
+    # Statistics saved before the option existed give no gaps.
+    old = copy.copy(both)
+    del old.with_agreement
+    assert old.n_features == n + sum(a.shape[1] for a in [*acts, phi])
+
+
 def test_default_bundle_is_the_activations_detector(default_bundle):
     """The default bundle's detector (the activations rows, a logistic regression) loaded from its skops
     file: rows as wide as its fit, its operating point holding on held-out clean images, PGD caught."""
@@ -148,6 +191,32 @@ def test_layers_detector_and_statistics_saved_before_channel_means(layers_bundle
     assert "UncannyValleyDetector" in repr(old)  # get_params reads the class default
     rows, _ = bundle.features(x)
     np.testing.assert_array_equal(old.score_samples(rows), answer.adversarial_score)
+
+
+def test_agreement_detector_round_trips_through_its_bundle(default_bundle, tmp_path):
+    """``--detector agreement`` on the default classifier: the bundle loads through skops, its rows
+    carry the agreement gaps, and its score has a gradient (what an adaptive attacker descends)."""
+    from detector import load_bundle
+    from detector.datasets import load_dataset
+    from training.pipeline import TrainOptions, run
+
+    out = tmp_path / "agreement"
+    run(TrainOptions(detector="agreement", weights=str(default_bundle / "weights.pt"), evaluate="none",
+                     out=str(out), progress=False))
+    bundle = load_bundle(out)
+    det, stats = bundle.detector, bundle.detector.layer_gaussians
+    assert det.probe_agreement and stats.with_agreement and stats.with_means and det.gradient == "exact"
+    x, _ = load_dataset("digits", train=False).batch(slice(0, 32))
+    answer = bundle.detect(x)
+    n = len(stats.probes) + 1
+    assert answer.features.shape[1] == det.n_features_in_
+    assert stats.n_features == 2 * n + sum(m.shape[1] for m in stats.means_)
+    logits, phi, acts = forward_probed(bundle.model, x, stats.probes)
+    start = det.n_features_in_ - stats.n_features + n  # output-layer features, distances, then the gaps
+    gaps = answer.features[:, start:start + n]
+    np.testing.assert_allclose(gaps, stats.agreement(acts, phi, logits.argmax(1)).detach().numpy(), atol=1e-5)
+    rows, _ = bundle.features_with_grad(x.clone().requires_grad_(True))
+    assert rows.requires_grad and torch.isfinite(det.decision_tensor(rows)).all()
 
 
 def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(digits_model, digits_train,

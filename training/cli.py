@@ -153,7 +153,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="layers: boosted trees on both phases of the attack path (output-layer curvature "
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
                             "activations: the same rows plus those layers' channel means, "
-                            "logistic regression; curvature: layers without earlier layers; paper: the talk's "
+                            "logistic regression; agreement: activations plus how much nearer another class "
+                            "is than the predicted one in each earlier layer; curvature: layers without earlier layers; paper: the talk's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")
         g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,

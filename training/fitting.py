@@ -249,7 +249,8 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
         pick = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(reference))[:REFERENCE_IMAGES]))
         x_ref, y_ref = reference.batch(pick)
         extract.gaussians = LayerGaussians(probe_layers(model, detector.probes), layer,
-                                           with_means=detector.probe_means).fit(
+                                           with_means=detector.probe_means,
+                                           with_agreement=detector.probe_agreement).fit(
             model, x_ref, y_ref, batch_size=batch_size)
         detector.set_layer_statistics(extract.gaussians)
         path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)

@@ -416,8 +416,12 @@ def _probed(det: dict) -> str:
     """What the detector reads from earlier layers, in words ("" for none)."""
     if not det.get("probes"):
         return ""
-    means = " and their channel means" if det.get("probe_means") else ""
-    return f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ{means}"
+    extra = [what for key, what in (("probe_agreement", "their agreement with the output"),
+                                    ("probe_means", "their channel means")) if det.get(key)]
+    head = f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ"
+    if len(extra) == 2:
+        return f"{head}, {extra[0]} and {extra[1]}"
+    return head + "".join(f" and {what}" for what in extra)
 
 
 #: What "(seen in fitting)" on an attack means, under every table that marks one.
