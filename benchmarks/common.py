@@ -461,15 +461,13 @@ def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: in
     fitted on them against their FGSM adversarials (real attack, real fit; its accuracy is not the point)."""
     from detector import Bundle, InputSpec, fgsm
     from detector.estimator import DEFAULT_DETECTOR, make_detector
-    from detector.layers import LayerGaussians, probe_layers
+    from detector.layers import gaussians_for
 
     det = make_detector(DEFAULT_DETECTOR, target_fpr=0.05, random_state=seed)
     x, _ = cifar_batch(n, device, seed=seed)
     with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
         y = model(x).argmax(1)
-    gaussians = LayerGaussians(probe_layers(model, det.probes), None, with_means=det.probe_means,
-                               with_agreement=det.probe_agreement)
-    det.set_layer_statistics(gaussians.fit(model, x, y.cpu(), batch_size=64))
+    det.set_layer_statistics(gaussians_for(det, model).fit(model, x, y.cpu(), batch_size=64))
     spec = InputSpec(3, 32, 32, model.mean.flatten().tolist(), model.std.flatten().tolist())
     bundle = Bundle(model, det, [str(i) for i in range(10)], spec, "benchmark", {}, None, Path("."), "")
     clean_rows, clean = bundle.features(x)

@@ -43,7 +43,7 @@ from .features import (
     find_last_linear,
 )
 
-__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "probe_layers"]
+__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "gaussians_for", "probe_layers"]
 
 
 def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
@@ -175,15 +175,20 @@ class LayerGaussians:
 
     def _statistics(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(means, precision)`` of each probe and φ as tensors of ``dtype`` on ``device``."""
+        return self._cached((dtype, device), lambda: [
+            tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
+            for pair in zip(self.means_, self.precisions_, strict=True)])
+
+    def _cached(self, key, build):
+        """``build()``, made once per ``key`` and again after a refit replaced the statistics."""
         cache = _AS_TENSORS.setdefault(self, {})
         source = tuple(map(id, [*self.means_, *self.precisions_]))
-        cached = cache.get((dtype, device))
+        cached = cache.get(key)
         if cached is None or cached[0] != source:
             with torch.inference_mode(False):  # plain tensors, usable by attacks that differentiate
-                tensors = [tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
-                           for pair in zip(self.means_, self.precisions_, strict=True)]
+                built = build()
             # The arrays are kept alive with their ids, so that an id cannot be reused by a new array.
-            cached = cache[(dtype, device)] = (source, tensors, [*self.means_, *self.precisions_])
+            cached = cache[key] = (source, built, [*self.means_, *self.precisions_])
         return cached[1]
 
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
@@ -227,21 +232,24 @@ class LayerGaussians:
     def _factored(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
         """``(U, means @ U, fitted)`` per probe and φ: U the precision's Cholesky factor, ``fitted``
         the classes that have a mean (a class no reference image stood for has a row of zeros)."""
-        cache = _AS_TENSORS.setdefault(self, {})
-        key = ("factored", dtype, device)
-        source = tuple(map(id, [*self.means_, *self.precisions_]))
-        cached = cache.get(key)
-        if cached is None or cached[0] != source:
+        def build():
             factors = []
             for means, precision in zip(self.means_, self.precisions_, strict=True):
                 means = np.asarray(means, dtype=np.float64)
                 chol = np.linalg.cholesky(np.asarray(precision, dtype=np.float64))  # P = U Uᵀ
-                with torch.inference_mode(False):
-                    factors.append((torch.as_tensor(chol, dtype=dtype, device=device),
-                                    torch.as_tensor(means @ chol, dtype=dtype, device=device),
-                                    torch.as_tensor(np.abs(means).sum(axis=1) > 0, device=device)))
-            cached = cache[key] = (source, factors, [*self.means_, *self.precisions_])
-        return cached[1]
+                factors.append((torch.as_tensor(chol, dtype=dtype, device=device),
+                                torch.as_tensor(means @ chol, dtype=dtype, device=device),
+                                torch.as_tensor(np.abs(means).sum(axis=1) > 0, device=device)))
+            return factors
+
+        return self._cached(("factored", dtype, device), build)
+
+
+def gaussians_for(detector, model: nn.Module, layer: str | None = None) -> LayerGaussians:
+    """Unfitted statistics of the layers ``detector`` (an :class:`~detector.UncannyValleyDetector`)
+    probes in ``model``, with the columns it reads."""
+    return LayerGaussians(probe_layers(model, detector.probes), layer, with_means=detector.probe_means,
+                          with_agreement=detector.probe_agreement)
 
 
 def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_norm: float,

@@ -32,7 +32,7 @@ from detector.attacks import get_attack
 from detector.estimator import make_detector
 from detector.evaluation import same_attack
 from detector.features import detector_features, output_weight_norm
-from detector.layers import LayerGaussians, feature_rows, probe_layers
+from detector.layers import LayerGaussians, feature_rows, gaussians_for
 from detector.shifts import apply_shift
 
 __all__ = [
@@ -248,10 +248,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
             raise ValueError(f"the {name!r} detector needs clean reference images for its layer statistics")
         pick = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(reference))[:REFERENCE_IMAGES]))
         x_ref, y_ref = reference.batch(pick)
-        extract.gaussians = LayerGaussians(probe_layers(model, detector.probes), layer,
-                                           with_means=detector.probe_means,
-                                           with_agreement=detector.probe_agreement).fit(
-            model, x_ref, y_ref, batch_size=batch_size)
+        extract.gaussians = gaussians_for(detector, model, layer).fit(model, x_ref, y_ref, batch_size=batch_size)
         detector.set_layer_statistics(extract.gaussians)
         path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)
     else:
