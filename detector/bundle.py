@@ -43,7 +43,7 @@ import torch
 from .estimator import UncannyValleyDetector
 from .features import detector_features, output_weight_norm
 from .layers import feature_rows
-from .models import MODELS, ImageClassifier, build_classifier, load_weights
+from .models import MODELS, ImageClassifier, classifier_for_weights
 
 __all__ = [
     "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "convert_pickled_bundle",
@@ -447,17 +447,18 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
             f"--trust-architecture {architecture} (detector-serve, detector-evaluate, detector-scan), or "
             f"DETECTOR_TRUSTED_ARCHITECTURES={architecture} for detector-serve")
     try:
-        model = build_classifier(architecture, len(classes), spec.channels, spec.mean, spec.std, model_config)
-    except (ValueError, TypeError) as exc:
-        raise BundleError(f"bundle file {CONFIG}: cannot build architecture {architecture!r}: {exc}") from exc
-    try:
         state = torch.load(io.BytesIO(_read_checked(root, WEIGHTS, files)), map_location=map_location,
                            weights_only=True)
-        load_weights(model, state)
     except BundleError:
         raise
-    except Exception as exc:  # unpickling errors, missing or unexpected keys, shape mismatches
-        raise BundleError(f"bundle file {WEIGHTS} does not fit architecture {architecture!r}: "
+    except Exception as exc:  # unpickling errors
+        raise BundleError(f"bundle file {WEIGHTS} cannot be read as weights: {type(exc).__name__}: {exc}") from exc
+    try:
+        # The weights bound the network the config may build, before anything is allocated for it.
+        model = classifier_for_weights(architecture, len(classes), spec.channels, spec.mean, spec.std,
+                                       model_config, state)
+    except (ValueError, TypeError) as exc:  # a config the factory refuses, or weights that do not fit
+        raise BundleError(f"bundle files {CONFIG} and {WEIGHTS} do not make architecture {architecture!r}: "
                           f"{exc}") from exc
     model.to(map_location).eval()
     detector = _load_detector(_read_checked(root, DETECTOR, files))

@@ -7,10 +7,12 @@ so attacks and the service work in pixel space.  Bring-your-own models are wrapp
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ __all__ = [
     "WideResNet",
     "build_classifier",
     "build_network",
+    "classifier_for_weights",
     "import_factory",
     "load_weights",
 ]
@@ -250,28 +253,107 @@ def build_classifier(
     return ImageClassifier(build_network(arch, num_classes, in_channels, config), mean, std)
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(state)``, raising a short :class:`ValueError` when they do not fit:
-    how many keys are missing, unexpected or of another shape, with the first few of each (torch's
-    own message lists every key, kilobytes for a network of another architecture)."""
+def weight_problems(module: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not fit ``module`` (missing, unexpected or differently shaped keys, with
+    the first few of each), or None when it fits.  Shapes only: ``module`` may live on the meta
+    device."""
     if not isinstance(state, dict):
-        raise ValueError(f"the weights are a {type(state).__name__}, not a state_dict")
-    expected, given = module.state_dict(), len(state)
-    # Checkpoints saved before torch 0.4.1 have no BatchNorm batch counter; torch itself loads them
-    # with the counter at zero (it only matters for momentum=None), and so do we.
-    counters = {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
-                for name, m in module.named_modules()
-                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats}
-    absent = counters.difference(state)
-    if absent:
-        state = {**state, **{k: torch.zeros_like(expected[k]) for k in absent}}
-    missing = [k for k in expected if k not in state]
+        return f"the weights are a {type(state).__name__}, not a state_dict"
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and k not in _batch_counters(module)]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
     problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', …' if len(items) > 3 else ''})"
                 for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("keys of another shape", shapes)) if items]
-    if problems:
-        raise ValueError("; ".join(problems) + f" (the network has {len(expected)} keys, the weights {given})")
-    module.load_state_dict(state)
+    if not problems:
+        return None
+    return "; ".join(problems) + f" (the network has {len(expected)} keys, the weights {len(state)})"
+
+
+def _batch_counters(module: nn.Module) -> set[str]:
+    """Keys of the BatchNorm batch counters, which checkpoints saved before torch 0.4.1 lack; torch
+    itself loads them with the counter at zero (it only matters for momentum=None), and so do we."""
+    return {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats}
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)``, raising a short :class:`ValueError` when they do not fit
+    (:func:`weight_problems`; torch's own message lists every key, kilobytes for a network of another
+    architecture)."""
+    problem = weight_problems(module, state)
+    if problem:
+        raise ValueError(problem)
+    expected = module.state_dict()
+    absent = _batch_counters(module).difference(state)
+    module.load_state_dict({**state, **{k: torch.zeros_like(expected[k]) for k in absent}})
+
+
+#: The construction budget of the current thread (see :func:`_construction_budget`), if any.
+_BUDGET = threading.local()
+
+
+def _count(kind: str, amount: int) -> None:
+    budget = getattr(_BUDGET, "left", None)
+    if budget is None:
+        return
+    budget[kind] -= amount
+    if budget[kind] < 0:
+        raise ValueError(f"the model config builds a network of more than {budget['limit_' + kind]:,} {kind}, "
+                         f"more than its weights could fill")
+
+
+def _on_module(_module, _name, submodule):
+    if submodule is not None:
+        _count("submodules", 1)
+
+
+def _on_tensor(_module, _name, tensor):
+    if tensor is not None:
+        _count("numbers", tensor.numel())
+
+
+@contextlib.contextmanager
+def _construction_budget(modules: int, numbers: int) -> Iterator[None]:
+    """Within the block, this thread's new networks may register at most ``modules`` submodules and
+    parameters and buffers of ``numbers`` numbers in all; one more raises :class:`ValueError` at once,
+    before the rest is built."""
+    _BUDGET.left = {"submodules": modules, "numbers": numbers, "limit_submodules": modules, "limit_numbers": numbers}
+    handles = [nn.modules.module.register_module_module_registration_hook(_on_module),
+               nn.modules.module.register_module_parameter_registration_hook(_on_tensor),
+               nn.modules.module.register_module_buffer_registration_hook(_on_tensor)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _BUDGET.left = None
+
+
+def classifier_for_weights(arch: str, num_classes: int, in_channels: int, mean: Sequence[float] | None,
+                           std: Sequence[float] | None, config: dict[str, Any] | None,
+                           state: dict[str, torch.Tensor]) -> ImageClassifier:
+    """:func:`build_classifier`, loaded with ``state``, for a ``config`` that may not be trusted (a
+    bundle's): the network may hold no more modules and numbers than ``state`` could fill (twice its
+    keys and its size, and some room), or :class:`ValueError` is raised as soon as it does.  A
+    registered architecture is first built on the meta device, which allocates nothing, and checked
+    against ``state``; so a config that asks for a network far larger than its weights costs neither
+    memory nor time.  A bring-your-own factory, trusted by name, is built once, within the same budget.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"the weights are a {type(state).__name__}, not a state_dict")
+    numbers = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    budget = (2 * len(state) + 64, 2 * numbers + 2**20)
+    if arch in MODELS:
+        with torch.device("meta"), _construction_budget(*budget):
+            skeleton = build_classifier(arch, num_classes, in_channels, mean, std, config)
+        problem = weight_problems(skeleton, state)
+        if problem:
+            raise ValueError(problem)
+    with _construction_budget(*budget):
+        model = build_classifier(arch, num_classes, in_channels, mean, std, config)
+    load_weights(model, state)
+    return model

@@ -262,6 +262,36 @@ def test_a_bundle_declaring_a_huge_input_is_refused_before_anything_is_allocated
         load_bundle(bundle_dir)
 
 
+@pytest.mark.parametrize("model_config, limit", [
+    ({"width": 512}, "numbers"),           # a small network's weights, a 48 M-parameter network
+    ({"width": 10**7}, "numbers"),         # 10^15 parameters: would exhaust any machine
+])
+def test_a_bundle_whose_config_asks_for_a_network_its_weights_cannot_fill_is_refused_at_once(
+        bundle_dir, model_config, limit):
+    """config.json is data: a larger width than the weights were saved with used to be built in full
+    (memory, time) before the weights were found not to fit."""
+    config = json.loads((bundle_dir / "config.json").read_text())
+    config["model_config"] = model_config
+    (bundle_dir / "config.json").write_text(json.dumps(config))
+    _rehash(bundle_dir, "config.json")
+    with pytest.raises(BundleError, match=f"network of more than [0-9,]+ {limit}, more than its weights could fill"):
+        load_bundle(bundle_dir)
+
+
+def test_a_network_of_many_small_modules_is_refused_as_it_grows():
+    """Depth is counted in modules: 10^7 blocks would take minutes and gigabytes even on the meta device."""
+    from detector.models import build_classifier, classifier_for_weights
+
+    weights = build_classifier("wrn", 10, 3, config={"depth": 10, "width": 1}).state_dict()
+    with pytest.raises(ValueError, match="more than [0-9,]+ submodules"):
+        classifier_for_weights("wrn", 10, 3, None, None, {"depth": 6 * 10**7 + 4, "width": 1}, weights)
+    with pytest.raises(ValueError, match="missing keys"):  # near the budget: built without memory, then checked
+        classifier_for_weights("wrn", 10, 3, None, None, {"depth": 16, "width": 1}, weights)
+    model = classifier_for_weights("wrn", 10, 3, None, None, {"depth": 10, "width": 1}, weights)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
     from detector import update_bundle, verify_bundle
 
