@@ -18,6 +18,7 @@ import anyio
 from fastapi import Depends, FastAPI, File, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from PIL import Image
@@ -556,4 +557,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             svc.metrics.queue.set(svc.batcher.queued)
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # HTTP asks every resource that answers GET to answer HEAD too (uptime checks and load balancers
+    # use it); FastAPI's GET routes do not, and uvicorn sends a HEAD answer's headers without its body.
+    for route in [r for r in app.routes if isinstance(r, APIRoute) and r.methods == {"GET"}]:
+        app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False,
+                          response_model=route.response_model, response_class=route.response_class,
+                          name=f"{route.name}_head")
     return app

@@ -502,6 +502,15 @@ def test_wrong_method_and_unknown_path_are_json(client, good_png):
     assert_serving(client, good_png)
 
 
+def test_what_answers_get_answers_head(client):
+    for path in ("/health/live", "/health/ready", "/model", "/metrics"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+    r = client.head("/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
 def _raw_request(server: Server, head: bytes, body_part: bytes, timeout: float = 10.0) -> bytes:
     """Send the head and part of a body, never the rest; return what the server answers."""
     port = int(server.url.rsplit(":", 1)[1])
