@@ -13,6 +13,7 @@ from torch import nn
 from detector import analyze, pgd
 from detector.features import detector_features
 from detector.layers import LayerGaussians, feature_rows, forward_probed, probe_layers
+from detector.models import WideResNet
 
 
 def test_probes_are_spread_over_the_depth(digits_model):
@@ -23,6 +24,8 @@ def test_probes_are_spread_over_the_depth(digits_model):
     deep = nn.Sequential(*[nn.Conv2d(1, 1, 1) for _ in range(28)])
     assert probe_layers(deep, 3) == ["9", "18", "27"]
     assert probe_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 3) == []
+    # a residual network: the last conv of each group (shortcut convs count towards the depth)
+    assert probe_layers(WideResNet(depth=16, width=2), 3) == ["blocks.1.conv2", "blocks.3.conv2", "blocks.5.conv2"]
 
 
 def test_probed_pass_is_the_plain_pass(digits_model, digits_test):
