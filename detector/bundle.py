@@ -12,8 +12,11 @@ Nothing in a bundle is unpickled: the weights load with ``weights_only=True`` an
 skops, which builds only the types in :data:`TRUSTED_TYPES` (besides numpy's and scikit-learn's
 plain estimators) and runs no code from the file.  :func:`load_bundle` refuses files the manifest
 does not list, hashes each file it reads and deserialises those very bytes, and can be pinned to one
-bundle hash.  Bundles of format 1 kept the detector as a pickle (``detector.joblib``); they are
-refused with the command that converts them.
+bundle hash.  A bundle is untrusted data in size as well: archives must be stored uncompressed,
+weights must hold their own numbers and bound the network the config builds, and the detector's
+trees may only point to nodes and features they have, so that a small file can neither exhaust
+memory nor crash the process later.  Bundles of format 1 kept the detector as a pickle
+(``detector.joblib``); they are refused with the command that converts them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import hmac
 import io
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -103,6 +108,8 @@ class InputSpec:
             raise ValueError(f"input spec of {spec.height}×{spec.width} pixels: at most {MAX_INPUT_SIDE} on a side")
         if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
             raise ValueError(f"input spec mean/std must have {spec.channels} values")
+        if not (np.isfinite(spec.mean).all() and np.isfinite(spec.std).all() and min(spec.std) > 0):
+            raise ValueError(f"input spec mean/std must be finite numbers, std above 0: {spec.mean}, {spec.std}")
         return spec
 
 
@@ -331,8 +338,17 @@ def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise TypeError("files is not a mapping of names to hashes")
         version = int(manifest.get("format_version", 1))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{MANIFEST} in {str(root)!r} is malformed: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise BundleError(f"{MANIFEST} in {str(root)!r} is malformed: {type(exc).__name__}: {exc}") from exc
+    for name, digest in files.items():
+        if not _SHA256.match(digest.lower()):
+            raise BundleError(f"{MANIFEST} in {str(root)!r} gives {name!r} a hash that is not 64 hex digits")
+        # One name per file: "x/../weights.pt" would have the same file hashed (and loaded) under many.
+        if (len(name) > 255 or "\x00" in name or "\\" in name or name.startswith("/")
+                or posixpath.normpath(name) != name or ".." in name.split("/")):
+            raise BundleError(f"{MANIFEST} in {str(root)!r} lists {name[:80]!r}, which is not a plain path in the "
+                              f"bundle (no '..', '.', '//', leading '/' or '\\'): it could lie outside it or name "
+                              f"one file twice")
     return files, hashlib.sha256(raw).hexdigest(), version
 
 
@@ -362,12 +378,16 @@ def verify_bundle(path: str | os.PathLike, expected_sha256: str | None = None) -
         if name not in files:
             raise BundleError(f"{MANIFEST} in {str(root)!r} does not list required file {name}")
     resolved = root.resolve()
+    seen: dict[Path, str] = {}
     for name, expected in files.items():
         file = (root / name).resolve()
         if resolved not in file.parents:
             raise BundleError(f"{MANIFEST} lists {name!r}, which lies outside the bundle")
         if not file.is_file():
             raise BundleError(f"bundle file {name} is missing from {str(root)!r}")
+        if file in seen:
+            raise BundleError(f"{MANIFEST} lists {seen[file]!r} and {name!r}, which are the same file")
+        seen[file] = name
         _check_hash(name, _sha256(file), expected)
     _refuse_unlisted(root, files)
     return bundle_hash
@@ -396,7 +416,116 @@ def _read_checked(root: Path, name: str, files: dict[str, str]) -> bytes:
     return data
 
 
+#: The pickled index of a weights file (its keys, shapes and dtypes) is read by a pure-Python
+#: unpickler, about a second per megabyte; a network's index takes kilobytes (a DenseNet-121's, 100 KB).
+MAX_WEIGHTS_INDEX_BYTES = 4 << 20
+
+
+def _check_archive(name: str, data: bytes, max_index_bytes: int | None = None) -> None:
+    """``data`` is a zip archive whose members are stored uncompressed, as ``torch.save`` and skops
+    write them: a compressed member could inflate a small file into gigabytes when it is read."""
+    try:
+        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BundleError(f"bundle file {name} is not a zip archive: {exc}") from exc
+    total = 0
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size != member.compress_size:
+            raise BundleError(f"bundle file {name} has a compressed member ({member.filename[:80]!r}); bundles are "
+                              f"written uncompressed")
+        if max_index_bytes is not None and member.filename.endswith(".pkl") and member.file_size > max_index_bytes:
+            raise BundleError(f"bundle file {name} has an index of {member.file_size:,} bytes (at most "
+                              f"{max_index_bytes:,}): no network has that many weights")
+        total += member.file_size
+    if total > len(data):
+        raise BundleError(f"bundle file {name} declares {total:,} bytes in a file of {len(data):,}")
+
+
+def _check_tensors(state: Any, file_bytes: int) -> None:
+    """Every weight is a plain tensor holding its own numbers: the network built for the weights is
+    bounded by their count, which a view that repeats one number (stride 0), a meta or a sparse tensor
+    would inflate without the file holding them."""
+    if not isinstance(state, dict):
+        raise BundleError(f"bundle file {WEIGHTS} holds a {type(state).__name__}, not a state_dict")
+    for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise BundleError(f"bundle file {WEIGHTS} holds an entry {str(key)[:80]!r} that is not a named tensor")
+        if (tensor.layout != torch.strided or tensor.is_meta
+                or tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes()):
+            raise BundleError(f"bundle file {WEIGHTS}: {key[:80]!r} is not a plain tensor holding its "
+                              f"{tensor.numel():,} numbers")
+    if sum(t.numel() * t.element_size() for t in state.values()) > 2 * file_bytes:  # views may share storage
+        raise BundleError(f"bundle file {WEIGHTS} holds more numbers than its {file_bytes:,} bytes")
+
+
+def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_classes: int) -> None:
+    """The detector reads as many features as the model and its feature set give, from layers the
+    model has, with trees scikit-learn can walk safely."""
+    try:
+        probe = detector_features(detector.feature_set, torch.zeros(1, n_classes), torch.ones(1), 1.0)
+    except ValueError as exc:
+        raise BundleError(f"bundle file {DETECTOR}: {exc}") from exc
+    gaussians = detector.layer_gaussians
+    n_features = probe.shape[1] + (gaussians.n_features if gaussians is not None else 0)
+    if gaussians is not None:
+        try:
+            for name in gaussians.probes:
+                model.get_submodule(name)
+        except AttributeError as exc:
+            raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
+    if not isinstance(detector.n_features_in_, (int, np.integer)) or detector.n_features_in_ != n_features:
+        raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
+                          f"set {detector.feature_set!r} has {n_features} for {n_classes} classes")
+    if not callable(getattr(detector.estimator_, "predict_proba", None)):
+        raise BundleError(f"bundle file {DETECTOR} holds a {type(detector.estimator_).__name__} where its classifier "
+                          f"should be")
+    for name in ("threshold_", "valley_threshold_"):
+        value = getattr(detector, name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or np.isnan(value):
+            raise BundleError(f"bundle file {DETECTOR}: {name} is {value!r}, not a number")
+    _check_trees(detector.estimator_, n_features)
+
+
+def _check_trees(estimator: Any, n_features: int) -> None:
+    """Decision and boosted trees whose nodes point only forward, to nodes they have, and split on
+    features the rows have: scikit-learn's compiled prediction trusts these indices (one out of range
+    reads outside memory and can crash the process; a node that is its own child never ends)."""
+    models = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
+    for model in models:
+        tree = getattr(model, "tree_", None)
+        if tree is not None:
+            left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
+            leaf = (left == -1) & (right == -1)
+            _check_nodes("decision tree", left, right, np.asarray(tree.feature), leaf, n_features)
+            if np.asarray(tree.value).shape[0] != len(left) or tree.node_count != len(left):
+                raise BundleError(f"bundle file {DETECTOR}: its decision tree's values do not match its nodes")
+        for iteration in getattr(model, "_predictors", None) or []:
+            for predictor in iteration:
+                nodes = predictor.nodes
+                leaf = nodes["is_leaf"].astype(bool)
+                _check_nodes("boosted tree", nodes["left"].astype(np.int64), nodes["right"].astype(np.int64),
+                             nodes["feature_idx"].astype(np.int64), leaf, n_features)
+                depth = nodes["depth"].astype(np.int64)
+                if nodes["is_categorical"].any() or depth.min() < 0 or depth.max() >= len(nodes):
+                    raise BundleError(f"bundle file {DETECTOR}: a boosted tree has categorical splits or depths "
+                                      f"beyond its nodes")
+
+
+def _check_nodes(kind: str, left: np.ndarray, right: np.ndarray, feature: np.ndarray, leaf: np.ndarray,
+                 n_features: int) -> None:
+    n = len(left)
+    index = np.arange(n)
+    inner = ~leaf
+    ok = n >= 1 and len(right) == len(feature) == len(leaf) == n and bool(np.all(
+        (left[inner] > index[inner]) & (left[inner] < n) & (right[inner] > index[inner]) & (right[inner] < n)
+        & (feature[inner] >= 0) & (feature[inner] < n_features)))
+    if not ok:
+        raise BundleError(f"bundle file {DETECTOR}: a {kind} has nodes that point outside it, backwards, or to "
+                          f"features the detector does not read")
+
+
 def _load_detector(data: bytes) -> UncannyValleyDetector:
+    _check_archive(DETECTOR, data)
     try:
         untrusted = skops_io.get_untrusted_types(data=data)
     except Exception as exc:
@@ -430,57 +559,55 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise BundleError(f"{MANIFEST} in {str(root)!r} changed while the bundle was loaded")
     try:
         config = json.loads(_read_checked(root, CONFIG, files))
+        if not isinstance(config, dict):
+            raise TypeError(f"it holds a {type(config).__name__}, not an object")
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
         spec = InputSpec.from_dict(config["input_spec"])
+        if not isinstance(config["classes"], list) or len(config["classes"]) < 2:
+            raise ValueError("classes must be a list of at least two names")
         classes = [str(c) for c in config["classes"]]
         architecture = str(config["architecture"])
         model_config = dict(config.get("model_config") or {})
         thresholds = {k: float(v) for k, v in config["thresholds"].items()}
         layer = config.get("layer")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"bundle file {CONFIG} is malformed: {exc}") from exc
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"layer must be a module name, not a {type(layer).__name__}")
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise BundleError(f"bundle file {CONFIG} is malformed: {type(exc).__name__}: {exc}") from exc
     if architecture not in MODELS and architecture not in trusted_architectures:
         raise BundleError(
             f"bundle {str(root)!r} names the architecture {architecture!r}, a factory that loading would import "
             f"and call; it is not one of the built-in {sorted(MODELS)}. If you trust it, allow it by name: "
             f"--trust-architecture {architecture} (detector-serve, detector-evaluate, detector-scan), or "
             f"DETECTOR_TRUSTED_ARCHITECTURES={architecture} for detector-serve")
+    data = _read_checked(root, WEIGHTS, files)
+    _check_archive(WEIGHTS, data, max_index_bytes=MAX_WEIGHTS_INDEX_BYTES)
     try:
-        state = torch.load(io.BytesIO(_read_checked(root, WEIGHTS, files)), map_location=map_location,
-                           weights_only=True)
-    except BundleError:
-        raise
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors
         raise BundleError(f"bundle file {WEIGHTS} cannot be read as weights: {type(exc).__name__}: {exc}") from exc
+    _check_tensors(state, len(data))
     try:
         # The weights bound the network the config may build, before anything is allocated for it.
         model = classifier_for_weights(architecture, len(classes), spec.channels, spec.mean, spec.std,
                                        model_config, state)
-    except (ValueError, TypeError) as exc:  # a config the factory refuses, or weights that do not fit
+    except Exception as exc:  # a config the factory refuses (torch raises RuntimeError for a negative
+        # width), or weights that do not fit: either way the bundle's data, reported as such
         raise BundleError(f"bundle files {CONFIG} and {WEIGHTS} do not make architecture {architecture!r}: "
-                          f"{exc}") from exc
+                          f"{type(exc).__name__}: {exc}") from exc
     model.to(map_location).eval()
     detector = _load_detector(_read_checked(root, DETECTOR, files))
     try:
-        probe = detector_features(detector.feature_set, torch.zeros(1, len(classes)), torch.ones(1), 1.0)
-    except ValueError as exc:
-        raise BundleError(f"bundle file {DETECTOR}: {exc}") from exc
-    gaussians = detector.layer_gaussians
-    n_features = probe.shape[1] + (gaussians.n_features if gaussians is not None else 0)
-    if gaussians is not None:
-        try:
-            for name in gaussians.probes:
-                model.get_submodule(name)
-        except AttributeError as exc:
-            raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
-    if detector.n_features_in_ != n_features:
-        raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
-                          f"set {detector.feature_set!r} has {n_features} for {len(classes)} classes")
+        _check_detector(detector, model, len(classes))
+    except BundleError:
+        raise
+    except Exception as exc:  # attributes of the wrong kind: the file's data, reported as such
+        raise BundleError(f"bundle file {DETECTOR} is inconsistent: {type(exc).__name__}: {exc}") from exc
     try:
         report = json.loads(_read_checked(root, REPORT, files)) if REPORT in files else None
-    except ValueError as exc:
-        raise BundleError(f"bundle file {REPORT} is malformed: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(f"bundle file {REPORT} is malformed: {type(exc).__name__}: {exc}") from exc
     return Bundle(model, detector, classes, spec, architecture, model_config, layer, root,
                   bundle_hash, report, thresholds)
 

@@ -265,16 +265,20 @@ def test_a_bundle_declaring_a_huge_input_is_refused_before_anything_is_allocated
 @pytest.mark.parametrize("model_config, limit", [
     ({"width": 512}, "numbers"),           # a small network's weights, a 48 M-parameter network
     ({"width": 10**7}, "numbers"),         # 10^15 parameters: would exhaust any machine
+    ({"width": -1}, None),                 # torch's RuntimeError for a negative size, not a crash
+    ({"width": "x"}, None),
 ])
-def test_a_bundle_whose_config_asks_for_a_network_its_weights_cannot_fill_is_refused_at_once(
+def test_a_bundle_whose_config_asks_for_a_network_its_weights_cannot_fill_is_refused(
         bundle_dir, model_config, limit):
-    """config.json is data: a larger width than the weights were saved with used to be built in full
-    (memory, time) before the weights were found not to fit."""
+    """config.json is data: a network larger than its weights could fill, or one torch cannot build,
+    is refused with the files named, before memory is spent on it."""
     config = json.loads((bundle_dir / "config.json").read_text())
     config["model_config"] = model_config
     (bundle_dir / "config.json").write_text(json.dumps(config))
     _rehash(bundle_dir, "config.json")
-    with pytest.raises(BundleError, match=f"network of more than [0-9,]+ {limit}, more than its weights could fill"):
+    expected = (f"network of more than [0-9,]+ {limit}, more than its weights could fill" if limit
+                else "config.json and weights.pt do not make architecture 'cnn'")
+    with pytest.raises(BundleError, match=expected):
         load_bundle(bundle_dir)
 
 
@@ -290,6 +294,86 @@ def test_a_network_of_many_small_modules_is_refused_as_it_grows():
     model = classifier_for_weights("wrn", 10, 3, None, None, {"depth": 10, "width": 1}, weights)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     assert not any(p.is_meta for p in model.parameters())
+
+
+def _rezip_deflated(data: bytes) -> bytes:
+    """The same archive with every member deflated: what a zip bomb looks like to a reader."""
+    import io
+    import zipfile
+
+    source, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    return out.getvalue()
+
+
+def _weights_of_repeated_numbers(bundle_dir):
+    """weights.pt whose every tensor is one number seen through a stride-0 view: a 4 KB file that
+    declares any number of weights, so a network far larger than the file would pass a count of them."""
+    state = torch.load(bundle_dir / "weights.pt", weights_only=True)
+    torch.save({k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in state.items()}, bundle_dir / "weights.pt")
+    _rehash(bundle_dir, "weights.pt")
+
+
+def _deflate(name):
+    def rewrite(bundle_dir):
+        (bundle_dir / name).write_bytes(_rezip_deflated((bundle_dir / name).read_bytes()))
+        _rehash(bundle_dir, name)
+    return rewrite
+
+
+def _alias_in_manifest(bundle_dir):
+    """The same file under many names, each hashed (and weights.pt loaded) again."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["files"]["x/../figure.png"] = manifest["files"]["figure.png"]
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tree_with_a_loop(bundle_dir):
+    """A decision tree whose root is its own left child: scikit-learn's compiled walk never ends
+    (an index out of range instead reads outside memory)."""
+    import skops.io as sio
+
+    from detector.bundle import TRUSTED_TYPES
+
+    detector = sio.loads((bundle_dir / "detector.skops").read_bytes(), trusted=list(TRUSTED_TYPES))
+    state = detector.estimator_.tree_.__getstate__()
+    nodes = state["nodes"].copy()
+    nodes["left_child"][0] = nodes["right_child"][0] = 0
+    detector.estimator_.tree_.__setstate__({**state, "nodes": nodes})
+    (bundle_dir / "detector.skops").write_bytes(sio.dumps(detector))
+    _rehash(bundle_dir, "detector.skops")
+
+
+def _config(**changes):
+    def rewrite(bundle_dir):
+        config = json.loads((bundle_dir / "config.json").read_text())
+        config.update(changes)
+        (bundle_dir / "config.json").write_text(json.dumps(config))
+        _rehash(bundle_dir, "config.json")
+    return rewrite
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_weights_of_repeated_numbers, r"'net\.features\.0\.weight' is not a plain tensor holding its 288 numbers"),
+    (_deflate("weights.pt"), r"weights\.pt has a compressed member"),
+    (_deflate("detector.skops"), r"detector\.skops has a compressed member"),
+    (_alias_in_manifest, r"lists 'x/\.\./figure\.png', which is not a plain path in the bundle"),
+    (_tree_with_a_loop, r"a decision tree has nodes that point outside it, backwards"),
+    (_config(classes=[]), r"config\.json is malformed: ValueError: classes must be a list of at least two"),
+    (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
+     r"config\.json is malformed: .*std above 0"),
+    (_config(thresholds=[]), r"config\.json is malformed: AttributeError"),
+], ids=["stride-0 weights", "deflated weights", "deflated detector", "alias", "tree loop", "no classes",
+        "nan std", "thresholds list"])
+def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
+    """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first
+    detection) or raises something other than BundleError, which the service would not report as the
+    bundle's fault."""
+    tamper(bundle_dir)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
 
 
 def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
