@@ -44,10 +44,15 @@ from typing import Any
 import numpy as np
 import skops.io as skops_io
 import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 from .estimator import UncannyValleyDetector
 from .features import detector_features, output_weight_norm
-from .layers import feature_rows
+from .layers import feature_rows, forward_probed
 from .models import MODELS, ImageClassifier, classifier_for_weights
 
 __all__ = [
@@ -329,9 +334,15 @@ def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:
     manifest_path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"bundle directory {str(root)!r} does not exist")
-    if not manifest_path.is_file():
-        raise BundleError(f"{MANIFEST} is missing from bundle {str(root)!r}")
-    raw = manifest_path.read_bytes()
+    try:
+        if not manifest_path.is_file():
+            raise BundleError(f"{MANIFEST} is missing from bundle {str(root)!r}")
+        if root.resolve() not in manifest_path.resolve().parents:
+            raise BundleError(f"{MANIFEST} in {str(root)!r} is a link to a file outside the bundle")
+        _check_size(MANIFEST, manifest_path)
+        raw = manifest_path.read_bytes()
+    except (OSError, RuntimeError) as exc:  # unreadable, a link loop
+        raise BundleError(f"{MANIFEST} in {str(root)!r} cannot be read: {type(exc).__name__}: {exc}") from exc
     try:
         manifest = json.loads(raw)
         files = manifest["files"]
@@ -379,18 +390,34 @@ def verify_bundle(path: str | os.PathLike, expected_sha256: str | None = None) -
             raise BundleError(f"{MANIFEST} in {str(root)!r} does not list required file {name}")
     resolved = root.resolve()
     seen: dict[Path, str] = {}
-    for name, expected in files.items():
-        file = (root / name).resolve()
-        if resolved not in file.parents:
-            raise BundleError(f"{MANIFEST} lists {name!r}, which lies outside the bundle")
-        if not file.is_file():
-            raise BundleError(f"bundle file {name} is missing from {str(root)!r}")
-        if file in seen:
-            raise BundleError(f"{MANIFEST} lists {seen[file]!r} and {name!r}, which are the same file")
-        seen[file] = name
-        _check_hash(name, _sha256(file), expected)
-    _refuse_unlisted(root, files)
+    try:
+        for name, expected in files.items():
+            file = (root / name).resolve()
+            if resolved not in file.parents:
+                raise BundleError(f"{MANIFEST} lists {name!r}, which lies outside the bundle")
+            if not file.is_file():
+                raise BundleError(f"bundle file {name} is missing from {str(root)!r}")
+            if file in seen:
+                raise BundleError(f"{MANIFEST} lists {seen[file]!r} and {name!r}, which are the same file")
+            seen[file] = name
+            _check_size(name, file)
+            _check_hash(name, _sha256(file), expected)
+        _refuse_unlisted(root, files)
+    except (OSError, RuntimeError, RecursionError) as exc:  # unreadable, a link loop, endless nesting
+        raise BundleError(f"bundle {str(root)!r} cannot be read: {type(exc).__name__}: {exc}") from exc
     return bundle_hash
+
+
+#: The most bytes each file may hold: each is hashed, and all but the weights and the detector read
+#: whole, so a file of a sparse terabyte would cost as much time (and memory) as it claims.
+MAX_FILE_BYTES = {MANIFEST: 1 << 20, CONFIG: 1 << 20, REPORT: 64 << 20, DETECTOR: 256 << 20, WEIGHTS: 16 << 30}
+MAX_OTHER_FILE_BYTES = 256 << 20  # figures and other records
+
+
+def _check_size(name: str, path: Path) -> None:
+    size, limit = path.stat().st_size, MAX_FILE_BYTES.get(name, MAX_OTHER_FILE_BYTES)
+    if size > limit:
+        raise BundleError(f"bundle file {name} holds {size:,} bytes, more than the {limit:,} such a file may")
 
 
 def _refuse_unlisted(root: Path, files: dict[str, str]) -> None:
@@ -426,8 +453,18 @@ def _check_archive(name: str, data: bytes, max_index_bytes: int | None = None) -
     write them: a compressed member could inflate a small file into gigabytes when it is read."""
     try:
         members = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        # Readers find the central directory differently: Python where the end record sits, less the
+        # directory's size; torch's by the record's offset field.  Both must find the same one, or a
+        # directory Python checks can hide the one torch reads (zipfile's own end-record parser).
+        end = zipfile._EndRecData(io.BytesIO(data))
+        gap = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            gap -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    except (zipfile.BadZipFile, ValueError, OSError, TypeError) as exc:
         raise BundleError(f"bundle file {name} is not a zip archive: {exc}") from exc
+    if gap != 0:
+        raise BundleError(f"bundle file {name} has a central directory away from where its end record says "
+                          f"({gap:+,} bytes): two readers would see two archives")
     total = 0
     for member in members:
         if member.compress_type != zipfile.ZIP_STORED or member.file_size != member.compress_size:
@@ -458,9 +495,11 @@ def _check_tensors(state: Any, file_bytes: int) -> None:
         raise BundleError(f"bundle file {WEIGHTS} holds more numbers than its {file_bytes:,} bytes")
 
 
-def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_classes: int) -> None:
+def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_classes: int, spec: InputSpec,
+                    layer: str | None) -> None:
     """The detector reads as many features as the model and its feature set give, from layers the
-    model has, with trees scikit-learn can walk safely."""
+    model has, with statistics of those layers' shapes and a classifier of the kinds detectors are
+    fitted with, whose arrays have the shapes its prediction assumes."""
     try:
         probe = detector_features(detector.feature_set, torch.zeros(1, n_classes), torch.ones(1), 1.0)
     except ValueError as exc:
@@ -473,42 +512,102 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
                 model.get_submodule(name)
         except AttributeError as exc:
             raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
+        _check_statistics(gaussians, model, n_classes, spec, layer)
     if not isinstance(detector.n_features_in_, (int, np.integer)) or detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
                           f"set {detector.feature_set!r} has {n_features} for {n_classes} classes")
-    if not callable(getattr(detector.estimator_, "predict_proba", None)):
-        raise BundleError(f"bundle file {DETECTOR} holds a {type(detector.estimator_).__name__} where its classifier "
-                          f"should be")
     for name in ("threshold_", "valley_threshold_"):
         value = getattr(detector, name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or np.isnan(value):
             raise BundleError(f"bundle file {DETECTOR}: {name} is {value!r}, not a number")
-    _check_trees(detector.estimator_, n_features)
+    _check_estimator(detector.estimator_, n_features)
 
 
-def _check_trees(estimator: Any, n_features: int) -> None:
+def _check_statistics(gaussians, model: torch.nn.Module, n_classes: int, spec: InputSpec, layer: str | None) -> None:
+    """One mean per class and one precision per probed layer and φ, of the widths one forward pass of
+    the model gives: scoring allocates by these shapes."""
+    with torch.inference_mode():
+        device = next(model.parameters()).device
+        _, phi, acts = forward_probed(model, torch.zeros(1, spec.channels, spec.height, spec.width, device=device),
+                                      gaussians.probes, layer)
+    widths = [a.shape[1] for a in [*acts, phi]]
+    means, precisions = list(gaussians.means_), list(gaussians.precisions_)
+    if len(means) != len(widths) or len(precisions) != len(widths):
+        raise BundleError(f"bundle file {DETECTOR}: layer statistics for {len(means)} layers, the detector probes "
+                          f"{len(widths)}")
+    for width, mean, precision in zip(widths, means, precisions):
+        _shaped("a layer's class means", mean, (n_classes, width))
+        _shaped("a layer's precision", precision, (width, width))
+
+
+def _shaped(what: str, array: Any, shape: tuple[int, ...], positive: bool = False) -> None:
+    a = np.asarray(array)
+    if a.shape != shape or a.dtype.kind not in "fiu" or not np.isfinite(a).all() or (positive and not (a > 0).all()):
+        raise BundleError(f"bundle file {DETECTOR}: {what} must be finite numbers of shape {shape}, "
+                          f"not {a.dtype} of shape {a.shape}")
+
+
+#: The classifiers detectors are fitted with (:data:`detector.estimator.ESTIMATORS`), as step types.
+#: skops would rebuild any scikit-learn estimator, and scikit-learn's compiled prediction trusts the
+#: arrays it is given (a forest's or a support-vector machine's bad indices crash the process).
+_ESTIMATOR_KINDS = ([DecisionTreeClassifier], [HistGradientBoostingClassifier], [LogisticRegression],
+                    [StandardScaler, LogisticRegression])
+
+
+def _check_estimator(estimator: Any, n_features: int) -> None:
+    """A classifier of :data:`_ESTIMATOR_KINDS` for ``n_features`` columns and two classes, each of
+    its arrays of the shape its prediction assumes."""
+    steps = [step for _, step in estimator.steps] if type(estimator) is Pipeline else [estimator]
+    if [type(step) for step in steps] not in _ESTIMATOR_KINDS:
+        raise BundleError(f"bundle file {DETECTOR} holds a {' + '.join(type(s).__name__ for s in steps)} as its "
+                          f"classifier; detectors use {', '.join(' + '.join(k.__name__ for k in kind) for kind in _ESTIMATOR_KINDS)}")
+    for step in steps:
+        if getattr(step, "n_features_in_", n_features) != n_features:
+            raise BundleError(f"bundle file {DETECTOR}: its {type(step).__name__} reads {step.n_features_in_} "
+                              f"features, not {n_features}")
+        if isinstance(step, StandardScaler):
+            for name in ("mean_", "scale_"):
+                if getattr(step, name, None) is not None:
+                    _shaped(f"the scaler's {name}", getattr(step, name), (n_features,), positive=name == "scale_")
+        elif isinstance(step, LogisticRegression):
+            _shaped("the logistic regression's coef_", step.coef_, (1, n_features))
+            _shaped("the logistic regression's intercept_", step.intercept_, (1,))
+            _shaped("the logistic regression's classes_", step.classes_, (2,))
+        elif isinstance(step, DecisionTreeClassifier):
+            _shaped("the tree's classes_", step.classes_, (2,))
+            if step.n_outputs_ != 1:
+                raise BundleError(f"bundle file {DETECTOR}: its tree has {step.n_outputs_} outputs, not 1")
+        else:
+            if (getattr(step, "_preprocessor", None) is not None or getattr(step, "is_categorical_", None) is not None
+                    or step.n_trees_per_iteration_ != 1 or type(step._loss).__name__ != "HalfBinomialLoss"):
+                raise BundleError(f"bundle file {DETECTOR}: its boosted trees are not a plain binary classifier on "
+                                  f"numeric features")
+            _shaped("the boosted trees' baseline", step._baseline_prediction, (1, 1))
+            _shaped("the boosted trees' classes_", step.classes_, (2,))
+    _check_trees(steps[-1], n_features)
+
+
+def _check_trees(model: Any, n_features: int) -> None:
     """Decision and boosted trees whose nodes point only forward, to nodes they have, and split on
     features the rows have: scikit-learn's compiled prediction trusts these indices (one out of range
     reads outside memory and can crash the process; a node that is its own child never ends)."""
-    models = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
-    for model in models:
-        tree = getattr(model, "tree_", None)
-        if tree is not None:
-            left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
-            leaf = (left == -1) & (right == -1)
-            _check_nodes("decision tree", left, right, np.asarray(tree.feature), leaf, n_features)
-            if np.asarray(tree.value).shape[0] != len(left) or tree.node_count != len(left):
-                raise BundleError(f"bundle file {DETECTOR}: its decision tree's values do not match its nodes")
-        for iteration in getattr(model, "_predictors", None) or []:
-            for predictor in iteration:
-                nodes = predictor.nodes
-                leaf = nodes["is_leaf"].astype(bool)
-                _check_nodes("boosted tree", nodes["left"].astype(np.int64), nodes["right"].astype(np.int64),
-                             nodes["feature_idx"].astype(np.int64), leaf, n_features)
-                depth = nodes["depth"].astype(np.int64)
-                if nodes["is_categorical"].any() or depth.min() < 0 or depth.max() >= len(nodes):
-                    raise BundleError(f"bundle file {DETECTOR}: a boosted tree has categorical splits or depths "
-                                      f"beyond its nodes")
+    tree = getattr(model, "tree_", None)
+    if tree is not None:
+        left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
+        leaf = (left == -1) & (right == -1)
+        _check_nodes("decision tree", left, right, np.asarray(tree.feature), leaf, n_features)
+        if np.asarray(tree.value).shape[0] != len(left) or tree.node_count != len(left):
+            raise BundleError(f"bundle file {DETECTOR}: its decision tree's values do not match its nodes")
+    for iteration in getattr(model, "_predictors", None) or []:
+        for predictor in iteration:
+            nodes = predictor.nodes
+            leaf = nodes["is_leaf"].astype(bool)
+            _check_nodes("boosted tree", nodes["left"].astype(np.int64), nodes["right"].astype(np.int64),
+                         nodes["feature_idx"].astype(np.int64), leaf, n_features)
+            depth = nodes["depth"].astype(np.int64)
+            if nodes["is_categorical"].any() or depth.min() < 0 or depth.max() >= len(nodes):
+                raise BundleError(f"bundle file {DETECTOR}: a boosted tree has categorical splits or depths "
+                                  f"beyond its nodes")
 
 
 def _check_nodes(kind: str, left: np.ndarray, right: np.ndarray, feature: np.ndarray, leaf: np.ndarray,
@@ -599,7 +698,7 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     model.to(map_location).eval()
     detector = _load_detector(_read_checked(root, DETECTOR, files))
     try:
-        _check_detector(detector, model, len(classes))
+        _check_detector(detector, model, len(classes), spec, layer)
     except BundleError:
         raise
     except Exception as exc:  # attributes of the wrong kind: the file's data, reported as such

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 
@@ -323,6 +324,25 @@ def _deflate(name):
     return rewrite
 
 
+def _second_central_directory(bundle_dir):
+    """weights.pt with a copy of its central directory between the real one and the end records:
+    Python's zipfile reads the copy (found back from the end record), torch the real one (by the
+    offset fields). Both are honest here; an attacker's copy lists something else."""
+    import struct
+
+    data = (bundle_dir / "weights.pt").read_bytes()
+    locator_at = len(data) - 22 - 20  # torch writes zip64 end records: record, locator, end record
+    zip64_at, = struct.unpack_from("<Q", data, locator_at + 8)
+    size, offset = struct.unpack_from("<QQ", data, zip64_at + 40)
+    copy = data[offset:offset + size]
+    locator = bytearray(data[locator_at:locator_at + 20])
+    struct.pack_into("<Q", locator, 8, zip64_at + len(copy))
+    data = data[:zip64_at] + copy + data[zip64_at:locator_at] + bytes(locator) + data[locator_at + 20:]
+    torch.load(io.BytesIO(data), weights_only=True)  # torch still reads it
+    (bundle_dir / "weights.pt").write_bytes(data)
+    _rehash(bundle_dir, "weights.pt")
+
+
 def _alias_in_manifest(bundle_dir):
     """The same file under many names, each hashed (and weights.pt loaded) again."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
@@ -359,13 +379,14 @@ def _config(**changes):
     (_weights_of_repeated_numbers, r"'net\.features\.0\.weight' is not a plain tensor holding its 288 numbers"),
     (_deflate("weights.pt"), r"weights\.pt has a compressed member"),
     (_deflate("detector.skops"), r"detector\.skops has a compressed member"),
+    (_second_central_directory, r"weights\.pt has a central directory away from where its end record says"),
     (_alias_in_manifest, r"lists 'x/\.\./figure\.png', which is not a plain path in the bundle"),
     (_tree_with_a_loop, r"a decision tree has nodes that point outside it, backwards"),
     (_config(classes=[]), r"config\.json is malformed: ValueError: classes must be a list of at least two"),
     (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
      r"config\.json is malformed: .*std above 0"),
     (_config(thresholds=[]), r"config\.json is malformed: AttributeError"),
-], ids=["stride-0 weights", "deflated weights", "deflated detector", "alias", "tree loop", "no classes",
+], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "alias", "tree loop", "no classes",
         "nan std", "thresholds list"])
 def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
     """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first
