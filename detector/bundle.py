@@ -623,8 +623,34 @@ def _check_nodes(kind: str, left: np.ndarray, right: np.ndarray, feature: np.nda
                           f"features the detector does not read")
 
 
+#: The most nodes skops' audit of a detector's schema may visit; a detector's schema has thousands.
+MAX_SCHEMA_NODES = 1_000_000
+
+
+def _schema_nodes(node: Any, sizes: dict) -> int:
+    """Nodes skops visits in a schema: a reference (``{"__id__": n}`` alone) counts as the node it
+    names, so a chain of nodes that each refer twice to the one before counts 2^depth."""
+    if isinstance(node, list):
+        return 1 + sum(_schema_nodes(v, sizes) for v in node)
+    if not isinstance(node, dict):
+        return 1
+    if set(node) == {"__id__"}:
+        return sizes.get(str(node["__id__"]), 1)
+    count = 1 + sum(_schema_nodes(v, sizes) for v in node.values())
+    if "__id__" in node:
+        sizes[str(node["__id__"])] = count
+    return count
+
+
 def _load_detector(data: bytes) -> UncannyValleyDetector:
     _check_archive(DETECTOR, data)
+    try:
+        nodes = _schema_nodes(json.loads(zipfile.ZipFile(io.BytesIO(data)).read("schema.json")), {})
+    except (KeyError, ValueError, RecursionError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"bundle file {DETECTOR} has no readable schema: {type(exc).__name__}: {exc}") from exc
+    if nodes > MAX_SCHEMA_NODES:
+        raise BundleError(f"bundle file {DETECTOR} has a schema of {nodes:,} nodes once its references are "
+                          f"followed (at most {MAX_SCHEMA_NODES:,})")
     try:
         untrusted = skops_io.get_untrusted_types(data=data)
     except Exception as exc:

@@ -343,6 +343,29 @@ def _second_central_directory(bundle_dir):
     _rehash(bundle_dir, "weights.pt")
 
 
+def _schema_of_shared_nodes(bundle_dir):
+    """detector.skops with an attribute of 21 nested lists, each holding the one before twice (once by
+    reference): a few kilobytes that skops' audit walks 2^21 times (10 s; each level doubles it)."""
+    import zipfile
+
+    raw = (bundle_dir / "detector.skops").read_bytes()
+    source = zipfile.ZipFile(io.BytesIO(raw))
+    schema = json.loads(source.read("schema.json"))
+    node = {"__class__": "int", "__module__": "builtins", "__loader__": "JsonNode", "content": "1", "is_json": True,
+            "__id__": 900000}
+    for i in range(1, 22):
+        node = {"__class__": "list", "__module__": "builtins", "__loader__": "ListNode", "__id__": 900000 + i,
+                "content": [node, {"__id__": 900000 + i - 1}]}
+    schema["content"]["content"]["junk"] = node
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, json.dumps(schema) if info.filename == "schema.json"
+                            else source.read(info.filename))
+    (bundle_dir / "detector.skops").write_bytes(out.getvalue())
+    _rehash(bundle_dir, "detector.skops")
+
+
 def _alias_in_manifest(bundle_dir):
     """The same file under many names, each hashed (and weights.pt loaded) again."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
@@ -380,13 +403,14 @@ def _config(**changes):
     (_deflate("weights.pt"), r"weights\.pt has a compressed member"),
     (_deflate("detector.skops"), r"detector\.skops has a compressed member"),
     (_second_central_directory, r"weights\.pt has a central directory away from where its end record says"),
+    (_schema_of_shared_nodes, r"detector\.skops has a schema of [0-9,]+ nodes once its references are followed"),
     (_alias_in_manifest, r"lists 'x/\.\./figure\.png', which is not a plain path in the bundle"),
     (_tree_with_a_loop, r"a decision tree has nodes that point outside it, backwards"),
     (_config(classes=[]), r"config\.json is malformed: ValueError: classes must be a list of at least two"),
     (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
      r"config\.json is malformed: .*std above 0"),
     (_config(thresholds=[]), r"config\.json is malformed: AttributeError"),
-], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "alias", "tree loop", "no classes",
+], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "shared nodes", "alias", "tree loop", "no classes",
         "nan std", "thresholds list"])
 def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
     """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first
