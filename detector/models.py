@@ -259,8 +259,8 @@ def weight_problems(module: nn.Module, state: dict[str, torch.Tensor]) -> str | 
     device."""
     if not isinstance(state, dict):
         return f"the weights are a {type(state).__name__}, not a state_dict"
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and k not in _batch_counters(module)]
+    expected, counters = module.state_dict(), _batch_counters(module)
+    missing = [k for k in expected if k not in state and k not in counters]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
