@@ -50,7 +50,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from .estimator import UncannyValleyDetector
+from .estimator import UncannyValleyDetector, plain_boosting
 from .features import detector_features, output_weight_norm
 from .layers import feature_rows, forward_probed
 from .models import MODELS, ImageClassifier, classifier_for_weights
@@ -448,11 +448,12 @@ def _read_checked(root: Path, name: str, files: dict[str, str]) -> bytes:
 MAX_WEIGHTS_INDEX_BYTES = 4 << 20
 
 
-def _check_archive(name: str, data: bytes, max_index_bytes: int | None = None) -> None:
-    """``data`` is a zip archive whose members are stored uncompressed, as ``torch.save`` and skops
+def _check_archive(name: str, data: bytes, max_index_bytes: int | None = None) -> zipfile.ZipFile:
+    """``data`` as a zip archive whose members are stored uncompressed, as ``torch.save`` and skops
     write them: a compressed member could inflate a small file into gigabytes when it is read."""
     try:
-        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
         # Readers find the central directory differently: Python where the end record sits, less the
         # directory's size; torch's by the record's offset field.  Both must find the same one, or a
         # directory Python checks can hide the one torch reads (zipfile's own end-record parser).
@@ -476,6 +477,7 @@ def _check_archive(name: str, data: bytes, max_index_bytes: int | None = None) -
         total += member.file_size
     if total > len(data):
         raise BundleError(f"bundle file {name} declares {total:,} bytes in a file of {len(data):,}")
+    return archive
 
 
 def _check_tensors(state: Any, file_bytes: int) -> None:
@@ -578,8 +580,8 @@ def _check_estimator(estimator: Any, n_features: int) -> None:
             if step.n_outputs_ != 1:
                 raise BundleError(f"bundle file {DETECTOR}: its tree has {step.n_outputs_} outputs, not 1")
         else:
-            if (getattr(step, "_preprocessor", None) is not None or getattr(step, "is_categorical_", None) is not None
-                    or step.n_trees_per_iteration_ != 1 or type(step._loss).__name__ != "HalfBinomialLoss"):
+            if (getattr(step, "_preprocessor", None) is not None or not plain_boosting(step)
+                    or type(step._loss).__name__ != "HalfBinomialLoss"):
                 raise BundleError(f"bundle file {DETECTOR}: its boosted trees are not a plain binary classifier on "
                                   f"numeric features")
             _shaped("the boosted trees' baseline", step._baseline_prediction, (1, 1))
@@ -605,9 +607,8 @@ def _check_trees(model: Any, n_features: int) -> None:
             _check_nodes("boosted tree", nodes["left"].astype(np.int64), nodes["right"].astype(np.int64),
                          nodes["feature_idx"].astype(np.int64), leaf, n_features)
             depth = nodes["depth"].astype(np.int64)
-            if nodes["is_categorical"].any() or depth.min() < 0 or depth.max() >= len(nodes):
-                raise BundleError(f"bundle file {DETECTOR}: a boosted tree has categorical splits or depths "
-                                  f"beyond its nodes")
+            if depth.min() < 0 or depth.max() >= len(nodes):
+                raise BundleError(f"bundle file {DETECTOR}: a boosted tree has depths beyond its nodes")
 
 
 def _check_nodes(kind: str, left: np.ndarray, right: np.ndarray, feature: np.ndarray, leaf: np.ndarray,
@@ -643,9 +644,9 @@ def _schema_nodes(node: Any, sizes: dict) -> int:
 
 
 def _load_detector(data: bytes) -> UncannyValleyDetector:
-    _check_archive(DETECTOR, data)
+    archive = _check_archive(DETECTOR, data)
     try:
-        nodes = _schema_nodes(json.loads(zipfile.ZipFile(io.BytesIO(data)).read("schema.json")), {})
+        nodes = _schema_nodes(json.loads(archive.read("schema.json")), {})
     except (KeyError, ValueError, RecursionError, zipfile.BadZipFile) as exc:
         raise BundleError(f"bundle file {DETECTOR} has no readable schema: {type(exc).__name__}: {exc}") from exc
     if nodes > MAX_SCHEMA_NODES:

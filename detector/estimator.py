@@ -378,6 +378,13 @@ class _CompiledBoosting:
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def plain_boosting(estimator: HistGradientBoostingClassifier) -> bool:
+    """Whether a fitted histogram-boosting classifier is binary on numeric features only: one tree per
+    iteration, none with a categorical split."""
+    return (estimator.n_trees_per_iteration_ == 1 and getattr(estimator, "is_categorical_", None) is None
+            and not any(tree.nodes["is_categorical"].any() for iteration in estimator._predictors for tree in iteration))
+
+
 def _compiled_boosting(estimator) -> _CompiledBoosting | None:
     """The compiled view of a plain binary histogram-boosting classifier (cached), else None."""
     if type(estimator) is not HistGradientBoostingClassifier:
@@ -388,9 +395,7 @@ def _compiled_boosting(estimator) -> _CompiledBoosting | None:
         pass
     compiled = None
     try:
-        plain = (estimator.n_trees_per_iteration_ == 1 and getattr(estimator, "is_categorical_", None) is None
-                 and not any(t[0].nodes["is_categorical"].any() for t in estimator._predictors))
-        if plain:
+        if plain_boosting(estimator):
             compiled = _CompiledBoosting(estimator)
     except (AttributeError, KeyError, ValueError):  # another scikit-learn layout: use its own predict
         compiled = None
