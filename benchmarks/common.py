@@ -453,9 +453,11 @@ def tree_description(det) -> str:
     return f"DecisionTreeClassifier(min_samples_leaf=5): depth {tree.get_depth()}, {tree.get_n_leaves()} leaves"
 
 
-def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0):
+def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0,
+                             detector: str | None = None):
     """The product's default detector (:data:`detector.estimator.DEFAULT_DETECTOR`: curvature features
-    and earlier-layer statistics from hooks in the same pass) on ``model``, as a :class:`detector.Bundle`:
+    and earlier-layer statistics from hooks in the same pass), or the kind ``detector``, on ``model``, as a
+    :class:`detector.Bundle`:
     what ``Bundle.detect`` costs is what the service pays per batch.  Timing only: the layer statistics
     come from ``n`` random CIFAR-shaped images labelled by the model, and the detector's classifier is
     fitted on them against their FGSM adversarials (real attack, real fit; its accuracy is not the point)."""
@@ -463,7 +465,7 @@ def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: in
     from detector.estimator import DEFAULT_DETECTOR, make_detector
     from detector.layers import gaussians_for
 
-    det = make_detector(DEFAULT_DETECTOR, target_fpr=0.05, random_state=seed)
+    det = make_detector(detector or DEFAULT_DETECTOR, target_fpr=0.05, random_state=seed)
     x, _ = cifar_batch(n, device, seed=seed)
     with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
         y = model(x).argmax(1)
@@ -478,14 +480,18 @@ def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: in
     det.calibrate(clean.sharpness.cpu().numpy())
     return bundle
 
-def describe_default_detector() -> str:
-    """What the default detector computes per batch, in words (for the overhead table's description)."""
+def describe_default_detector(detector: str | None = None) -> str:
+    """What the default detector (or the kind ``detector``) computes per batch, in words (for the
+    overhead table's description)."""
     from detector.estimator import DEFAULT_DETECTOR, make_detector
 
-    det = make_detector(DEFAULT_DETECTOR)
+    name = detector or DEFAULT_DETECTOR
+    det = make_detector(name)
     stats = ("class-conditional Mahalanobis distances" + (" and agreement gaps" if det.probe_agreement else "")
              + (" and channel means" if det.probe_means else ""))
+    grams = " and the Gram matrices of the first conv and the first probed one" if det.probe_gram else ""
     estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
-    return (f"the default detector (`{DEFAULT_DETECTOR}`) through `Bundle.detect`, what the service calls per "
+    which = "the default detector" if name == DEFAULT_DETECTOR else "the detector"
+    return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per "
             f"batch: the same single forward pass with hooks on up to {det.probes} convolutions, curvature features, "
-            f"{stats} of those layers and of φ, {type(estimator).__name__}")
+            f"{stats} of those layers and of φ{grams}, {type(estimator).__name__}")

@@ -154,6 +154,7 @@ def run(
     quick: bool = False,
     peers: bool = True,
     detector_source: str = "digits",
+    detector: str | None = None,
     plan=None,
     log=print,
 ) -> Section:
@@ -168,7 +169,7 @@ def run(
             "Bare forward vs forward + detection on the same model, batch and device, interleaved in one "
             "process. `forward` = `model(x)` with the logits copied to the host; `detect` = the paper's detector "
             "(`--detector paper`): `detector.analyze` (one forward pass; ψ, κ from it) + `UncannyValleyDetector.detect` "
-            "(tree + κ threshold, on the host); `detect (default)` = " + describe_default_detector() + " "
+            "(tree + κ threshold, on the host); `detect (default)` = " + describe_default_detector(detector) + " "
             "(statistics and classifier fitted on random images and their FGSM adversarials: timing only). "
             "Reference points (timing only, written in the benchmark): a feature-squeezing-style detector "
             "(4 forwards: x, 5-bit depth, 2×2 median, 3×3 median standing in for non-local means) and a "
@@ -197,8 +198,8 @@ def run(
     for arch in archs:
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
-        log(f"  overhead: {arch}: fitting the default ({DEFAULT_DETECTOR}) detector for timing …")
-        default_bundle = reference_default_bundle(model, device, n=64 if quick else 256)
+        log(f"  overhead: {arch}: fitting the {detector or DEFAULT_DETECTOR} detector for timing …")
+        default_bundle = reference_default_bundle(model, device, n=64 if quick else 256, detector=detector)
         for amp in amps:
             amp_ctx = lambda amp=amp: autocast(device, amp)
             squeeze = FeatureSqueezingStyle(model, amp_ctx)
@@ -300,17 +301,19 @@ def run(
     section.tables = [table, parts]
     section.notes += _notes(raw, worst, peers)
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
+    kind = detector or DEFAULT_DETECTOR
+    which = "default" if kind == DEFAULT_DETECTOR else "selectable"
     if big:
         section.notes.insert(0, (
-            "The default ({name}) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "
+            "The {which} ({name}) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "
             "{plo:.3f}–{phi:.3f}× for the paper's ψ tree: the earlier layers' statistics and the detector's "
             "classifier are what the difference costs.").format(
-                name=DEFAULT_DETECTOR, b=TARGET_MIN_BATCH, lo=min(r["default/forward"]["median"] for r in big),
+                which=which, name=kind, b=TARGET_MIN_BATCH, lo=min(r["default/forward"]["median"] for r in big),
                 hi=max(r["default/forward"]["median"] for r in big),
                 plo=min(r["detect/forward"]["median"] for r in big), phi=max(r["detect/forward"]["median"] for r in big)))
     for key, value in worst_default.items():
         section.targets.append(Target(
-            f"Detection overhead, default ({DEFAULT_DETECTOR}) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
+            f"Detection overhead, {which} ({kind}) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
             f"Bundle.detect / forward ≤ {TARGET_RATIO}", f"worst median ratio {value:.3f}", value <= TARGET_RATIO))
     for key, value in worst.items():
         section.targets.append(Target(

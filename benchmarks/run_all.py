@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from detector.estimator import DEFAULT_DETECTOR, DETECTORS
+
 from . import common
 from .common import REPO, Section, Table, Target
 
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_ints, default=None,
                    help="batch sizes for item 1 (default 1,32,256 on cpu; 1,32,256,1024 on cuda)")
     p.add_argument("--archs", type=_names, default=("cnn", "wrn"), help="models for item 1 (default cnn,wrn)")
+    p.add_argument("--detector", choices=sorted(DETECTORS), default=None,
+                   help=f"item 1: the detector kind in the `detect (default)` columns (default {DEFAULT_DETECTOR})")
     p.add_argument("--only", type=_names, default=ITEMS, help=f"items to run (default all: {','.join(ITEMS)})")
     p.add_argument("--bundle", default=None,
                    help="item 4: serve this bundle instead of building the default one with training.pipeline")
@@ -93,7 +97,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
             from . import overhead
 
             sections.append(overhead.run(device, archs=archs, batch_sizes=batch_sizes, amps=amps,
-                                         quick=args.quick, log=log))
+                                         quick=args.quick, detector=getattr(args, "detector", None), log=log))
         elif item == "kappa":
             from . import kappa
 

@@ -52,7 +52,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from .estimator import UncannyValleyDetector, plain_boosting
 from .features import detector_features, output_weight_norm
-from .layers import feature_rows, forward_probed
+from .layers import feature_rows, forward_probed, gram_layers
 from .models import MODELS, ImageClassifier, classifier_for_weights
 
 __all__ = [
@@ -238,7 +238,9 @@ def save_bundle(
         "classes": list(classes),
         "input_spec": input_spec.to_dict(),
         "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr,
-                     "probes": detector.layer_gaussians.probes if detector.layer_gaussians is not None else []},
+                     "probes": detector.layer_gaussians.probes if detector.layer_gaussians is not None else [],
+                     "gram_probes": list(detector.layer_gaussians.gram_probes)
+                     if detector.layer_gaussians is not None else []},
         "thresholds": {
             "adversarial": float(detector.operating_threshold),
             "valley": float(detector.valley_threshold_),
@@ -510,10 +512,14 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
     n_features = probe.shape[1] + (gaussians.n_features if gaussians is not None else 0)
     if gaussians is not None:
         try:
-            for name in gaussians.probes:
+            for name in [*gaussians.probes, *gaussians.gram_probes]:
                 model.get_submodule(name)
         except AttributeError as exc:
             raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
+        # A Gram matrix costs C² per image: only the layers gram_layers picks, whose width it bounds.
+        if not set(gaussians.gram_probes) <= set(gram_layers(model, list(gaussians.probes))):
+            raise BundleError(f"bundle file {DETECTOR} reads the Gram matrices of {list(gaussians.gram_probes)}; "
+                              f"detectors read them only of {gram_layers(model, list(gaussians.probes))}")
         _check_statistics(gaussians, model, n_classes, spec, layer)
     if not isinstance(detector.n_features_in_, (int, np.integer)) or detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
@@ -531,7 +537,7 @@ def _check_statistics(gaussians, model: torch.nn.Module, n_classes: int, spec: I
     with torch.inference_mode():
         device = next(model.parameters()).device
         _, phi, acts = forward_probed(model, torch.zeros(1, spec.channels, spec.height, spec.width, device=device),
-                                      gaussians.probes, layer)
+                                      gaussians.probes, layer, gaussians.gram_probes)
     widths = [a.shape[1] for a in [*acts, phi]]
     means, precisions = list(gaussians.means_), list(gaussians.precisions_)
     if len(means) != len(widths) or len(precisions) != len(widths):

@@ -82,6 +82,9 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     probe_agreement : bool
         Whether each layer's agreement gap (how much nearer another class is than the predicted one)
         follows its distance in each row.
+    probe_gram : bool
+        Whether the Gram matrices of the first conv and the first probed layer are read too (their
+        distances, and their entries when ``probe_means``): :func:`detector.layers.gram_layers`.
     valley_quantile : float
         Quantile of clean κ that becomes τ.
     threshold : float
@@ -102,15 +105,17 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
 
     probe_means = False  # detectors saved before the parameter existed read this default
     probe_agreement = False  # the same
+    probe_gram = False  # the same
 
     def __init__(self, estimator=None, features: str = "psi", probes: int = 0, probe_means: bool = False,
-                 probe_agreement: bool = False, valley_quantile: float = 0.5, threshold: float = 0.5,
+                 probe_agreement: bool = False, probe_gram: bool = False, valley_quantile: float = 0.5, threshold: float = 0.5,
                  target_fpr: float | None = None, random_state: int | None = 0):
         self.estimator = estimator
         self.features = features
         self.probes = probes
         self.probe_means = probe_means
         self.probe_agreement = probe_agreement
+        self.probe_gram = probe_gram
         self.valley_quantile = valley_quantile
         self.threshold = threshold
         self.target_fpr = target_fpr
@@ -193,9 +198,11 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
 
     def reads(self) -> dict:
         """What the detector reads from the forward pass, for reports: its output-layer feature set, how
-        many earlier layers it probes and whether it reads their agreement gaps and channel means too."""
+        many earlier layers it probes and whether it reads their agreement gaps, channel means and Gram
+        matrices too."""
         return {"features": self.feature_set, "probes": int(getattr(self, "probes", 0)),
-                "probe_means": bool(self.probe_means), "probe_agreement": bool(self.probe_agreement)}
+                "probe_means": bool(self.probe_means), "probe_agreement": bool(self.probe_agreement),
+                "probe_gram": bool(self.probe_gram)}
 
     @property
     def layer_gaussians(self):
@@ -407,7 +414,8 @@ def _compiled_boosting(estimator) -> _CompiledBoosting | None:
 #: (gradient-boosted trees on both phases' output-layer features, flagged at a target false-positive
 #: rate); ``layers`` (the same, plus class-conditional distances of three earlier layers and of φ);
 #: ``activations`` (``layers``' rows plus those layers' channel means, under a logistic regression, which
-#: generalised to unseen attacks better than boosting on so many columns: docs/RESULTS.md).
+#: generalised to unseen attacks better than boosting on so many columns: docs/RESULTS.md); ``gram``
+#: (``activations`` plus the Gram matrices of the first conv and the first probed layer).
 _BOOSTED = HistGradientBoostingClassifier(max_iter=100, max_depth=3, min_samples_leaf=20, l2_regularization=1.0,
                                           early_stopping=False, random_state=0)
 _LOGISTIC = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression(C=1.0, max_iter=2000))])
@@ -423,6 +431,8 @@ DETECTORS = {
     "activations": dict(features="curvature", probes=3, probe_means=True, estimator=_LOGISTIC, target_fpr=0.05),
     "agreement": dict(features="curvature", probes=3, probe_means=True, probe_agreement=True, estimator=_LOGISTIC,
                       target_fpr=0.05),
+    "gram": dict(features="curvature", probes=3, probe_means=True, probe_gram=True, estimator=_LOGISTIC,
+                 target_fpr=0.05),
 }
 
 #: The detector ``detector-train`` fits unless told otherwise: the one the full attack suite favoured

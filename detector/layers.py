@@ -23,6 +23,14 @@ consistency of Papernot and McDaniel's deep k-nearest neighbours, with class mea
 neighbours).  The hope was that an attack flipping the output in one step leaves the earlier layers
 on the true class while noise leaves them agreeing; on a CIFAR-10 WRN-16-2 it added a few points on
 the attacks that stop at the boundary and almost none on FGSM (docs/RESULTS.md).
+
+With ``gram_probes`` (:func:`gram_layers`: the first conv and the first probe) the statistics also cover
+each of those layers' Gram matrix, the mean over space of every pair of channels' product (the
+co-activations that describe an image's texture; Sastry and Oore, "Detecting out-of-distribution
+examples with Gram matrices", 2020).  A perturbation spread over every pixel, as one-step and
+small-budget attacks are, changes the texture the first layers see more than it changes any channel's
+mean; the upper triangle of each Gram matrix is scored like a channel-mean vector, by its distance to
+the predicted class and, with ``with_means``, as columns of its own.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from .features import (
     find_last_linear,
 )
 
-__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "gaussians_for", "probe_layers"]
+__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "gaussians_for", "gram_layers", "probe_layers"]
 
 
 def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
@@ -60,21 +68,53 @@ def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
     return [convs[i] for i in picks]
 
 
-def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], layer: str | None = None):
-    """One forward pass: ``(logits, phi, [channel means of each probe, [N, C]])``.
+#: Gram matrices are read only from layers with at most this many channels: the upper triangle of C
+#: channels is C(C+1)/2 columns (2,080 for 64), and its precision matrix is stored in the bundle.
+GRAM_MAX_CHANNELS = 64
 
-    Each probe's output ``[N, C, H, W]`` is averaged over space as the pass goes, so nothing larger
-    than ``[N, C]`` is kept per layer.  Gradients flow through everything (adaptive attacks use it).
+
+def gram_layers(model: nn.Module, probes: Sequence[str]) -> list[str]:
+    """The layers whose Gram matrices :class:`LayerGaussians` reads: the first ``nn.Conv2d`` (the
+    stem, which sees the pixels' texture) and the first of ``probes``, each only if it has at most
+    :data:`GRAM_MAX_CHANNELS` output channels."""
+    convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    names = list(dict.fromkeys([convs[0][0], *probes[:1]])) if convs else []
+    return [n for n in names if model.get_submodule(n).out_channels <= GRAM_MAX_CHANNELS]
+
+
+def _gram_upper(output: torch.Tensor) -> torch.Tensor:
+    """``[N, C(C+1)/2]``: the upper triangle of each image's Gram matrix ``F Fᵀ / HW`` of its ``[C, HW]``
+    activations, in float32 or better whatever precision the model runs in."""
+    dtype = _stat_dtype(output)
+    with torch.autocast(output.device.type, enabled=False):
+        f = output.flatten(2).to(dtype)
+        gram = f @ f.transpose(1, 2) / f.shape[2]
+    rows, cols = torch.triu_indices(gram.shape[1], gram.shape[1], device=gram.device)
+    return gram[:, rows, cols]
+
+
+def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], layer: str | None = None,
+                   gram_probes: Sequence[str] = ()):
+    """One forward pass: ``(logits, phi, [channel means of each probe, [N, C]] + [the upper triangle of
+    each gram probe's Gram matrix, [N, C(C+1)/2]])``.
+
+    Each probe's output ``[N, C, H, W]`` is reduced over space as the pass goes, so nothing larger
+    than ``[N, C]`` (``[N, C²]`` for a Gram matrix) is kept per layer.  Gradients flow through
+    everything (adaptive attacks use it).
     """
     linear = find_last_linear(model, layer)
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[tuple[str, str], torch.Tensor] = {}
     phi: list[torch.Tensor] = []
     handles = [linear.register_forward_pre_hook(lambda _m, inputs: phi.append(inputs[0]))]
-    for name in probes:
+    wanted = [(name, "mean") for name in probes] + [(name, "gram") for name in gram_probes]
+    for name in dict.fromkeys(n for n, _ in wanted):
         module = model.get_submodule(name)
 
         def hook(_m, _inputs, output, name=name):
-            captured[name] = output.flatten(2).mean(dim=2) if output.ndim > 2 else output
+            if (name, "mean") in wanted:
+                captured[name, "mean"] = output.flatten(2).mean(dim=2) if output.ndim > 2 else output
+            if (name, "gram") in wanted:
+                captured[name, "gram"] = _gram_upper(output)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -82,10 +122,10 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in probes if n not in captured]
+    missing = [name for name, what in wanted if (name, what) not in captured]
     if missing or not phi:
         raise RuntimeError(f"layers {missing or [layer or 'output']} were not called in the forward pass")
-    return logits, phi[-1].flatten(1), [captured[n] for n in probes]
+    return logits, phi[-1].flatten(1), [captured[key] for key in wanted]
 
 
 #: Each fitted :class:`LayerGaussians`' statistics as tensors, per (dtype, device): converted (and
@@ -98,20 +138,27 @@ _AS_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class LayerGaussians:
     """Per layer: a mean per class and one shared covariance of the activations of clean images.
 
-    Plain arrays only (``means_``, ``precisions_``), so a bundle can store them as numbers.
-    ``with_means`` appends each layer's channel means (and φ) to the distances in :meth:`rows`.
+    Plain arrays only (``means_``, ``precisions_``), so a bundle can store them as numbers; they follow
+    the order of :func:`forward_probed`'s vectors and then φ.  ``with_means`` appends each of those
+    vectors (channel means, Gram triangles, φ) to the distances in :meth:`rows`.
     """
 
     with_means = False  # statistics saved before the option existed read this default
     with_agreement = False  # the same
+    gram_probes: Sequence[str] = ()  # the same
 
     def __init__(self, probes: Sequence[str], layer: str | None = None, ridge: float = 1e-3,
-                 with_means: bool = False, with_agreement: bool = False):
+                 with_means: bool = False, with_agreement: bool = False, gram_probes: Sequence[str] = ()):
         self.probes = list(probes)
         self.layer = layer
         self.ridge = ridge
         self.with_means = with_means
         self.with_agreement = with_agreement
+        self.gram_probes = list(gram_probes)
+
+    def forward(self, model: nn.Module, x: torch.Tensor):
+        """:func:`forward_probed` on the layers these statistics read."""
+        return forward_probed(model, x, self.probes, self.layer, self.gram_probes)
 
     @torch.no_grad()
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
@@ -124,7 +171,7 @@ class LayerGaussians:
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size]
-            logits, phi, acts = forward_probed(model, x, self.probes, self.layer)
+            logits, phi, acts = self.forward(model, x)
             k = logits.shape[1]
             keep = (logits.argmax(1).cpu() == y)
             feats = [a.double().cpu()[keep] for a in [*acts, phi]]
@@ -136,7 +183,7 @@ class LayerGaussians:
         if len(y) < 2:
             raise ValueError("the model classifies fewer than two of the reference images correctly")
         self.means_, self.precisions_ = [], []
-        for i in range(len(self.probes) + 1):
+        for i in range(len(rows[0])):
             feats = torch.cat([r[i] for r in rows])
             means = torch.zeros(k, feats.shape[1], dtype=torch.float64)
             centred = torch.empty_like(feats)
@@ -154,9 +201,9 @@ class LayerGaussians:
 
     @property
     def n_features(self) -> int:
-        """Columns of :meth:`rows`: one distance per probe and φ, then as many agreement gaps when
-        ``with_agreement``, then their channels when ``with_means``."""
-        n = len(self.probes) + 1
+        """Columns of :meth:`rows`: one distance per probe, gram probe and φ, then as many agreement gaps
+        when ``with_agreement``, then their vectors' columns when ``with_means``."""
+        n = len(self.probes) + len(self.gram_probes) + 1
         if self.with_agreement:
             n *= 2
         if self.with_means:
@@ -165,7 +212,7 @@ class LayerGaussians:
 
     def rows(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """``[N, n_features]``: :meth:`distances` to the predicted class, followed by :meth:`agreement`
-        when ``with_agreement`` and by the channel means of every probe and φ when ``with_means``.
+        when ``with_agreement`` and by the vectors of every probe and φ when ``with_means``.
         Differentiable in the activations."""
         if self.with_agreement:
             out = torch.cat(self._predicted_and_gap(acts, phi, predicted), dim=1)
@@ -195,7 +242,7 @@ class LayerGaussians:
 
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
                   predicted: torch.Tensor | None) -> torch.Tensor:
-        """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe and of φ to the predicted
+        """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe's vector and of φ to the predicted
         class's mean, or with ``predicted=None`` to the nearest class mean (Lee et al.'s score).
         Differentiable in the activations."""
         dtype = _stat_dtype(phi)
@@ -250,8 +297,9 @@ class LayerGaussians:
 def gaussians_for(detector, model: nn.Module, layer: str | None = None) -> LayerGaussians:
     """Unfitted statistics of the layers ``detector`` (an :class:`~detector.UncannyValleyDetector`)
     probes in ``model``, with the columns it reads."""
-    return LayerGaussians(probe_layers(model, detector.probes), layer, with_means=detector.probe_means,
-                          with_agreement=detector.probe_agreement)
+    probes = probe_layers(model, detector.probes)
+    return LayerGaussians(probes, layer, with_means=detector.probe_means, with_agreement=detector.probe_agreement,
+                          gram_probes=gram_layers(model, probes) if detector.probe_gram else ())
 
 
 def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_norm: float,
@@ -267,8 +315,8 @@ def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_
         out = analyze(model, x, layer)
         return detector_features(feature_set, out.logits, out.phi_sq, weight_norm), out
     with torch.enable_grad() if grad else torch.inference_mode():
-        probes = gaussians.probes if gaussians is not None else []
-        logits, phi, acts = forward_probed(model, x, probes, layer)
+        probes, gram_probes = (gaussians.probes, gaussians.gram_probes) if gaussians is not None else ([], [])
+        logits, phi, acts = forward_probed(model, x, probes, layer, gram_probes)
         out = analysis_from(logits, phi, find_last_linear(model, layer).weight)
         rows = detector_features(feature_set, out.logits, out.phi_sq, weight_norm)
         if gaussians is not None:

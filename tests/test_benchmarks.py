@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import kappa, overhead, pgd_throughput, run_all
+from benchmarks import common, kappa, overhead, pgd_throughput, run_all
 from benchmarks.common import Section, Stats, interleaved, reference_detector
 from detector.models import SmallCNN
 
@@ -54,6 +54,21 @@ def test_overhead_smallest_mode():
     for name in ("forward", "detect", "default", "squeeze", "mahalanobis"):
         assert row["times"][name]["median"] > 0
     assert math.isfinite(row["detect/forward"]["median"]) and math.isfinite(row["default/forward"]["median"])
+
+
+def test_overhead_times_the_detector_kind_it_is_given():
+    """``--detector gram``: the timed bundle reads the Gram matrices, and the table and target say which
+    detector they timed."""
+    section = overhead.run(archs=("cnn",), batch_sizes=(32,), quick=True, peers=False, detector_source="random",
+                           detector="gram", plan=lambda *a: (2, 0.0), log=lambda *a: None)
+    assert "(`gram`)" in section.description and "Gram matrices" in section.description
+    assert any("selectable (gram) detector" in t.name for t in section.targets)
+    assert run_all.build_parser().parse_args(["--detector", "gram"]).detector == "gram"
+    with pytest.raises(SystemExit):
+        run_all.build_parser().parse_args(["--detector", "nonsense"])
+    bundle = common.reference_default_bundle(overhead.cifar_model("cnn", torch.device("cpu")), torch.device("cpu"),
+                                             n=64, detector="gram")
+    assert bundle.detector.layer_gaussians.gram_probes
 
 
 def test_peer_detectors_return_one_score_per_input():

@@ -154,7 +154,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
                             "activations: the same rows plus those layers' channel means, "
                             "logistic regression; agreement: activations plus how much nearer another class "
-                            "is than the predicted one in each earlier layer; curvature: layers without earlier layers; paper: the talk's "
+                            "is than the predicted one in each earlier layer; gram: activations plus the Gram matrices "
+                            "(channel co-activations) of the first conv and the first probed layer; "
+                            "curvature: layers without earlier layers; paper: the talk's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")
         g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,

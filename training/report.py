@@ -417,10 +417,12 @@ def _probed(det: dict) -> str:
     if not det.get("probes"):
         return ""
     extra = [what for key, what in (("probe_agreement", "their agreement with the output"),
-                                    ("probe_means", "their channel means")) if det.get(key)]
+                                    ("probe_means", "their channel means"),
+                                    ("probe_gram", "the Gram matrices of the first conv and the first of them"))
+             if det.get(key)]
     head = f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ"
-    if len(extra) == 2:
-        return f"{head}, {extra[0]} and {extra[1]}"
+    if len(extra) >= 2:
+        return f"{head}, {', '.join(extra[:-1])} and {extra[-1]}"
     return head + "".join(f" and {what}" for what in extra)
 
 
