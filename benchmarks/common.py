@@ -453,23 +453,24 @@ def tree_description(det) -> str:
     return f"DecisionTreeClassifier(min_samples_leaf=5): depth {tree.get_depth()}, {tree.get_n_leaves()} leaves"
 
 
-def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0,
-                             detector: str | None = None):
-    """The product's default detector (:data:`detector.estimator.DEFAULT_DETECTOR`: curvature features
-    and earlier-layer statistics from hooks in the same pass), or the kind ``detector``, on ``model``, as a
-    :class:`detector.Bundle`:
-    what ``Bundle.detect`` costs is what the service pays per batch.  Timing only: the layer statistics
-    come from ``n`` random CIFAR-shaped images labelled by the model, and the detector's classifier is
-    fitted on them against their FGSM adversarials (real attack, real fit; its accuracy is not the point)."""
+def reference_bundle(model: torch.nn.Module, device: torch.device, n: int = 256, seed: int = 0,
+                     detector: str | None = None):
+    """A detector of the kind ``detector`` (default :data:`detector.estimator.DEFAULT_DETECTOR`:
+    curvature features and earlier-layer statistics from hooks in the same pass) on ``model``, as a
+    :class:`detector.Bundle`: what ``Bundle.detect`` costs is what the service pays per batch.  Timing
+    only: the layer statistics (for kinds that read earlier layers) come from ``n`` random CIFAR-shaped
+    images labelled by the model, and the detector's classifier is fitted on them against their FGSM
+    adversarials (real attack, real fit; its accuracy is not the point)."""
     from detector import Bundle, InputSpec, fgsm
     from detector.estimator import DEFAULT_DETECTOR, make_detector
     from detector.layers import gaussians_for
 
-    det = make_detector(detector or DEFAULT_DETECTOR, target_fpr=0.05, random_state=seed)
+    det = make_detector(detector or DEFAULT_DETECTOR, random_state=seed)
     x, _ = cifar_batch(n, device, seed=seed)
     with torch.no_grad():  # not inference_mode: FGSM below differentiates through x and y
         y = model(x).argmax(1)
-    det.set_layer_statistics(gaussians_for(det, model).fit(model, x, y.cpu(), batch_size=64))
+    if det.probes:  # as training.fitting does: only kinds that read earlier layers get their statistics
+        det.set_layer_statistics(gaussians_for(det, model).fit(model, x, y.cpu(), batch_size=64))
     spec = InputSpec(3, 32, 32, model.mean.flatten().tolist(), model.std.flatten().tolist())
     bundle = Bundle(model, det, [str(i) for i in range(10)], spec, "benchmark", {}, None, Path("."), "")
     clean_rows, clean = bundle.features(x)
@@ -480,18 +481,24 @@ def reference_default_bundle(model: torch.nn.Module, device: torch.device, n: in
     det.calibrate(clean.sharpness.cpu().numpy())
     return bundle
 
-def describe_default_detector(detector: str | None = None) -> str:
-    """What the default detector (or the kind ``detector``) computes per batch, in words (for the
-    overhead table's description)."""
+
+def describe_detector(detector: str | None = None) -> str:
+    """What the detector of the kind ``detector`` (default: the default one) computes per batch, in words
+    (for the overhead table's description)."""
     from detector.estimator import DEFAULT_DETECTOR, make_detector
+    from detector.layers import GRAM_LAYERS_IN_WORDS
 
     name = detector or DEFAULT_DETECTOR
     det = make_detector(name)
+    which = "the default detector" if name == DEFAULT_DETECTOR else "the detector"
+    estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
+    classifier = type(estimator).__name__ if estimator is not None else "DecisionTreeClassifier"
+    if not det.probes:
+        return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per batch: one forward pass, "
+                f"`{det.feature_set}` features, {classifier}")
     stats = ("class-conditional Mahalanobis distances" + (" and agreement gaps" if det.probe_agreement else "")
              + (" and channel means" if det.probe_means else ""))
-    grams = " and the Gram matrices of the first conv and the first probed one" if det.probe_gram else ""
-    estimator = det.estimator.steps[-1][1] if hasattr(det.estimator, "steps") else det.estimator
-    which = "the default detector" if name == DEFAULT_DETECTOR else "the detector"
+    grams = f" and {GRAM_LAYERS_IN_WORDS}" if det.probe_gram else ""
     return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per "
             f"batch: the same single forward pass with hooks on up to {det.probes} convolutions, curvature features, "
-            f"{stats} of those layers and of φ{grams}, {type(estimator).__name__}")
+            f"{stats} of those layers and of φ{grams}, {classifier}")

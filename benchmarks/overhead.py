@@ -9,7 +9,7 @@ Same model, same batch, same device, interleaved in one process:
 - ``detect (default)`` (the default detector, with earlier layers): ``Bundle.detect``, what the service
   calls per batch: the same one forward pass with hooks on up to three convolutions, the curvature
   features, the earlier layers' statistics and the detector's classifier (see
-  :func:`benchmarks.common.reference_default_bundle`);
+  :func:`benchmarks.common.reference_bundle`; ``--detector`` times another kind there);
 - ``squeeze`` (reference, timing only): a feature-squeezing-style detector (Xu et al. 2018): the
   model on x and on 3 squeezed copies (5-bit depth, 2×2 median, 3×3 median standing in for the
   costlier non-local means), score = max L1 distance of the softmax outputs: 4 forwards;
@@ -50,14 +50,14 @@ from .common import (
     autocast,
     cifar_batch,
     cifar_model,
-    describe_default_detector,
+    describe_detector,
     fmt_ratio_stats,
     fmt_seconds,
     fmt_time_stats,
     interleaved,
     load_average,
     ratios,
-    reference_default_bundle,
+    reference_bundle,
     reference_detector,
     synchronizer,
     tree_description,
@@ -162,6 +162,8 @@ def run(
     load_before = load_average()
     sync = synchronizer(device)
     det = reference_detector(detector_source, 10, quick=quick)
+    kind = detector or DEFAULT_DETECTOR
+    label = "default" if kind == DEFAULT_DETECTOR else kind  # the columns of another kind say which
     section = Section(
         key="overhead",
         title="1. Detection overhead",
@@ -169,7 +171,7 @@ def run(
             "Bare forward vs forward + detection on the same model, batch and device, interleaved in one "
             "process. `forward` = `model(x)` with the logits copied to the host; `detect` = the paper's detector "
             "(`--detector paper`): `detector.analyze` (one forward pass; ψ, κ from it) + `UncannyValleyDetector.detect` "
-            "(tree + κ threshold, on the host); `detect (default)` = " + describe_default_detector(detector) + " "
+            "(tree + κ threshold, on the host); `detect (" + label + ")` = " + describe_detector(detector) + " "
             "(statistics and classifier fitted on random images and their FGSM adversarials: timing only). "
             "Reference points (timing only, written in the benchmark): a feature-squeezing-style detector "
             "(4 forwards: x, 5-bit depth, 2×2 median, 3×3 median standing in for non-local means) and a "
@@ -183,7 +185,7 @@ def run(
         load_before=load_before,
     )
     columns = ["model", "precision", "batch", "repeats × calls", "forward", "detect", "detect / forward",
-               "detect (default)", "default / forward"]
+               f"detect ({label})", f"{label} / forward"]
     if peers:
         columns += ["squeeze (4 fwd)", "squeeze / forward", "mahalanobis (1 layer)", "mahalanobis / forward"]
     table = Table("Time per batch: median (IQR) over repeats; ratios per round, median (IQR)", columns)
@@ -198,8 +200,8 @@ def run(
     for arch in archs:
         model = cifar_model(arch, device)
         dim = find_last_linear(model).in_features
-        log(f"  overhead: {arch}: fitting the {detector or DEFAULT_DETECTOR} detector for timing …")
-        default_bundle = reference_default_bundle(model, device, n=64 if quick else 256, detector=detector)
+        log(f"  overhead: {arch}: fitting the {kind} detector for timing …")
+        default_bundle = reference_bundle(model, device, n=64 if quick else 256, detector=detector)
         for amp in amps:
             amp_ctx = lambda amp=amp: autocast(device, amp)
             squeeze = FeatureSqueezingStyle(model, amp_ctx)
@@ -301,7 +303,6 @@ def run(
     section.tables = [table, parts]
     section.notes += _notes(raw, worst, peers)
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
-    kind = detector or DEFAULT_DETECTOR
     which = "default" if kind == DEFAULT_DETECTOR else "selectable"
     if big:
         section.notes.insert(0, (

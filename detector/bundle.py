@@ -516,10 +516,13 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
                 model.get_submodule(name)
         except AttributeError as exc:
             raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
+        probes, gram_probes = list(gaussians.probes), list(gaussians.gram_probes)
+        if len(set(probes)) != len(probes):
+            raise BundleError(f"bundle file {DETECTOR} probes a layer more than once: {probes}")
         # A Gram matrix costs C² per image: only the layers gram_layers picks, whose width it bounds.
-        if not set(gaussians.gram_probes) <= set(gram_layers(model, list(gaussians.probes))):
-            raise BundleError(f"bundle file {DETECTOR} reads the Gram matrices of {list(gaussians.gram_probes)}; "
-                              f"detectors read them only of {gram_layers(model, list(gaussians.probes))}")
+        if gram_probes and gram_probes != (picked := gram_layers(model, probes)):
+            raise BundleError(f"bundle file {DETECTOR} reads the Gram matrices of {gram_probes}; "
+                              f"detectors read them only of {picked}")
         _check_statistics(gaussians, model, n_classes, spec, layer)
     if not isinstance(detector.n_features_in_, (int, np.integer)) or detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
@@ -543,6 +546,10 @@ def _check_statistics(gaussians, model: torch.nn.Module, n_classes: int, spec: I
     if len(means) != len(widths) or len(precisions) != len(widths):
         raise BundleError(f"bundle file {DETECTOR}: layer statistics for {len(means)} layers, the detector probes "
                           f"{len(widths)}")
+    # skops stores an array shared by several entries once: bound what scoring will hold, not the file.
+    if sum(w * w for w in widths) > MAX_PRECISION_NUMBERS:
+        raise BundleError(f"bundle file {DETECTOR}: layer statistics of widths {widths} hold more than "
+                          f"{MAX_PRECISION_NUMBERS:,} precision entries")
     for width, mean, precision in zip(widths, means, precisions):
         _shaped("a layer's class means", mean, (n_classes, width))
         _shaped("a layer's precision", precision, (width, width))
@@ -632,6 +639,10 @@ def _check_nodes(kind: str, left: np.ndarray, right: np.ndarray, feature: np.nda
 
 #: The most nodes skops' audit of a detector's schema may visit; a detector's schema has thousands.
 MAX_SCHEMA_NODES = 1_000_000
+
+#: The most precision entries a detector's layer statistics may hold in all (256 MiB in float64, as much
+#: as detector.skops may take): a WRN-28-4's `gram` detector holds 4.5 million.
+MAX_PRECISION_NUMBERS = 1 << 25
 
 
 def _schema_nodes(node: Any, sizes: dict) -> int:

@@ -108,8 +108,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     probe_gram = False  # the same
 
     def __init__(self, estimator=None, features: str = "psi", probes: int = 0, probe_means: bool = False,
-                 probe_agreement: bool = False, probe_gram: bool = False, valley_quantile: float = 0.5, threshold: float = 0.5,
-                 target_fpr: float | None = None, random_state: int | None = 0):
+                 probe_agreement: bool = False, probe_gram: bool = False, valley_quantile: float = 0.5,
+                 threshold: float = 0.5, target_fpr: float | None = None, random_state: int | None = 0):
         self.estimator = estimator
         self.features = features
         self.probes = probes

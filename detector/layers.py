@@ -72,14 +72,17 @@ def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
 #: channels is C(C+1)/2 columns (2,080 for 64), and its precision matrix is stored in the bundle.
 GRAM_MAX_CHANNELS = 64
 
+#: What :func:`gram_layers` picks, in words, for reports and help texts.
+GRAM_LAYERS_IN_WORDS = "the Gram matrices of the first conv and the first probed layer"
+
 
 def gram_layers(model: nn.Module, probes: Sequence[str]) -> list[str]:
     """The layers whose Gram matrices :class:`LayerGaussians` reads: the first ``nn.Conv2d`` (the
     stem, which sees the pixels' texture) and the first of ``probes``, each only if it has at most
     :data:`GRAM_MAX_CHANNELS` output channels."""
-    convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    names = list(dict.fromkeys([convs[0][0], *probes[:1]])) if convs else []
-    return [n for n in names if model.get_submodule(n).out_channels <= GRAM_MAX_CHANNELS]
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    names = dict.fromkeys([*list(convs)[:1], *probes[:1]])
+    return [n for n in names if n in convs and convs[n].out_channels <= GRAM_MAX_CHANNELS]
 
 
 def _gram_upper(output: torch.Tensor) -> torch.Tensor:
@@ -223,7 +226,7 @@ class LayerGaussians:
         return out
 
     def _statistics(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(means, precision)`` of each probe and φ as tensors of ``dtype`` on ``device``."""
+        """``(means, precision)`` of each probe's vector and φ as tensors of ``dtype`` on ``device``."""
         return self._cached((dtype, device), lambda: [
             tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
             for pair in zip(self.means_, self.precisions_, strict=True)])
@@ -242,7 +245,7 @@ class LayerGaussians:
 
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
                   predicted: torch.Tensor | None) -> torch.Tensor:
-        """``[N, L+1]``: log(1 + squared Mahalanobis distance) of each probe's vector and of φ to the predicted
+        """``[N, len(means_)]``: log(1 + squared Mahalanobis distance) of each probe's vector and of φ to the predicted
         class's mean, or with ``predicted=None`` to the nearest class mean (Lee et al.'s score).
         Differentiable in the activations."""
         dtype = _stat_dtype(phi)
@@ -258,7 +261,7 @@ class LayerGaussians:
         return torch.stack(out, dim=1)
 
     def agreement(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        """``[N, L+1]``: how much farther each probe's (and φ's) activations are from the predicted
+        """``[N, len(means_)]``: how much farther each probe's (and φ's) activations are from the predicted
         class than from their nearest class, log(1 + d²_predicted) − log(1 + d²_nearest) ≥ 0: 0 where
         the layer agrees with the output.  Differentiable in the activations."""
         return self._predicted_and_gap(acts, phi, predicted)[1]
@@ -279,7 +282,7 @@ class LayerGaussians:
         return torch.stack(dist, dim=1), torch.stack(gap, dim=1)
 
     def _factored(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-        """``(U, means @ U, fitted)`` per probe and φ: U the precision's Cholesky factor, ``fitted``
+        """``(U, means @ U, fitted)`` per probe's vector and φ: U the precision's Cholesky factor, ``fitted``
         the classes that have a mean (a class no reference image stood for has a row of zeros)."""
         def build():
             factors = []

@@ -66,9 +66,13 @@ def test_overhead_times_the_detector_kind_it_is_given():
     assert run_all.build_parser().parse_args(["--detector", "gram"]).detector == "gram"
     with pytest.raises(SystemExit):
         run_all.build_parser().parse_args(["--detector", "nonsense"])
-    bundle = common.reference_default_bundle(overhead.cifar_model("cnn", torch.device("cpu")), torch.device("cpu"),
-                                             n=64, detector="gram")
-    assert bundle.detector.layer_gaussians.gram_probes
+    assert "detect (gram)" in section.tables[0].columns
+    model = overhead.cifar_model("cnn", torch.device("cpu"))
+    assert common.reference_bundle(model, torch.device("cpu"), n=64, detector="gram").detector.layer_gaussians.gram_probes
+    # kinds that read no earlier layer are timed as they are built: no layer statistics, their own classifier
+    paper = common.reference_bundle(model, torch.device("cpu"), n=64, detector="paper").detector
+    assert paper.layer_gaussians is None and paper.target_fpr is None
+    assert common.describe_detector("paper").endswith("`psi` features, DecisionTreeClassifier")
 
 
 def test_peer_detectors_return_one_score_per_input():

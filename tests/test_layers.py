@@ -289,7 +289,8 @@ def test_gram_distances_tell_one_step_attacks_from_clean_images(digits_model, di
     assert rise[stem] > 2.0 and rise[stem] > rise[0]
 
 
-def test_gram_detector_round_trips_through_its_bundle_and_reads_no_other_layer(default_bundle, tmp_path):
+def test_gram_detector_round_trips_through_its_bundle_and_reads_no_other_layer(default_bundle, tmp_path,
+                                                                              monkeypatch):
     """``--detector gram`` on the default classifier: the bundle records which Gram matrices it reads,
     loads, and detects with rows as wide as its classifier's; a bundle asking for the Gram matrix of
     another layer (its cost grows with the square of the channels) is refused."""
@@ -316,13 +317,31 @@ def test_gram_detector_round_trips_through_its_bundle_and_reads_no_other_layer(d
     assert stats.n_features == len(stats.means_) + sum(m.shape[1] for m in stats.means_)
     assert "Gram matrices" in (out / "report.md").read_text()
 
-    stats.gram_probes = [stats.probes[-1]]  # the widest probe, which gram_layers never picks
-    (out / "detector.skops").write_bytes(sio.dumps(det))
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["detector.skops"] = hashlib.sha256((out / "detector.skops").read_bytes()).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="reads the Gram matrices of"):
-        load_bundle(out)
+    def refused(message, **changes):
+        """Write the detector with its statistics changed, rehash it as an attacker would, and load."""
+        tampered = copy.deepcopy(det)
+        for name, value in changes.items():
+            setattr(tampered.layer_gaussians, name, value(tampered.layer_gaussians))
+        (out / "detector.skops").write_bytes(sio.dumps(tampered))
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["files"]["detector.skops"] = hashlib.sha256((out / "detector.skops").read_bytes()).hexdigest()
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=message):
+            load_bundle(out)
+
+    # the widest probe, which gram_layers never picks
+    refused("reads the Gram matrices of", gram_probes=lambda s: [s.probes[-1]])
+    # one Gram layer many times, its statistics shared (skops stores a shared array once): scoring would
+    # copy the 2,080 × 2,080 precision once per entry
+    n, g = len(stats.probes), len(stats.gram_probes)
+    many = lambda s, k=50: s.gram_probes + [s.gram_probes[-1]] * k  # noqa: E731
+    refused("reads the Gram matrices of", gram_probes=many,
+            means_=lambda s: s.means_[:n + g] + [s.means_[n + g - 1]] * 50 + s.means_[-1:],
+            precisions_=lambda s: s.precisions_[:n + g] + [s.precisions_[n + g - 1]] * 50 + s.precisions_[-1:])
+    refused("probes a layer more than once", probes=lambda s: s.probes + s.probes[-1:])
+    # the bound on what the statistics hold in all, below this honest detector's
+    monkeypatch.setattr("detector.bundle.MAX_PRECISION_NUMBERS", sum(p.size for p in stats.precisions_) - 1)
+    refused("hold more than")
 
 
 def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(digits_model, digits_train,

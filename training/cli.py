@@ -16,6 +16,7 @@ from fractions import Fraction
 from detector import distributed
 from detector.datasets import DATASET_KINDS, DatasetNotFoundError
 from detector.estimator import DETECTORS, ESTIMATORS
+from detector.layers import GRAM_LAYERS_IN_WORDS
 from detector.models import MODELS
 from detector.shifts import shift_name
 
@@ -154,8 +155,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "and class-conditional distances of earlier layers), flagged at --target-fpr; "
                             "activations: the same rows plus those layers' channel means, "
                             "logistic regression; agreement: activations plus how much nearer another class "
-                            "is than the predicted one in each earlier layer; gram: activations plus the Gram matrices "
-                            "(channel co-activations) of the first conv and the first probed layer; "
+                            "is than the predicted one in each earlier layer; gram: activations plus "
+                            f"{GRAM_LAYERS_IN_WORDS} (channel co-activations); "
                             "curvature: layers without earlier layers; paper: the talk's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")

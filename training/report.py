@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from detector.layers import GRAM_LAYERS_IN_WORDS  # noqa: E402
 from detector.metrics import budget_summary  # noqa: E402
 
 __all__ = [
@@ -418,7 +419,7 @@ def _probed(det: dict) -> str:
         return ""
     extra = [what for key, what in (("probe_agreement", "their agreement with the output"),
                                     ("probe_means", "their channel means"),
-                                    ("probe_gram", "the Gram matrices of the first conv and the first of them"))
+                                    ("probe_gram", GRAM_LAYERS_IN_WORDS))
              if det.get(key)]
     head = f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ"
     if len(extra) >= 2:
