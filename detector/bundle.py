@@ -230,6 +230,7 @@ def save_bundle(
         raise TypeError("model must be an ImageClassifier (a network with its normalisation)")
     if not hasattr(detector, "valley_threshold_"):
         raise ValueError("the detector must be fitted and calibrated before it is saved")
+    gaussians = detector.layer_gaussians
     config = {
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -238,9 +239,8 @@ def save_bundle(
         "classes": list(classes),
         "input_spec": input_spec.to_dict(),
         "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr,
-                     "probes": detector.layer_gaussians.probes if detector.layer_gaussians is not None else [],
-                     "gram_probes": list(detector.layer_gaussians.gram_probes)
-                     if detector.layer_gaussians is not None else []},
+                     "probes": list(gaussians.probes) if gaussians is not None else [],
+                     "gram_probes": list(gaussians.gram_probes) if gaussians is not None else []},
         "thresholds": {
             "adversarial": float(detector.operating_threshold),
             "valley": float(detector.valley_threshold_),
@@ -511,12 +511,12 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
     gaussians = detector.layer_gaussians
     n_features = probe.shape[1] + (gaussians.n_features if gaussians is not None else 0)
     if gaussians is not None:
+        probes, gram_probes = list(gaussians.probes), list(gaussians.gram_probes)
         try:
-            for name in [*gaussians.probes, *gaussians.gram_probes]:
+            for name in [*probes, *gram_probes]:
                 model.get_submodule(name)
         except AttributeError as exc:
             raise BundleError(f"bundle file {DETECTOR} reads layers the model does not have: {exc}") from exc
-        probes, gram_probes = list(gaussians.probes), list(gaussians.gram_probes)
         if len(set(probes)) != len(probes):
             raise BundleError(f"bundle file {DETECTOR} probes a layer more than once: {probes}")
         # A Gram matrix costs C² per image: only the layers gram_layers picks, whose width it bounds.
