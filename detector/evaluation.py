@@ -39,7 +39,7 @@ from .smoothing import split_temperature
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
     "baseline_scores", "check_disjoint", "decision_for_attacker", "describe_gradient", "evaluate", "evasion_budgets",
-    "same_attack",
+    "held_out_images", "same_attack",
 ]
 
 BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
@@ -248,6 +248,24 @@ def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
     if overlap.size:
         raise ValueError(f"{overlap.size} evaluated images were used to fit or calibrate the detector "
                          f"(e.g. test positions {overlap[:5].tolist()}): evaluate on held-out images only")
+
+
+def held_out_images(correct: np.ndarray, excluded: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of up to ``n`` images of a split, none in ``excluded``, drawn at random so that
+    the share of them the classifier gets wrong is the whole split's (``correct``: one bool per image).
+
+    The detector's fit and calibration images are drawn from the ones the classifier gets right, so
+    the images left over hold more of its mistakes than the split does; a plain draw from them would
+    read its accuracy low and put more wrong images into every rate taken over all held-out images.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    pool = np.setdiff1d(np.arange(len(correct)), np.asarray(excluded, dtype=np.int64))
+    right, wrong = pool[correct[pool]], pool[~correct[pool]]
+    error = 1.0 - float(correct.mean()) if correct.size else 0.0
+    if right.size and error < 1.0:
+        keep = min(wrong.size, int(round(error * right.size / (1.0 - error))))
+        wrong = rng.permutation(wrong)[:keep]
+    return np.sort(rng.permutation(np.concatenate([right, wrong]))[:n])
 
 
 # -- the evaluation --------------------------------------------------------------------------------

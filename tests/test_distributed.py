@@ -72,7 +72,8 @@ def test_detector_train_with_two_processes(tmp_path):
     assert abs(r1["attack"]["success_rate"] - r2["attack"]["success_rate"]) < 0.05
     assert r2["detection"]["auroc"] > 0.95 and abs(r1["detection"]["auroc"] - r2["detection"]["auroc"]) < 0.03
     e1, e2 = r1["evaluation"], r2["evaluation"]
-    assert e2["n_evaluated"] == e1["n_evaluated"]
+    # Each draw keeps its own classifier's share of mistakes, so the counts differ by a few at most.
+    assert abs(e2["n_evaluated"] - e1["n_evaluated"]) <= 5
     assert e2["clean"]["false_positives_correct"]["rate"] <= 0.1
     for a1, a2 in zip(e1["attacks"], e2["attacks"], strict=True):
         assert a1["label"] == a2["label"] and a1["n_attacked"] > 0

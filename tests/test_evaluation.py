@@ -19,7 +19,7 @@ from detector.attacks import (
     register_attack,
 )
 from detector.estimator import flagging_threshold, make_detector
-from detector.evaluation import attack_suite, check_disjoint, evaluate, same_attack
+from detector.evaluation import attack_suite, check_disjoint, evaluate, held_out_images, same_attack
 from detector.metrics import (
     auroc,
     budget_summary,
@@ -428,6 +428,24 @@ def test_evaluation_refuses_images_the_detector_saw(bundle_and_split):
         check_disjoint([1, 2, 3], [3, 4])
 
 
+def test_held_out_images_keep_the_split_share_of_mistakes():
+    # 1,000 images, 900 right; the 300 fitted and calibrated ones are all right, as in the pipeline.
+    rng = np.random.default_rng(0)
+    correct = rng.permutation(np.r_[np.ones(900, bool), np.zeros(100, bool)])
+    excluded = rng.permutation(np.flatnonzero(correct))[:300]
+    left = np.setdiff1d(np.arange(1000), excluded)
+    assert correct[left].mean() == pytest.approx(600 / 700)  # what a plain draw from the rest reads
+    drawn = held_out_images(correct, excluded, 10_000, np.random.default_rng(1))
+    assert correct[drawn].mean() == pytest.approx(0.9, abs=0.002)
+    assert len(drawn) == 600 + 67 and not np.intersect1d(drawn, excluded).size
+    assert (np.diff(drawn) > 0).all()
+    some = held_out_images(correct, excluded, 100, np.random.default_rng(2))
+    assert len(some) == 100 and set(some) <= set(drawn) | set(left)
+    # A classifier right on every image, or wrong on every one, is drawn from as it is.
+    assert len(held_out_images(np.ones(50, bool), [0, 1], 100, rng)) == 48
+    assert len(held_out_images(np.zeros(50, bool), [0, 1], 100, rng)) == 48
+
+
 def test_small_real_suite_counts_agree(bundle_and_split):
     bundle, split = bundle_and_split
     test = load_dataset("digits", train=False)
@@ -517,6 +535,11 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     split = json.loads((default_bundle / "split.json").read_text())
     assert len(ev["image_ids"]["evaluated"]) == 80
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
+    # The held-out draw keeps the classifier's own share of mistakes (the fitted images are all correct).
+    test = load_dataset("digits", train=False)
+    correct = (load_bundle(default_bundle).model(test.batch(slice(0, len(test)))[0]).argmax(1) == test.labels).numpy()
+    excluded = np.union1d(split["fit"], split["calibration"])
+    assert ev["image_ids"]["evaluated"] == held_out_images(correct, excluded, 80, np.random.default_rng(0)).tolist()
     assert [a["label"] for a in ev["attacks"]] == [e.label for e in attack_suite(0.2, 64, "quick")]
     for png in ("evaluation_detection.png", "evaluation_roc.png", "evaluation_scores.png", "evaluation_budget.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

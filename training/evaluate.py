@@ -21,9 +21,10 @@ import numpy as np
 
 from detector import BundleError, distributed, load_bundle, update_bundle
 from detector.datasets import DatasetNotFoundError
-from detector.evaluation import attack_suite, evaluate
+from detector.evaluation import attack_suite, evaluate, held_out_images
 
 from . import report as reporting
+from .classifier import predict
 from .cli import HelpFormatter, _number, add_trust_flag, trusted_names
 from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--max-images", type=int, default=1000,
-                   help="held-out test images to evaluate on (drawn at random from those not used in fitting)")
+                   help="held-out test images to evaluate on, drawn at random from those not used in fitting "
+                        "with the classifier's share of mistakes on the whole split")
     p.add_argument("--target-fpr", type=_number, default=0.05,
                    help="false-positive rate the baselines are thresholded at on clean calibration images")
     p.add_argument("--eps", type=_number,
@@ -118,11 +120,11 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         print(f"detector-evaluate: warning: evaluating on {data}, the bundle was fitted on {options['data']}; "
               f"images are told apart from the fitted ones by position in the test split only",
               file=sys.stderr, flush=True)
-    pool = np.setdiff1d(np.arange(len(test)), excluded)
     if args.max_images < 40:
         raise PipelineError("--max-images must be at least 40")
-    rng = np.random.default_rng(args.seed)
-    images = np.sort(rng.permutation(pool)[: args.max_images])
+    correct = (predict(bundle.model, test, batch_size=max(args.batch_size, 256), device=device,
+                       progress=not args.no_progress and distributed.is_main()) == test.labels).numpy()
+    images = held_out_images(correct, excluded, args.max_images, np.random.default_rng(args.seed))
     attack = report.get("attack", {})
     eps = args.eps or (attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
     started = time.perf_counter()

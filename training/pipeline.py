@@ -18,7 +18,7 @@ import numpy as np
 
 from detector import Bundle, UncannyValleyDetector, distributed, save_bundle
 from detector.estimator import DETECTORS, ESTIMATORS
-from detector.evaluation import attack_suite, evaluate
+from detector.evaluation import attack_suite, evaluate, held_out_images
 from detector.metrics import roc_rates, wilson_interval
 from detector.shifts import shift_name
 
@@ -248,8 +248,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
     origin = prepared.test_origin
     used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
     evaluation = None
-    pool = np.setdiff1d(np.arange(len(prepared.test)), used)
-    pool = np.sort(np.random.default_rng(options.seed + 3).permutation(pool)[: options.evaluate_images])
+    pool = held_out_images(prepared.test_correct, used, options.evaluate_images,
+                           np.random.default_rng(options.seed + 3))
     if options.evaluate != "none" and min(len(calibration_images), len(pool)) < MIN_EVALUATION_IMAGES:
         warnings.append(f"attack suite skipped: {len(calibration_images)} calibration and {len(pool)} held-out "
                         f"images, at least {MIN_EVALUATION_IMAGES} of each are needed (raise --max-samples "
