@@ -252,7 +252,8 @@ def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
 
 def held_out_images(correct: np.ndarray, excluded: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted positions of up to ``n`` images of a split, none in ``excluded``, drawn at random so that
-    the share of them the classifier gets wrong is the whole split's (``correct``: one bool per image).
+    the share of them the classifier gets wrong is, in expectation, the whole split's (``correct``: one
+    bool per image; fewer than ``n`` when the images left over are too few).
 
     The detector's fit and calibration images are drawn from the ones the classifier gets right, so
     the images left over hold more of its mistakes than the split does; a plain draw from them would
@@ -261,9 +262,11 @@ def held_out_images(correct: np.ndarray, excluded: Sequence[int], n: int, rng: n
     correct = np.asarray(correct, dtype=bool)
     pool = np.setdiff1d(np.arange(len(correct)), np.asarray(excluded, dtype=np.int64))
     right, wrong = pool[correct[pool]], pool[~correct[pool]]
-    error = 1.0 - float(correct.mean()) if correct.size else 0.0
-    if right.size and error < 1.0:
-        keep = min(wrong.size, int(round(error * right.size / (1.0 - error))))
+    n_right = int(correct.sum())
+    if right.size and n_right:
+        # wrong / (right + wrong) as in the split, rounded to the nearest image in integers.
+        n_wrong = correct.size - n_right
+        keep = min(wrong.size, (2 * n_wrong * right.size + n_right) // (2 * n_right))
         wrong = rng.permutation(wrong)[:keep]
     return np.sort(rng.permutation(np.concatenate([right, wrong]))[:n])
 

@@ -440,7 +440,13 @@ def test_held_out_images_keep_the_split_share_of_mistakes():
     assert len(drawn) == 600 + 67 and not np.intersect1d(drawn, excluded).size
     assert (np.diff(drawn) > 0).all()
     some = held_out_images(correct, excluded, 100, np.random.default_rng(2))
-    assert len(some) == 100 and set(some) <= set(drawn) | set(left)
+    assert len(some) == 100 and set(some) <= set(left)
+    assert (some == held_out_images(correct, excluded, 100, np.random.default_rng(2))).all()
+    assert (some != held_out_images(correct, excluded, 100, np.random.default_rng(3))).any()
+    # Drawn at random, not the lowest positions, and with the split's share in partial draws too.
+    shares = [correct[held_out_images(correct, excluded, 100, np.random.default_rng(s))].mean() for s in range(200)]
+    assert np.mean(shares) == pytest.approx(0.9, abs=0.005)
+    assert some.max() > left[150]
     # A classifier right on every image, or wrong on every one, is drawn from as it is.
     assert len(held_out_images(np.ones(50, bool), [0, 1], 100, rng)) == 48
     assert len(held_out_images(np.zeros(50, bool), [0, 1], 100, rng)) == 48
@@ -536,8 +542,10 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert len(ev["image_ids"]["evaluated"]) == 80
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
     # The held-out draw keeps the classifier's own share of mistakes (the fitted images are all correct).
+    from training.classifier import predict
+
     test = load_dataset("digits", train=False)
-    correct = (load_bundle(default_bundle).model(test.batch(slice(0, len(test)))[0]).argmax(1) == test.labels).numpy()
+    correct = (predict(load_bundle(default_bundle).model, test, batch_size=256) == test.labels).numpy()
     excluded = np.union1d(split["fit"], split["calibration"])
     assert ev["image_ids"]["evaluated"] == held_out_images(correct, excluded, 80, np.random.default_rng(0)).tolist()
     assert [a["label"] for a in ev["attacks"]] == [e.label for e in attack_suite(0.2, 64, "quick")]

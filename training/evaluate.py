@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--max-images", type=int, default=1000,
-                   help="held-out test images to evaluate on, drawn at random from those not used in fitting "
-                        "with the classifier's share of mistakes on the whole split")
+                   help="held-out test images to evaluate on (at most): drawn at random from those not used in "
+                        "fitting, with the classifier's share of mistakes on the whole split")
     p.add_argument("--target-fpr", type=_number, default=0.05,
                    help="false-positive rate the baselines are thresholded at on clean calibration images")
     p.add_argument("--eps", type=_number,
@@ -124,7 +124,9 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         raise PipelineError("--max-images must be at least 40")
     correct = (predict(bundle.model, test, batch_size=max(args.batch_size, 256), device=device,
                        progress=not args.no_progress and distributed.is_main()) == test.labels).numpy()
-    images = held_out_images(correct, excluded, args.max_images, np.random.default_rng(args.seed))
+    # Rank 0's draw on every rank: the draw follows each rank's own predictions.
+    images = distributed.broadcast(held_out_images(correct, excluded, args.max_images,
+                                                   np.random.default_rng(args.seed)))
     attack = report.get("attack", {})
     eps = args.eps or (attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
     started = time.perf_counter()

@@ -248,8 +248,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
     origin = prepared.test_origin
     used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
     evaluation = None
-    pool = held_out_images(prepared.test_correct, used, options.evaluate_images,
-                           np.random.default_rng(options.seed + 3))
+    # Rank 0's draw on every rank: the draw follows each rank's own predictions.
+    pool = distributed.broadcast(held_out_images(prepared.test_correct, used, options.evaluate_images,
+                                                 np.random.default_rng(options.seed + 3)))
     if options.evaluate != "none" and min(len(calibration_images), len(pool)) < MIN_EVALUATION_IMAGES:
         warnings.append(f"attack suite skipped: {len(calibration_images)} calibration and {len(pool)} held-out "
                         f"images, at least {MIN_EVALUATION_IMAGES} of each are needed (raise --max-samples "
