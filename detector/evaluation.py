@@ -8,6 +8,12 @@ held-out clean calibration images at the same false-positive rate.  Every rate c
 interval, and the image ids of every evaluated row are recorded and checked disjoint from the ids
 the detector was fitted and calibrated on.
 
+Per attack, the **landing margin** of each successful adversarial (its top logit minus the runner-up,
+the classifier's margin on its wrong answer) is set beside the held-out clean images' margins, with
+the detection rate of the adversarials that land beyond what clean images reach and of those that
+land within it: whether the detector catches only attacks that overshoot into over-confidence, or
+also those that stop among clean images (:func:`landing`).
+
 Across the attacks, each input's **evasion budget** is the smallest perturbation (L∞ and L2) at which
 any attack of the suite (or of one kind) got it misclassified and unflagged: what it costs an
 attacker to get past classifier and detector together (:func:`evasion_budgets`).
@@ -39,10 +45,18 @@ from .smoothing import split_temperature
 __all__ = [
     "AttackRecord", "Evaluation", "ShiftRecord", "SuiteEntry", "attack_suite",
     "baseline_scores", "check_disjoint", "decision_for_attacker", "describe_gradient", "evaluate", "evasion_budgets",
-    "held_out_images", "same_attack",
+    "HELD_OUT_DRAW", "held_out_images", "landing", "logit_margin", "same_attack",
 ]
 
 BASELINES = ("max-softmax", "entropy", "kappa", "mahalanobis")
+
+#: The landing margins above this quantile of the held-out clean (correct) images' margins count as
+#: "beyond clean": further past the boundary than all but 5% of clean inputs.
+LANDING_QUANTILE = 0.95
+
+#: Recorded in every evaluation whose images :func:`held_out_images` drew (evaluations without it
+#: drew them uniformly from the images left over, with more of the classifier's mistakes).
+HELD_OUT_DRAW = "the split's share of mistakes"
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,10 @@ class AttackRecord:
     evasion: Rate  # over attacked images: misclassified and not flagged
     auroc: float  # clean (correct) vs successful adversarials, by the detector's score
     uncanny_valley: Rate  # over the successful adversarials
+    median_margin: float | None  # landing margin (top logit minus runner-up) of the successful adversarials
+    beyond_clean: Rate  # successful adversarials landing beyond the clean margins' LANDING_QUANTILE
+    detection_beyond: Rate  # of those, flagged
+    detection_within: Rate  # of the others, flagged
     median_linf: float | None
     median_l2: float | None
     evasion_budget_linf: float | None  # median perturbation of the successful, unflagged adversarials
@@ -160,6 +178,7 @@ class AttackRecord:
     seconds: float
     image_ids: list[int] = field(repr=False)  # attacked images, positions in the test split
     scores: list[float] = field(repr=False)  # detector score of each successful adversarial
+    margins: list[float] = field(repr=False)  # landing margin of each successful adversarial
     linf: list[float] = field(repr=False)  # per attacked image, in image_ids order
     l2: list[float] = field(repr=False)
     evaded: list[bool] = field(repr=False)  # misclassified and not flagged
@@ -194,12 +213,14 @@ class Evaluation:
     image_ids: dict[str, list[int]]
     seconds: float
     evasion_budget: dict[str, Any] = field(default_factory=dict)
+    held_out_draw: str | None = None  # how the evaluated images were drawn, as the caller said
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "detector": self.detector, "target_fpr": self.target_fpr, "clean": self.clean,
             "attacks": [a.to_dict() for a in self.attacks], "shifts": [s.to_dict() for s in self.shifts],
             "evasion_budget": self.evasion_budget, "image_ids": self.image_ids, "seconds": self.seconds,
+            "held_out_draw": self.held_out_draw,
         }
 
 
@@ -271,6 +292,34 @@ def held_out_images(correct: np.ndarray, excluded: Sequence[int], n: int, rng: n
     return np.sort(rng.permutation(np.concatenate([right, wrong]))[:n])
 
 
+def logit_margin(logits: torch.Tensor) -> np.ndarray:
+    """Per row, the top logit minus the runner-up (float64): how far past its decision boundary the
+    classifier is, whichever class it chose."""
+    top2 = logits.double().topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]).cpu().numpy()
+
+
+def landing(margins: np.ndarray, flagged: np.ndarray, clean_margins: np.ndarray,
+            quantile: float = LANDING_QUANTILE) -> dict[str, Any]:
+    """Where successful adversarials land beside clean images, and what the detector flags of each part.
+
+    ``margins`` and ``flagged``: per successful adversarial, its landing margin and the detector's flag;
+    ``clean_margins``: the held-out clean, correctly classified images' margins.  Returns the
+    adversarials' median margin, the share ``beyond_clean`` above the clean margins' ``quantile`` and
+    the detection rate beyond and within it.
+    """
+    margins = np.asarray(margins, dtype=np.float64).ravel()
+    flagged = np.asarray(flagged, dtype=bool).ravel()
+    if margins.shape != flagged.shape:
+        raise ValueError(f"{margins.size} margins but {flagged.size} flags")
+    if np.asarray(clean_margins).size == 0:
+        raise ValueError("no clean margins to compare with")
+    cut = float(np.quantile(np.asarray(clean_margins, dtype=np.float64), quantile))
+    beyond = margins > cut
+    return {"median_margin": _median(margins), "beyond_clean": rate(beyond),
+            "detection_beyond": rate(flagged[beyond]), "detection_within": rate(flagged[~beyond])}
+
+
 # -- the evaluation --------------------------------------------------------------------------------
 def _with_logits(rows_and_analysis):
     rows, out = rows_and_analysis
@@ -336,6 +385,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    held_out_draw: str | None = None,
 ) -> Evaluation:
     """Evaluate ``bundle`` on ``data[images]``, none of which may be in ``excluded``.
 
@@ -343,7 +393,8 @@ def evaluate(
     ``calibration_fraction`` of ``images``) set the baselines' thresholds at ``target_fpr`` and the
     adaptive attacks' knowledge of clean inputs; attacks, shifts and clean false positives are
     measured on the rest.  ``reference`` (clean training images) fits the
-    Mahalanobis baseline.
+    Mahalanobis baseline.  ``held_out_draw`` says how ``images`` were drawn (recorded as given;
+    :data:`HELD_OUT_DRAW` for :func:`held_out_images`).
     """
     started = time.perf_counter()
     images = np.asarray(images, dtype=np.int64)
@@ -366,10 +417,9 @@ def evaluate(
         def clean_batch(positions: np.ndarray, _: int) -> dict[str, Any]:
             x, y = data.batch(torch.as_tensor(index[positions]))
             answer, out = bundle.detect_with_analysis(x.to(device))
-            top2 = out.logits.double().topk(2, dim=1).values
             return {"labels": answer.labels == y.numpy(), "flagged": answer.adversarial,
                     "score": answer.adversarial_score, "rows": answer.features,
-                    "margin": (top2[:, 0] - top2[:, 1]).cpu().numpy(), "baselines": baseline_scores(out, mahalanobis)}
+                    "margin": logit_margin(out.logits), "baselines": baseline_scores(out, mahalanobis)}
 
         return distributed.map_batches(len(index), batch_size, clean_batch)
 
@@ -392,6 +442,11 @@ def evaluate(
         "baseline_false_positives_correct": {
             b: rate(s[correct] >= baseline_thresholds[b]) for b, s in clean["baselines"].items()},
         "scores_correct": clean["score"][correct].tolist(),
+        "median_margin": _median(clean["margin"][correct]),
+        "margin_quantile": {"quantile": LANDING_QUANTILE,
+                            "value": float(np.quantile(clean["margin"][correct], LANDING_QUANTILE))
+                            if correct.any() else None},
+        "margins_correct": clean["margin"][correct].tolist(),
     }
     oracles = _oracles(bundle, cal["rows"][cal_correct], float(np.median(cal["margin"][cal_correct])))
     targets = held_out[correct]
@@ -411,7 +466,7 @@ def evaluate(
             delta = (x_adv - x).flatten(1)
             return {"success": answer.labels != y.cpu().numpy(), "flagged": answer.adversarial,
                     "score": answer.adversarial_score, "valley": answer.uncanny_valley,
-                    "linf": delta.abs().amax(dim=1).cpu().numpy(),
+                    "margin": logit_margin(out.logits), "linf": delta.abs().amax(dim=1).cpu().numpy(),
                     "l2": torch.linalg.vector_norm(delta, dim=1).cpu().numpy(),
                     "baselines": baseline_scores(out, mahalanobis)}
 
@@ -437,11 +492,13 @@ def evaluate(
             evasion=evasion_rate(success, flagged),
             auroc=auroc(y_true, np.r_[clean_scores, merged["score"][success]]),
             uncanny_valley=rate(merged["valley"][success]),
+            **landing(merged["margin"][success], flagged[success], clean["margin"][correct]),
             median_linf=_median(merged["linf"][success]), median_l2=_median(merged["l2"][success]),
             evasion_budget_linf=_median(merged["linf"][unflagged]),
             evasion_budget_l2=_median(merged["l2"][unflagged]),
             baselines=baselines, seconds=round(time.perf_counter() - t0, 2),
             image_ids=targets.tolist(), scores=merged["score"][success].tolist(),
+            margins=merged["margin"][success].tolist(),
             linf=merged["linf"].tolist(), l2=merged["l2"].tolist(), evaded=unflagged.tolist(),
         )
         if record.detection["n"] != int(success.sum()):
@@ -474,4 +531,5 @@ def evaluate(
                    "excluded": np.asarray(excluded, dtype=np.int64).tolist()},
         seconds=round(time.perf_counter() - started, 2),
         evasion_budget=evasion_budgets(records, int((~correct & ~clean["flagged"]).sum())),
+        held_out_draw=held_out_draw,
     )

@@ -19,7 +19,15 @@ from detector.attacks import (
     register_attack,
 )
 from detector.estimator import flagging_threshold, make_detector
-from detector.evaluation import attack_suite, check_disjoint, evaluate, held_out_images, same_attack
+from detector.evaluation import (
+    attack_suite,
+    check_disjoint,
+    evaluate,
+    held_out_images,
+    landing,
+    logit_margin,
+    same_attack,
+)
 from detector.metrics import (
     auroc,
     budget_summary,
@@ -497,11 +505,50 @@ def test_small_real_suite_counts_agree(bundle_and_split):
     # more attacks can only make the budget smaller
     for everything, minimal in zip(budget["all attacks"]["per_input_linf"], budget["minimal"]["per_input_linf"]):
         assert minimal is None or everything <= minimal
+    # landing margins: one per successful adversarial, split at the clean margins' 95th percentile
+    clean_margins = np.array(d["clean"]["margins_correct"])
+    assert len(clean_margins) == d["clean"]["false_positives_correct"]["n"]
+    cut = np.quantile(clean_margins, 0.95)
+    assert d["clean"]["margin_quantile"] == {"quantile": 0.95, "value": pytest.approx(cut)}
+    for record in ev.attacks:
+        margins = np.array(record.margins)
+        assert len(margins) == record.success["k"] and (margins >= 0).all()
+        assert record.beyond_clean["k"] == int((margins > cut).sum())
+        assert record.detection_beyond["n"] + record.detection_within["n"] == record.detection["n"]
+        assert record.detection_beyond["k"] + record.detection_within["k"] == record.detection["k"]
+        assert record.median_margin == pytest.approx(np.median(margins))
+    # an attack that stops at the first misclassification lands at the boundary, far inside clean margins;
+    # ten full steps carry PGD further (margins read off the clean images instead would sit at the clean median)
+    assert by_attack["pgd-early-stop"].median_margin < 0.25 * d["clean"]["median_margin"]
+    assert by_attack["pgd"].median_margin > 2 * by_attack["pgd-early-stop"].median_margin
+    assert d["held_out_draw"] is None  # as the caller said: this test passes the images itself
     clean = d["clean"]
     # the operating point was set for 5% on calibration images; held out it stays in that region
     assert clean["false_positives_correct"]["rate"] <= 0.2
     assert len(clean["scores_correct"]) == clean["false_positives_correct"]["n"]
     json.dumps(d)  # JSON-ready
+
+
+def test_landing_splits_adversarials_at_the_clean_quantile():
+    clean = np.arange(1, 101, dtype=float)  # 95th percentile 95.05
+    margins = np.array([0.1, 50.0, 95.0, 95.1, 200.0])
+    flagged = np.array([False, True, False, True, True])
+    out = landing(margins, flagged, clean)
+    assert out["median_margin"] == 95.0
+    assert (out["beyond_clean"]["k"], out["beyond_clean"]["n"]) == (2, 5)  # 95.1 and 200: above 95.05
+    assert (out["detection_beyond"]["k"], out["detection_beyond"]["n"]) == (2, 2)
+    assert (out["detection_within"]["k"], out["detection_within"]["n"]) == (1, 3)
+    assert landing(margins, flagged, clean, quantile=0.5)["beyond_clean"]["k"] == 3
+    # at the cut itself is within: "beyond" is strictly above what 95% of clean images reach
+    assert landing(np.array([50.0, 50.1]), np.array([True, True]), np.arange(101.0), 0.5)["beyond_clean"]["k"] == 1
+    none = landing(np.array([]), np.array([], bool), clean)
+    assert none["median_margin"] is None and none["beyond_clean"]["n"] == 0
+    with pytest.raises(ValueError, match="5 margins but 4 flags"):
+        landing(margins, flagged[:4], clean)
+    with pytest.raises(ValueError, match="no clean margins"):
+        landing(margins, flagged, np.array([]))
+    logits = torch.tensor([[1.0, 5.0, 2.0], [0.0, 0.0, -1.0]])
+    assert logit_margin(logits).tolist() == [3.0, 0.0]
 
 
 def test_detectors_compared_at_one_false_positive_rate():
@@ -575,8 +622,14 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
                          "--out", str(tmp_path / "budget.png")]) == 0
     table = capsys.readouterr().out
     assert "| | a | b |" in table and "evasion budget L∞, all attacks" in table
-    assert table.count("| PGD-10 L∞ 8/255 |") == 1
-    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert table.count("| PGD-10 L∞ 8/255 | budget |") == 1
+    rows = {}  # each attack's first row: the per-attack table (the landing table follows it)
+    for line in table.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0][2:], line)
+    assert "held-out images drawn with | the split's share of mistakes | the split's share of mistakes |" in table
+    assert "drew their held-out images differently" not in table
+    assert table.count("| PGD-10 L∞ 8/255 |") == 2 and "median landing margin / beyond clean" in table
     assert rows["FGSM L∞ 8/255"].count("(seen in fitting)") == 2  # both columns: the same bundle
     assert "seen" not in rows["PGD L∞ 8/255, stopped at first misclassification"]
     assert table.count("| JPEG q50 |") == 1 and "a: flagged / accuracy" in table
@@ -586,6 +639,13 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert side_by_side([str(out), str(tmp_path / "other.json"), "--names", "a", "b"]) == 0
     table = capsys.readouterr().out
     assert table.count("– (not in its suite)") == len(ev["attacks"]) - 2
+    older = {k: v for k, v in ev.items() if k != "held_out_draw"}  # written before the draw was recorded
+    older["clean"] = {k: v for k, v in ev["clean"].items() if "margin" not in k}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert side_by_side([str(out), str(tmp_path / "older.json"), "--names", "a", "b"]) == 0
+    table = capsys.readouterr().out
+    assert "drew their held-out images differently" in table and "a uniform draw from the images left" in table
+    assert "median landing margin" not in table  # one of them has no margins
     disjoint = dict(ev, attacks=[dict(a, label="another " + a["label"]) for a in ev["attacks"]])
     (tmp_path / "disjoint.json").write_text(json.dumps(disjoint))
     with pytest.raises(SystemExit) as stop:

@@ -21,7 +21,7 @@ import numpy as np
 
 from detector import BundleError, distributed, load_bundle, update_bundle
 from detector.datasets import DatasetNotFoundError
-from detector.evaluation import attack_suite, evaluate, held_out_images
+from detector.evaluation import HELD_OUT_DRAW, attack_suite, evaluate, held_out_images
 
 from . import report as reporting
 from .classifier import predict
@@ -134,7 +134,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         bundle, test, images, excluded=excluded, calibration=calibration if calibration.size >= 20 else None,
         suite=attack_suite(eps, int(np.prod(test.input_shape)), args.suite, args.seed), reference=train,
         target_fpr=args.target_fpr, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.no_progress and distributed.is_main(),
+        progress=not args.no_progress and distributed.is_main(), held_out_draw=HELD_OUT_DRAW,
     ).to_dict()
     evaluation["data"] = {"spec": data, "source": source}
     evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]

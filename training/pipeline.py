@@ -18,7 +18,7 @@ import numpy as np
 
 from detector import Bundle, UncannyValleyDetector, distributed, save_bundle
 from detector.estimator import DETECTORS, ESTIMATORS
-from detector.evaluation import attack_suite, evaluate, held_out_images
+from detector.evaluation import HELD_OUT_DRAW, attack_suite, evaluate, held_out_images
 from detector.metrics import roc_rates, wilson_interval
 from detector.shifts import shift_name
 
@@ -265,7 +265,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
             suite=attack_suite(attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"],
                                int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
-            seed=options.seed, progress=options.progress).to_dict()
+            seed=options.seed, progress=options.progress, held_out_draw=HELD_OUT_DRAW).to_dict()
         evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
         suite_eps = attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"]
         evaluation["radius_scale"] = suite_eps / PAPER_ATTACK["eps"]
@@ -325,7 +325,7 @@ def remap_ids(evaluation: dict[str, Any], origin: np.ndarray) -> dict[str, Any]:
 
 
 #: Per-row arrays of an attack record: in evaluation.json, not in report.json or /model.
-PER_ROW = ("image_ids", "scores", "linf", "l2", "evaded")
+PER_ROW = ("image_ids", "scores", "margins", "linf", "l2", "evaded")
 
 
 def budget_without_rows(budget: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +341,7 @@ def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
     return {
         "detector": evaluation["detector"],
         "target_fpr": evaluation["target_fpr"],
-        "clean": {k: v for k, v in evaluation["clean"].items() if k != "scores_correct"},
+        "clean": {k: v for k, v in evaluation["clean"].items() if k not in ("scores_correct", "margins_correct")},
         "attacks": [{k: v for k, v in a.items() if k not in PER_ROW} for a in evaluation["attacks"]],
         "shifts": [{k: v for k, v in s.items() if k != "scores"} for s in evaluation["shifts"]],
         "evasion_budget": budget_without_rows(evaluation.get("evasion_budget", {})),
@@ -349,6 +349,7 @@ def summarize_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
         "radius_scale": evaluation.get("radius_scale", 1.0),
         "seen_in_fitting": evaluation.get("seen_in_fitting", []),
         "suite": evaluation.get("suite"),
+        "held_out_draw": evaluation.get("held_out_draw"),
     }
 
 

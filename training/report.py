@@ -477,6 +477,7 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "(per attack): median perturbation of the successful adversarials that were not flagged."
         + (f" {SEEN_IN_FITTING}" if any(a["label"] in seen for a in evaluation["attacks"]) else ""),
         "",
+        *landing_markdown(evaluation),
         *budget_markdown(evaluation.get("evasion_budget", {})),
         "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
         "|---|---|---|---:|",
@@ -486,6 +487,30 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
                      f"{_pct(sh['accuracy'])} |")
     return lines
+
+
+def landing_markdown(evaluation: dict) -> list[str]:
+    """Where each attack's successful adversarials land beside clean images, and what is flagged of each
+    part (empty for an evaluation written before landing margins were measured)."""
+    clean = evaluation["clean"]
+    cut = (clean.get("margin_quantile") or {}).get("value")
+    attacks = [a for a in evaluation["attacks"] if "beyond_clean" in a]
+    if cut is None or not attacks:
+        return []
+    q = clean["margin_quantile"]["quantile"]
+    lines = [
+        f"**Where the adversarials land**: the landing margin is the classifier's top logit minus the runner-up "
+        f"on the adversarial (how far past the boundary its wrong answer is). Held-out clean, correctly "
+        f"classified images: median {_num(clean['median_margin'], 3)}, {q:.0%} of them at or below "
+        f"{_num(cut, 3)}. Beyond clean: a successful adversarial above that.",
+        "",
+        "| attack | median landing margin | beyond clean | detected beyond | detected within |",
+        "|---|---:|---|---|---|",
+    ]
+    for a in attacks:
+        lines.append(f"| {a['label']} | {_num(a['median_margin'], 3)} | {_rate(a['beyond_clean'])} | "
+                     f"{_rate(a['detection_beyond'])} | {_rate(a['detection_within'])} |")
+    return lines + [""]
 
 
 def _linf(value: float | None) -> str:

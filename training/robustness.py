@@ -4,8 +4,9 @@ Reads the ``evaluation.json`` that ``detector-evaluate`` wrote for each bundle (
 adversarially trained classifier, say, or two detectors on one classifier; an attack that an older
 evaluation's suite lacked shows as "–") and writes Markdown tables
 (clean accuracy and false positives and the evasion budget per group of attacks; per attack: accuracy
-under attack, detection, evasion and AUROC, marked where the detector was fitted on that attack; per
-natural shift: the share flagged) and one plot of
+under attack, detection, evasion and AUROC, marked where the detector was fitted on that attack, and
+where its adversarials land beside clean images; per natural shift: the share flagged; and how each
+drew its held-out images, with a warning when they differ) and one plot of
 evasion rate against L∞ budget with a line per bundle.  Each bundle flags at its own operating point, so
 their clean false-positive rates on the held-out images differ; ``--matched-fpr`` adds each attack's
 detection with every bundle thresholded anew at the same share of its held-out clean images. ::
@@ -28,9 +29,12 @@ from detector.estimator import flagging_threshold
 from .evaluate import read_evaluation
 from .fitting import seen_in_fitting
 from .options import PipelineError
-from .report import SEEN_IN_FITTING, _pct, budget_text, plot_evasion_budget
+from .report import SEEN_IN_FITTING, _num, _pct, budget_text, plot_evasion_budget
 
 __all__ = ["load", "main", "matched_detection", "side_by_side"]
+
+#: What an evaluation that records no draw used: images left over after fitting, drawn uniformly.
+OLD_DRAW = "a uniform draw from the images left over"
 
 
 def load(path: str | Path) -> dict:
@@ -98,6 +102,7 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
     row("robust accuracy, PGD-10 at the training radius",
         lambda ev: _pct((ev["_report"].get("classifier", {}).get("robust_accuracy") or {}).get("accuracy")))
     row("clean flagged (correct images)", lambda ev: _pct(ev["clean"]["false_positives_correct"]["rate"]))
+    row("held-out images drawn with", lambda ev: ev.get("held_out_draw") or OLD_DRAW)
     groups = dict.fromkeys(g for ev in evaluations.values() for g in ev.get("evasion_budget", {}).get("groups", {}))
     for group in groups:
         def cell(ev, group=group):
@@ -124,6 +129,26 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
         lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     if any(label in seen[n] for n in names for label in by_label[n]):
         lines += ["", SEEN_IN_FITTING]
+    if len({ev.get("held_out_draw") or OLD_DRAW for ev in evaluations.values()}) > 1:
+        lines += ["", "These evaluations drew their held-out images differently: an older draw holds more of the "
+                      "classifier's mistakes, so rates over all images (clean false positives on all, natural "
+                      "shifts, accuracy) are not comparable between them; rates on correct images and on "
+                      "successful adversarials are."]
+    if all("margin_quantile" in ev["clean"] for ev in evaluations.values()):
+        lines += ["", "| attack | " + " | ".join(f"{n}: median landing margin / beyond clean / detected beyond / "
+                                                  f"detected within" for n in names) + " |",
+                  "|---|" + "---|" * len(names),
+                  "| clean (correct images): median margin / 95th percentile | " + " | ".join(
+                      f"{_num(ev['clean']['median_margin'], 3)} / {_num(ev['clean']['margin_quantile']['value'], 3)}"
+                      for ev in evaluations.values()) + " |"]
+        for label in labels:
+            cells = []
+            for n in names:
+                a = by_label[n].get(label)
+                cells.append("–" if a is None or "beyond_clean" not in a else
+                             f"{_num(a['median_margin'], 3)} / {_pct(a['beyond_clean']['rate'])} / "
+                             f"{_pct(a['detection_beyond']['rate'])} / {_pct(a['detection_within']['rate'])}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     shifts = [s["name"] for s in first.get("shifts", [])]
     if shifts and all([s["name"] for s in ev.get("shifts", [])] == shifts for ev in evaluations.values()):
         lines += ["", "| natural shift | " + " | ".join(f"{n}: flagged / accuracy" for n in names) + " |",
