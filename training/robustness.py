@@ -34,7 +34,7 @@ from .report import SEEN_IN_FITTING, _num, _pct, budget_text, plot_evasion_budge
 __all__ = ["load", "main", "matched_detection", "side_by_side"]
 
 #: What an evaluation that records no draw used: images left over after fitting, drawn uniformly.
-OLD_DRAW = "a uniform draw from the images left over"
+OLD_DRAW = "not recorded (older evaluations drew uniformly from the images left over)"
 
 
 def load(path: str | Path) -> dict:
@@ -130,7 +130,8 @@ def side_by_side(evaluations: dict[str, dict], matched_fpr: float | None = None)
     if any(label in seen[n] for n in names for label in by_label[n]):
         lines += ["", SEEN_IN_FITTING]
     if len({ev.get("held_out_draw") or OLD_DRAW for ev in evaluations.values()}) > 1:
-        lines += ["", "These evaluations drew their held-out images differently: an older draw holds more of the "
+        lines += ["", "These evaluations drew their held-out images differently, or one does not record how: an "
+                      "older draw holds more of the "
                       "classifier's mistakes, so rates over all images (clean false positives on all, natural "
                       "shifts, accuracy) are not comparable between them; rates on correct images and on "
                       "successful adversarials are."]
