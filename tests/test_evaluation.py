@@ -587,6 +587,7 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     ev = json.loads((out / "evaluation.json").read_text())
     split = json.loads((default_bundle / "split.json").read_text())
     assert len(ev["image_ids"]["evaluated"]) == 80
+    assert "warning" not in capsys.readouterr().err
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
     # The held-out draw keeps the classifier's own share of mistakes (the fitted images are all correct).
     from training.classifier import predict
@@ -604,6 +605,13 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert ev["evasion_budget"]["groups"]["all attacks"]["linf"]["n"] == ev["attacks"][0]["n_attacked"]
     with pytest.raises(SystemExit):
         main(["--bundle", str(tmp_path / "missing"), "--no-progress"])
+    # More images asked for than the split leaves: all of them (with the split's share of mistakes), and a warning.
+    capsys.readouterr()
+    assert main(["--bundle", str(default_bundle), "--suite", "quick", "--max-images", "5000", "--out",
+                 str(tmp_path / "all"), "--no-progress"]) == 0
+    drawn = json.loads((tmp_path / "all" / "evaluation.json").read_text())["image_ids"]["evaluated"]
+    assert drawn == held_out_images(correct, excluded, 5000, np.random.default_rng(0)).tolist()
+    assert f"warning: {len(drawn)} held-out images, not 5000" in capsys.readouterr().err
     # Another dataset of the same image shape is not the one the detector was fitted on.
     small = tmp_path / "small"
     small.mkdir()

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--max-images", type=int, default=1000,
-                   help="held-out test images to evaluate on (at most): drawn at random from those not used in "
-                        "fitting, with the classifier's share of mistakes on the whole split")
+                   help="held-out test images to evaluate on (at most; fewer, with a warning, when fewer are left): "
+                        "drawn at random from those not used in fitting, with the classifier's share of mistakes on "
+                        "the whole split")
     p.add_argument("--target-fpr", type=_number, default=0.05,
                    help="false-positive rate the baselines are thresholded at on clean calibration images")
     p.add_argument("--eps", type=_number,
@@ -127,6 +128,10 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     # Rank 0's draw on every rank: the draw follows each rank's own predictions.
     images = distributed.broadcast(held_out_images(correct, excluded, args.max_images,
                                                    np.random.default_rng(args.seed)))
+    if len(images) < args.max_images and distributed.is_main():
+        print(f"detector-evaluate: warning: {len(images)} held-out images, not {args.max_images}: the test split has "
+              f"{len(test)}, the detector was fitted or calibrated on {len(excluded)}, and the draw keeps the "
+              f"classifier's share of mistakes", file=sys.stderr, flush=True)
     attack = report.get("attack", {})
     eps = args.eps or (attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
     started = time.perf_counter()
