@@ -33,7 +33,8 @@ from .report import SEEN_IN_FITTING, _num, _pct, budget_text, plot_evasion_budge
 
 __all__ = ["load", "main", "matched_detection", "side_by_side"]
 
-#: What an evaluation that records no draw used: images left over after fitting, drawn uniformly.
+#: How an evaluation that does not record its draw is described: those written before the draw was
+#: recorded took their held-out images uniformly from the images left over after fitting.
 OLD_DRAW = "not recorded (older evaluations drew uniformly from the images left over)"
 
 
