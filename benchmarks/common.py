@@ -486,7 +486,7 @@ def describe_detector(detector: str | None = None) -> str:
     """What the detector of the kind ``detector`` (default: the default one) computes per batch, in words
     (for the overhead table's description)."""
     from detector.estimator import DEFAULT_DETECTOR, make_detector
-    from detector.layers import GRAM_LAYERS_IN_WORDS
+    from detector.layers import GRAM_LAYERS_IN_WORDS, probes_in_words
 
     name = detector or DEFAULT_DETECTOR
     det = make_detector(name)
@@ -497,8 +497,8 @@ def describe_detector(detector: str | None = None) -> str:
         return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per batch: one forward pass, "
                 f"`{det.feature_set}` features, {classifier}")
     stats = ("class-conditional Mahalanobis distances" + (" and agreement gaps" if det.probe_agreement else "")
-             + (" and channel means" if det.probe_means else ""))
+             + ((" and channel means" + (" after max(0, ·)" if det.probe_rectified else "")) if det.probe_means else ""))
     grams = f" and {GRAM_LAYERS_IN_WORDS}" if det.probe_gram else ""
     return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per "
-            f"batch: the same single forward pass with hooks on up to {det.probes} convolutions, curvature features, "
+            f"batch: the same single forward pass with hooks on {probes_in_words(det.probes)}, curvature features, "
             f"{stats} of those layers and of φ{grams}, {classifier}")

@@ -240,7 +240,8 @@ def save_bundle(
         "input_spec": input_spec.to_dict(),
         "detector": {"features": detector.feature_set, "target_fpr": detector.target_fpr,
                      "probes": list(gaussians.probes) if gaussians is not None else [],
-                     "gram_probes": list(gaussians.gram_probes) if gaussians is not None else []},
+                     "gram_probes": list(gaussians.gram_probes) if gaussians is not None else [],
+                     "rectified": bool(gaussians is not None and gaussians.rectified)},
         "thresholds": {
             "adversarial": float(detector.operating_threshold),
             "valley": float(detector.valley_threshold_),
@@ -540,7 +541,7 @@ def _check_statistics(gaussians, model: torch.nn.Module, n_classes: int, spec: I
     with torch.inference_mode():
         device = next(model.parameters()).device
         _, phi, acts = forward_probed(model, torch.zeros(1, spec.channels, spec.height, spec.width, device=device),
-                                      gaussians.probes, layer, gaussians.gram_probes)
+                                      gaussians.probes, layer, gaussians.gram_probes, gaussians.rectified)
     widths = [a.shape[1] for a in [*acts, phi]]
     means, precisions = list(gaussians.means_), list(gaussians.precisions_)
     if len(means) != len(widths) or len(precisions) != len(widths):

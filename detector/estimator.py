@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
+from .layers import EVERY_CONV
 from .smoothing import soft_trees
 
 __all__ = ["DEFAULT_DETECTOR", "DETECTORS", "ESTIMATORS", "Detection", "UncannyValleyDetector", "make_detector"]
@@ -75,7 +76,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     features : str
         Name of the feature set the rows are.
     probes : int
-        Earlier layers whose class-conditional distances follow the feature set in each row (0: none).
+        Earlier layers whose class-conditional distances follow the feature set in each row (0: none;
+        :data:`detector.layers.EVERY_CONV`: every convolution).
         Their statistics are fitted apart and set with :meth:`set_layer_statistics`.
     probe_means : bool
         Whether those layers' channel means follow their distances in each row.
@@ -85,6 +87,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     probe_gram : bool
         Whether the Gram matrices of the first conv and the first probed layer are read too (their
         distances, and their entries when ``probe_means``): :func:`detector.layers.gram_layers`.
+    probe_rectified : bool
+        Whether the probes' channel means are those of their outputs clipped at zero, max(0, ·).
     valley_quantile : float
         Quantile of clean κ that becomes τ.
     threshold : float
@@ -106,9 +110,11 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     probe_means = False  # detectors saved before the parameter existed read this default
     probe_agreement = False  # the same
     probe_gram = False  # the same
+    probe_rectified = False  # the same
 
     def __init__(self, estimator=None, features: str = "psi", probes: int = 0, probe_means: bool = False,
-                 probe_agreement: bool = False, probe_gram: bool = False, valley_quantile: float = 0.5,
+                 probe_agreement: bool = False, probe_gram: bool = False, probe_rectified: bool = False,
+                 valley_quantile: float = 0.5,
                  threshold: float = 0.5, target_fpr: float | None = None, random_state: int | None = 0):
         self.estimator = estimator
         self.features = features
@@ -116,6 +122,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         self.probe_means = probe_means
         self.probe_agreement = probe_agreement
         self.probe_gram = probe_gram
+        self.probe_rectified = probe_rectified
         self.valley_quantile = valley_quantile
         self.threshold = threshold
         self.target_fpr = target_fpr
@@ -202,7 +209,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
         matrices too."""
         return {"features": self.feature_set, "probes": int(getattr(self, "probes", 0)),
                 "probe_means": bool(self.probe_means), "probe_agreement": bool(self.probe_agreement),
-                "probe_gram": bool(self.probe_gram)}
+                "probe_gram": bool(self.probe_gram), "probe_rectified": bool(self.probe_rectified)}
 
     @property
     def layer_gaussians(self):
@@ -415,7 +422,10 @@ def _compiled_boosting(estimator) -> _CompiledBoosting | None:
 #: rate); ``layers`` (the same, plus class-conditional distances of three earlier layers and of φ);
 #: ``activations`` (``layers``' rows plus those layers' channel means, under a logistic regression, which
 #: generalised to unseen attacks better than boosting on so many columns: docs/RESULTS.md); ``gram``
-#: (``activations`` plus the Gram matrices of the first conv and the first probed layer).
+#: (``activations`` plus the Gram matrices of the first conv and the first probed layer); ``every-layer``
+#: (``activations``' rows over every convolution, each read as the channel means of its output clipped
+#: at zero: a one-step attack spreads its change over every layer, and max(0, ·) keeps the part of it
+#: that a plain mean, linear in the layer's input, averages away).
 _BOOSTED = HistGradientBoostingClassifier(max_iter=100, max_depth=3, min_samples_leaf=20, l2_regularization=1.0,
                                           early_stopping=False, random_state=0)
 _LOGISTIC = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression(C=1.0, max_iter=2000))])
@@ -433,6 +443,8 @@ DETECTORS = {
                       target_fpr=0.05),
     "gram": dict(features="curvature", probes=3, probe_means=True, probe_gram=True, estimator=_LOGISTIC,
                  target_fpr=0.05),
+    "every-layer": dict(features="curvature", probes=EVERY_CONV, probe_means=True, probe_rectified=True,
+                        estimator=_LOGISTIC, target_fpr=0.05),
 }
 
 #: The detector ``detector-train`` fits unless told otherwise: the one the full attack suite favoured

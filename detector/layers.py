@@ -51,7 +51,11 @@ from .features import (
     find_last_linear,
 )
 
-__all__ = ["LayerGaussians", "feature_rows", "forward_probed", "gaussians_for", "gram_layers", "probe_layers"]
+__all__ = ["EVERY_CONV", "LayerGaussians", "feature_rows", "forward_probed", "gaussians_for", "gram_layers",
+           "probe_layers", "probes_in_words"]
+
+#: A probe count that reads every ``nn.Conv2d`` of the model.
+EVERY_CONV = -1
 
 
 def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
@@ -60,12 +64,18 @@ def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
     classes, only in shallow networks with few convs.  The small CNN's three convs give the second
     and the third; a WRN-28-4's 28 give the last conv of each of its three groups.  The residual
     block's output, which adds the skip connection to that conv's, was tried in its place and caught
-    no more on a CIFAR-10 WRN-16-2 and less on a pretrained ResNet-20 (FGSM, PGD at 2/255, noise)."""
+    no more on a CIFAR-10 WRN-16-2 and less on a pretrained ResNet-20 (FGSM, PGD at 2/255, noise).
+    :data:`EVERY_CONV` names every conv, in the order the model defines them."""
     convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    if not convs:
-        return []
+    if not convs or count == EVERY_CONV:
+        return convs
     picks = np.unique(np.round(np.linspace(0, len(convs) - 1, count + 1)[1:]).astype(int))
     return [convs[i] for i in picks]
+
+
+def probes_in_words(count: int) -> str:
+    """How many layers a probe count reads, for reports: "every convolution" or "up to 3 convolutions"."""
+    return "every convolution" if count == EVERY_CONV else f"up to {count} convolution{'s' * (count != 1)}"
 
 
 #: Gram matrices are read only from layers with at most this many channels: the upper triangle of C
@@ -97,9 +107,10 @@ def _gram_upper(output: torch.Tensor) -> torch.Tensor:
 
 
 def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], layer: str | None = None,
-                   gram_probes: Sequence[str] = ()):
+                   gram_probes: Sequence[str] = (), rectified: bool = False):
     """One forward pass: ``(logits, phi, [channel means of each probe, [N, C]] + [the upper triangle of
-    each gram probe's Gram matrix, [N, C(C+1)/2]])``.
+    each gram probe's Gram matrix, [N, C(C+1)/2]])``.  With ``rectified`` the channel means are those
+    of each probe's output clipped at zero, max(0, ·).
 
     Each probe's output ``[N, C, H, W]`` is reduced over space as the pass goes, so nothing larger
     than ``[N, C]`` (``[N, C²]`` for a Gram matrix) is kept per layer.  Gradients flow through
@@ -115,7 +126,8 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
 
         def hook(_m, _inputs, output, name=name):
             if (name, "mean") in wanted:
-                captured[name, "mean"] = output.flatten(2).mean(dim=2) if output.ndim > 2 else output
+                values = output.clamp_min(0) if rectified else output
+                captured[name, "mean"] = values.flatten(2).mean(dim=2) if values.ndim > 2 else values
             if (name, "gram") in wanted:
                 captured[name, "gram"] = _gram_upper(output)
 
@@ -143,25 +155,29 @@ class LayerGaussians:
 
     Plain arrays only (``means_``, ``precisions_``), so a bundle can store them as numbers; they follow
     the order of :func:`forward_probed`'s vectors and then φ.  ``with_means`` appends each of those
-    vectors (channel means, Gram triangles, φ) to the distances in :meth:`rows`.
+    vectors (channel means, Gram triangles, φ) to the distances in :meth:`rows`.  ``rectified`` reads
+    each probe's channel means after max(0, ·) (:func:`forward_probed`).
     """
 
     with_means = False  # statistics saved before the option existed read this default
     with_agreement = False  # the same
     gram_probes: Sequence[str] = ()  # the same
+    rectified = False  # the same
 
     def __init__(self, probes: Sequence[str], layer: str | None = None, ridge: float = 1e-3,
-                 with_means: bool = False, with_agreement: bool = False, gram_probes: Sequence[str] = ()):
+                 with_means: bool = False, with_agreement: bool = False, gram_probes: Sequence[str] = (),
+                 rectified: bool = False):
         self.probes = list(probes)
         self.layer = layer
         self.ridge = ridge
         self.with_means = with_means
         self.with_agreement = with_agreement
         self.gram_probes = list(gram_probes)
+        self.rectified = rectified
 
     def forward(self, model: nn.Module, x: torch.Tensor):
         """:func:`forward_probed` on the layers these statistics read."""
-        return forward_probed(model, x, self.probes, self.layer, self.gram_probes)
+        return forward_probed(model, x, self.probes, self.layer, self.gram_probes, self.rectified)
 
     @torch.no_grad()
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
@@ -302,7 +318,8 @@ def gaussians_for(detector, model: nn.Module, layer: str | None = None) -> Layer
     probes in ``model``, with the columns it reads."""
     probes = probe_layers(model, detector.probes)
     return LayerGaussians(probes, layer, with_means=detector.probe_means, with_agreement=detector.probe_agreement,
-                          gram_probes=gram_layers(model, probes) if detector.probe_gram else ())
+                          gram_probes=gram_layers(model, probes) if detector.probe_gram else (),
+                          rectified=detector.probe_rectified)
 
 
 def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_norm: float,
@@ -318,8 +335,11 @@ def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_
         out = analyze(model, x, layer)
         return detector_features(feature_set, out.logits, out.phi_sq, weight_norm), out
     with torch.enable_grad() if grad else torch.inference_mode():
-        probes, gram_probes = (gaussians.probes, gaussians.gram_probes) if gaussians is not None else ([], [])
-        logits, phi, acts = forward_probed(model, x, probes, layer, gram_probes)
+        if gaussians is not None:
+            logits, phi, acts = forward_probed(model, x, gaussians.probes, layer, gaussians.gram_probes,
+                                               gaussians.rectified)
+        else:
+            logits, phi, acts = forward_probed(model, x, [], layer)
         out = analysis_from(logits, phi, find_last_linear(model, layer).weight)
         rows = detector_features(feature_set, out.logits, out.phi_sq, weight_norm)
         if gaussians is not None:

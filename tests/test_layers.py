@@ -13,6 +13,7 @@ from torch import nn
 from detector import analyze, fgsm, pgd
 from detector.features import detector_features
 from detector.layers import (
+    EVERY_CONV,
     GRAM_MAX_CHANNELS,
     LayerGaussians,
     feature_rows,
@@ -33,6 +34,8 @@ def test_probes_are_spread_over_the_depth(digits_model):
     assert probe_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 3) == []
     # a residual network: the last conv of each group (shortcut convs count towards the depth)
     assert probe_layers(WideResNet(depth=16, width=2), 3) == ["blocks.1.conv2", "blocks.3.conv2", "blocks.5.conv2"]
+    assert probe_layers(digits_model, EVERY_CONV) == convs
+    assert probe_layers(deep, EVERY_CONV) == [str(i) for i in range(28)]
 
 
 def test_probed_pass_is_the_plain_pass(digits_model, digits_test):
@@ -370,3 +373,51 @@ def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(
     fresh.means_ = [m + 1.0 for m in fresh.means_]  # replaced by hand: followed as well
     moved = fresh.distances(acts, phi, logits.argmax(1)).detach()
     assert not torch.allclose(moved, refitted)
+
+
+def test_rectified_probes_are_the_channel_means_of_each_output_clipped_at_zero(digits_model, digits_test):
+    x, _ = digits_test.batch(slice(0, 16))
+    probes = probe_layers(digits_model, EVERY_CONV)
+    seen = {}
+    handles = [digits_model.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach().clone())) for n in probes]
+    try:
+        logits, phi, acts = forward_probed(digits_model, x, probes, rectified=True)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(logits, analyze(digits_model, x).logits)
+    plain = forward_probed(digits_model, x, probes)[2]
+    for name, vector, mean in zip(probes, acts, plain):
+        torch.testing.assert_close(vector, seen[name].clamp_min(0).mean(dim=(2, 3)))
+        torch.testing.assert_close(mean, seen[name].mean(dim=(2, 3)))
+        assert (vector >= mean).all() and not torch.allclose(vector, mean)  # the small CNN's convs go negative
+    stats = LayerGaussians(probes, rectified=True)
+    torch.testing.assert_close(stats.forward(digits_model, x)[2][0], acts[0])
+
+
+def test_every_layer_detector_reads_every_conv_rectified_through_its_bundle(default_bundle, tmp_path):
+    """``--detector every-layer`` on the default classifier: its statistics cover every conv, read after
+    max(0, ·), the loaded bundle scores with them (a bundle that forgot to rectify would score other
+    rows), and the report says what it reads."""
+    from detector import load_bundle
+    from detector.datasets import load_dataset
+    from training.pipeline import TrainOptions, run
+
+    out = tmp_path / "every-layer"
+    run(TrainOptions(detector="every-layer", weights=str(default_bundle / "weights.pt"), evaluate="none",
+                     out=str(out), progress=False))
+    bundle = load_bundle(out)
+    det, stats = bundle.detector, bundle.detector.layer_gaussians
+    convs = [n for n, m in bundle.model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert det.probe_rectified and det.reads()["probe_rectified"] and stats.rectified and stats.with_means
+    assert stats.probes == convs
+    assert json.loads((out / "config.json").read_text())["detector"]["rectified"] is True
+    x, _ = load_dataset("digits", train=False).batch(slice(0, 32))
+    answer = bundle.detect(x)
+    assert answer.features.shape[1] == det.n_features_in_
+    logits, phi, acts = forward_probed(bundle.model, x, stats.probes, rectified=True)
+    expected = torch.cat([stats.distances(acts, phi, logits.argmax(1)), *acts, phi], dim=1)
+    np.testing.assert_allclose(answer.features[:, -stats.n_features:], expected.detach().numpy(), rtol=1e-5, atol=1e-5)
+    report = (out / "report.md").read_text()
+    assert "every convolution" in report and "clipped at zero" in report

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from detector.layers import GRAM_LAYERS_IN_WORDS  # noqa: E402
+from detector.layers import GRAM_LAYERS_IN_WORDS, probes_in_words  # noqa: E402
 from detector.metrics import budget_summary  # noqa: E402
 
 __all__ = [
@@ -421,7 +421,9 @@ def _probed(det: dict) -> str:
                                     ("probe_means", "their channel means"),
                                     ("probe_gram", GRAM_LAYERS_IN_WORDS))
              if det.get(key)]
-    head = f" and the Mahalanobis distances of up to {det['probes']} earlier layers and of φ"
+    if det.get("probe_rectified") and "their channel means" in extra:
+        extra[extra.index("their channel means")] = "the channel means of their outputs clipped at zero"
+    head = f" and the Mahalanobis distances of {probes_in_words(det['probes'])} and of φ"
     if len(extra) >= 2:
         return f"{head}, {', '.join(extra[:-1])} and {extra[-1]}"
     return head + "".join(f" and {what}" for what in extra)
