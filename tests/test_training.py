@@ -407,6 +407,33 @@ def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(defaul
     assert detection["n_calibration"] == detector.n_calibration_ == 3 * detection["n_calibration_images"]
 
 
+def test_fit_attacks_are_the_adversarials_the_detector_is_fitted_on(default_bundle, tmp_path):
+    """``--fit-attacks``: the detector's adversarial rows come from the named sources only, the report
+    says so, and the evaluation marks only those attacks as seen in fitting."""
+    from training.fitting import FIT_SOURCES, fit_attacks, seen_in_fitting
+
+    assert options_from_args(build_parser().parse_args(["--fit-attacks", "one-step, SMALL,one-step"]),
+                             "x").fit_attacks == ("one-step", "small")
+    assert options_from_args(build_parser().parse_args([]), "x").fit_attacks is None
+    for bad in ("fgsm", "", " , "):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--fit-attacks", bad])
+    pgd8 = {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10}
+    assert list(fit_attacks("activations", pgd8)) == list(fit_attacks("activations", pgd8, FIT_SOURCES[::-1]))
+    with pytest.raises(ValueError, match="some of path, one-step, small"):
+        fit_attacks("activations", pgd8, ["fgsm"])
+    report = run(TrainOptions(weights=str(default_bundle / "weights.pt"), epochs=0, max_samples=150,
+                              fit_attacks=("one-step",), evaluate="none", out=str(tmp_path / "b"), progress=False))
+    fitted = report["detection"]["fitted_on"]
+    assert list(fitted["adversarial"]) == list(fitted["attacks"]) == ["fgsm"]
+    assert fitted["adversarial"]["fgsm"] > 0
+    suite = [{"label": "FGSM", "attack": "fgsm", "params": {"eps": report["attack"]["eps"]}},
+             {"label": "PGD", "attack": "pgd", "params": {k: report["attack"][k] for k in ("eps", "alpha", "steps")}}]
+    assert seen_in_fitting(report, suite)[-1:] == ["FGSM"] and "PGD" not in seen_in_fitting(report, suite)
+    n_clean = len(fitted["clean"]) * report["detection"]["n_fit_images"]
+    assert report["detection"]["n_fit"] == n_clean + fitted["adversarial"]["fgsm"]
+
+
 def test_bad_requests_fail_before_any_work(tmp_path):
     with pytest.raises(PipelineError, match="no --weights"):
         run(TrainOptions(epochs=0, out=str(tmp_path / "a"), progress=False))
@@ -428,6 +455,14 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         run(TrainOptions(clean_variants=("sharpen",), out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="a sequence of names, not one string"):
         run(TrainOptions(clean_variants="JPEG q30", out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--fit-attacks is for detectors fitted on both phases"):
+        run(TrainOptions(detector="paper", fit_attacks=("path",), out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--fit-attacks names some of path, one-step, small, got fgsm"):
+        run(TrainOptions(fit_attacks=("fgsm",), out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="--fit-attacks names some of"):
+        run(TrainOptions(fit_attacks=(), out=str(tmp_path / "d"), progress=False))
+    with pytest.raises(PipelineError, match="fit_attacks is a sequence of names"):
+        run(TrainOptions(fit_attacks="path", out=str(tmp_path / "d"), progress=False))
     with pytest.raises(PipelineError, match="--epochs is 0"):
         run(TrainOptions(adversarial_training="fast", epochs=0, weights=str(tmp_path / "x.pt"),
                          out=str(tmp_path / "d"), progress=False))

@@ -21,7 +21,7 @@ from detector.models import MODELS
 from detector.shifts import shift_name
 
 from .classifier import ADVERSARIAL_TRAINING
-from .fitting import CLEAN_VARIANTS
+from .fitting import CLEAN_VARIANTS, FIT_SOURCES
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
@@ -34,6 +34,15 @@ def _number(text: str) -> float:
         return float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError) as exc:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+
+
+def _fit_sources(text: str) -> tuple[str, ...]:
+    """``--fit-attacks``: comma-separated names of :data:`training.fitting.FIT_SOURCES`."""
+    parts = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    unknown = [part for part in parts if part not in FIT_SOURCES]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"name some of {', '.join(FIT_SOURCES)}, not {', '.join(unknown) or 'none'}")
+    return parts
 
 
 def _shift_names(text: str) -> tuple[str, ...]:
@@ -156,7 +165,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "activations: the same rows plus those layers' channel means, "
                             "logistic regression; agreement: activations plus how much nearer another class "
                             "is than the predicted one in each earlier layer; gram: activations plus "
-                            f"{GRAM_LAYERS_IN_WORDS} (channel co-activations); "
+                            f"{GRAM_LAYERS_IN_WORDS} (channel co-activations); every-layer: activations over "
+                            "every convolution, each read as the channel means of its output clipped at zero; "
                             "curvature: layers without earlier layers; paper: the talk's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")
@@ -171,6 +181,10 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "changed that way do not fire; replaces the default list (" + ", ".join(CLEAN_VARIANTS)
                             + "): 'default,JPEG q30' keeps it and adds one; 'x' and 'sigma' stand for × and σ; "
                             "the paper's detector takes none")
+        g.add_argument("--fit-attacks", type=_fit_sources, default=None, metavar="NAME,NAME,…",
+                       help="the adversarials the detector is fitted on (not the paper's): 'path', every "
+                            "misclassified step of the recorded PGD; 'one-step', one step of the full radius "
+                            "(FGSM for L∞); 'small', PGD-10 at a quarter of the radius (default: all three)")
         g.add_argument("--test-fraction", type=_number, default=defaults.test_fraction,
                        help="share of the attacked images held out for evaluation")
         g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,
@@ -227,6 +241,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         estimator=getattr(args, "estimator", None),
         target_fpr=getattr(args, "target_fpr", TrainOptions.target_fpr),
         clean_variants=getattr(args, "clean_variants", None),
+        fit_attacks=getattr(args, "fit_attacks", None),
         calibration_fraction=getattr(args, "calibration_fraction", TrainOptions.calibration_fraction),
         evaluate=getattr(args, "evaluate", TrainOptions.evaluate),
         evaluate_images=getattr(args, "evaluate_images", TrainOptions.evaluate_images),

@@ -36,7 +36,7 @@ from detector.layers import LayerGaussians, feature_rows, gaussians_for
 from detector.shifts import apply_shift
 
 __all__ = [
-    "CLEAN_VARIANTS", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side", "calibration_rows",
+    "CLEAN_VARIANTS", "FIT_SOURCES", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side", "calibration_rows",
     "fit_attacks", "fit_detector", "seen_in_fitting", "split_calibration", "split_images",
 ]
 
@@ -47,12 +47,24 @@ CLEAN_VARIANTS = ("upscaled ×4", "JPEG q75", "JPEG q60", "brightness ×0.9", "c
                   "noise σ=0.03", "JPEG q40", "noise σ=0.07")
 
 
-def fit_attacks(detector: str, pgd_params: dict) -> dict[str, dict]:
+#: The adversarial sources the detectors other than ``paper`` are fitted on (``--fit-attacks``): every
+#: misclassified step of the recorded PGD path, one step of the full radius, a PGD at a quarter of it.
+FIT_SOURCES = ("path", "one-step", "small")
+
+#: The source label of the recorded path's misclassified steps.
+PATH_LABEL = "pgd path (every misclassified step)"
+
+
+def fit_attacks(detector: str, pgd_params: dict, sources: Sequence[str] = FIT_SOURCES) -> dict[str, dict]:
     """The attacks whose adversarials the detector ``detector`` is fitted on, by source label:
-    ``{"attack": registered attack name, "params": {...}}``.  The first is the recorded PGD
-    (``pgd_params``: ``eps``, ``alpha``, ``steps``, ``norm``, ``random_start``); ``paper`` learns
-    its final iterate, the others every misclassified step of it and also one step of the full
-    radius and a 10-step PGD at a quarter of it, in the recorded norm."""
+    ``{"attack": registered attack name, "params": {...}}``.  The recorded PGD (``pgd_params``:
+    ``eps``, ``alpha``, ``steps``, ``norm``, ``random_start``): ``paper`` learns its final iterate;
+    the others every misclassified step of it (``path``), one step of the full radius (``one-step``)
+    and a 10-step PGD at a quarter of it (``small``), in the recorded norm, those of ``sources`` in
+    that order."""
+    unknown = sorted(set(sources) - set(FIT_SOURCES))
+    if unknown or not sources:
+        raise ValueError(f"fit attacks are some of {', '.join(FIT_SOURCES)}, got {', '.join(unknown) or 'none'}")
     eps, norm = float(pgd_params["eps"]), pgd_params.get("norm", "linf")
     name = "pgd-l2" if norm == "l2" else "pgd"
     recorded = {"attack": name, "params": {"eps": eps, "alpha": float(pgd_params["alpha"]),
@@ -62,9 +74,10 @@ def fit_attacks(detector: str, pgd_params: dict) -> dict[str, dict]:
         return {"final PGD iterate": recorded}
     one_step = ({"attack": "fgsm", "params": {"eps": eps}} if norm == "linf"
                 else {"attack": "pgd-l2", "params": {"eps": eps, "alpha": eps, "steps": 1}})
-    return {"pgd path (every misclassified step)": recorded,
-            "fgsm" if norm == "linf" else "one-step L2": one_step,
-            "pgd ε/4": {"attack": name, "params": {"eps": eps / 4, "alpha": eps / 16, "steps": 10}}}
+    every = {"path": (PATH_LABEL, recorded),
+             "one-step": ("fgsm" if norm == "linf" else "one-step L2", one_step),
+             "small": ("pgd ε/4", {"attack": name, "params": {"eps": eps / 4, "alpha": eps / 16, "steps": 10}})}
+    return dict(every[source] for source in FIT_SOURCES if source in sources)
 
 
 def seen_in_fitting(report: dict[str, Any], attacks: Sequence[dict[str, Any]] = ()) -> list[str]:
@@ -234,12 +247,14 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
                  calibration_images: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
                  device: torch.device, batch_size: int, seed: int,
                  reference: ImageDataset | None = None, estimator: str | None = None,
-                 clean_variants: Sequence[str] = CLEAN_VARIANTS) -> FittedDetector:
+                 clean_variants: Sequence[str] = CLEAN_VARIANTS,
+                 fit_sources: Sequence[str] = FIT_SOURCES) -> FittedDetector:
     """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
     the calibration images (clean only).  ``pgd_params`` are the recorded attack's (``eps``,
     ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
     earlier layers' statistics of detectors that read them; the clean fit and calibration images are
-    also seen through ``clean_variants`` (not by the paper's detector)."""
+    also seen through ``clean_variants`` and the adversarials come from ``fit_sources``
+    (:func:`fit_attacks`; neither for the paper's detector)."""
     detector = make_detector(name, target_fpr=target_fpr, random_state=seed, estimator=estimator)
     weight_norm = output_weight_norm(model, layer)
     extract = Extractor(model, detector.features, weight_norm, layer)
@@ -253,7 +268,7 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
         path_rows = _rerun_path_rows(extract, data, attacked, pgd_params, seed, device, batch_size)
     else:
         path_rows = _path_rows(attacked, detector.features, weight_norm)
-    attacks = fit_attacks(name, pgd_params)
+    attacks = fit_attacks(name, pgd_params, fit_sources)
     rng = np.random.default_rng(seed + 1)
     calibration = (None if detector.target_fpr is None else
                    calibration_rows(extract, data, attacked.index[calibration_images], device=device,
@@ -270,18 +285,22 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
         return FittedDetector(detector, fit_set, path_rows, described)
 
     # Both phases: every misclassified step of the path, plus one-step and small-ε attacks.
-    path_label, *others = attacks
-    wrong = attacked.predictions[fit_images] != attacked.labels[fit_images, None]
-    wrong[:, 0] = False
-    adv_rows = [path_rows[fit_images][wrong]]
-    sources = {path_label: int(wrong.sum())}
+    adv_rows, sources = [], {}
+    if PATH_LABEL in attacks:
+        wrong = attacked.predictions[fit_images] != attacked.labels[fit_images, None]
+        wrong[:, 0] = False
+        adv_rows.append(path_rows[fit_images][wrong])
+        sources[PATH_LABEL] = int(wrong.sum())
     index = attacked.index[fit_images]
-    for label in others:
+    for label in (label for label in attacks if label != PATH_LABEL):
         fn, params = get_attack(attacks[label]["attack"]).fn, attacks[label]["params"]
         rows, misclassified = _batched_rows(extract, data, index, lambda x, y, fn=fn, p=params: fn(model, x, y, **p),
                                             device, batch_size)
         adv_rows.append(rows[misclassified])
         sources[label] = int(misclassified.sum())
+    if not any(len(r) for r in adv_rows):
+        raise ValueError(f"none of the fit images was misclassified by {', '.join(attacks)}: nothing adversarial to "
+                         "fit the detector on")
     clean_rows = calibration_rows(extract, data, index, device=device, batch_size=batch_size, variants=clean_variants)
     adv = np.concatenate(adv_rows)
     X = np.concatenate([clean_rows, adv])

@@ -75,6 +75,8 @@ class TrainOptions:
     # the clean images' variants the detector is fitted and calibrated on (names of detector.shifts);
     # None: training.fitting.CLEAN_VARIANTS
     clean_variants: tuple[str, ...] | None = None
+    # the adversarial sources the detector is fitted on (training.fitting.FIT_SOURCES); None: all of them
+    fit_attacks: tuple[str, ...] | None = None
     max_samples: int = 2000
     test_fraction: float = 0.3
     calibration_fraction: float = 0.3

@@ -25,6 +25,7 @@ from detector.shifts import shift_name
 from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
 from .fitting import (
     CLEAN_VARIANTS,
+    FIT_SOURCES,
     DetectorSet,
     balanced_side,
     fit_detector,
@@ -134,6 +135,15 @@ def run(options: TrainOptions) -> dict[str, Any]:
         clean_variants = tuple(dict.fromkeys(shift_name(name) for name in clean_variants))
     except ValueError as exc:
         raise PipelineError(f"--clean-variants: {exc}") from exc
+    if isinstance(options.fit_attacks, str):
+        raise PipelineError("fit_attacks is a sequence of names, not one string")
+    if options.fit_attacks is not None and options.detector == "paper":
+        raise PipelineError("--fit-attacks is for detectors fitted on both phases of the path; the paper's tree "
+                            "is fitted on PGD's final iterates only")
+    fit_sources = FIT_SOURCES if options.fit_attacks is None else tuple(dict.fromkeys(options.fit_attacks))
+    if not fit_sources or not set(fit_sources) <= set(FIT_SOURCES):
+        raise PipelineError(f"--fit-attacks names some of {', '.join(FIT_SOURCES)}, got "
+                            f"{', '.join(fit_sources) or 'none'}")
     if options.evaluate not in ("none", "quick", "full"):
         raise PipelineError(f"--evaluate must be none, quick or full, got {options.evaluate!r}")
     check_out_dir(Path(options.out))
@@ -165,7 +175,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
                           pgd_params={k: getattr(attack, k) for k in ("eps", "alpha", "steps", "norm", "random_start")},
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
-                          reference=prepared.train, estimator=options.estimator, clean_variants=clean_variants)
+                          reference=prepared.train, estimator=options.estimator, clean_variants=clean_variants,
+                          fit_sources=fit_sources)
     # Every rank fitted on the same rows; rank 0's detector is the one saved, so all ranks use it.
     detector, fit_set = distributed.broadcast(fitted.detector), fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
