@@ -73,9 +73,10 @@ def probe_layers(model: nn.Module, count: int = 3) -> list[str]:
     return [convs[i] for i in picks]
 
 
-def probes_in_words(count: int) -> str:
-    """How many layers a probe count reads, for reports: "every convolution" or "up to 3 convolutions"."""
-    return "every convolution" if count == EVERY_CONV else f"up to {count} convolution{'s' * (count != 1)}"
+def probes_in_words(count: int, layers: str = "convolutions") -> str:
+    """How many layers a probe count reads, for reports: "every convolution", or "up to 3 convolutions"
+    (``layers`` names what the count counts)."""
+    return "every convolution" if count == EVERY_CONV else f"up to {count} {layers}"
 
 
 #: Gram matrices are read only from layers with at most this many channels: the upper triangle of C

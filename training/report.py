@@ -423,7 +423,7 @@ def _probed(det: dict) -> str:
              if det.get(key)]
     if det.get("probe_rectified") and "their channel means" in extra:
         extra[extra.index("their channel means")] = "the channel means of their outputs clipped at zero"
-    head = f" and the Mahalanobis distances of {probes_in_words(det['probes'])} and of φ"
+    head = f" and the Mahalanobis distances of {probes_in_words(det['probes'], 'earlier layers')} and of φ"
     if len(extra) >= 2:
         return f"{head}, {', '.join(extra[:-1])} and {extra[-1]}"
     return head + "".join(f" and {what}" for what in extra)
