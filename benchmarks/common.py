@@ -496,8 +496,9 @@ def describe_detector(detector: str | None = None) -> str:
     if not det.probes:
         return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per batch: one forward pass, "
                 f"`{det.feature_set}` features, {classifier}")
+    means = " and channel means" + (" after max(0, ·)" if det.probe_rectified else "")
     stats = ("class-conditional Mahalanobis distances" + (" and agreement gaps" if det.probe_agreement else "")
-             + ((" and channel means" + (" after max(0, ·)" if det.probe_rectified else "")) if det.probe_means else ""))
+             + (means if det.probe_means else ""))
     grams = f" and {GRAM_LAYERS_IN_WORDS}" if det.probe_gram else ""
     return (f"{which} (`{name}`) through `Bundle.detect`, what the service calls per "
             f"batch: the same single forward pass with hooks on {probes_in_words(det.probes)}, curvature features, "
