@@ -244,18 +244,24 @@ def test_gram_layers_are_the_stem_and_the_first_probe_when_narrow(digits_model):
     assert gram_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), []) == []
 
 
+def _probed_and_outputs(model, x, watched, probes, **options):
+    """:func:`forward_probed` on ``probes``, and a copy of the whole output of each ``watched`` layer in
+    that pass (copied: a later in-place ReLU may overwrite it)."""
+    seen = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach().clone())) for n in watched]
+    try:
+        return forward_probed(model, x, probes, **options), seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_gram_vectors_are_the_upper_triangle_of_the_channel_co_activations(digits_model, digits_test):
     x, _ = digits_test.batch(slice(0, 16))
     probes = probe_layers(digits_model)
     grams = gram_layers(digits_model, probes)
-    seen = {}
-    handles = [digits_model.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach())) for n in grams]
-    try:
-        logits, phi, acts = forward_probed(digits_model, x, probes, gram_probes=grams)
-    finally:
-        for h in handles:
-            h.remove()
+    (logits, phi, acts), seen = _probed_and_outputs(digits_model, x, grams, probes, gram_probes=grams)
     torch.testing.assert_close(logits, analyze(digits_model, x).logits)
     assert len(acts) == len(probes) + len(grams)
     for name, vector in zip(grams, acts[len(probes):]):
@@ -378,14 +384,7 @@ def test_statistics_on_device_serve_inference_then_gradients_and_follow_a_refit(
 def test_rectified_probes_are_the_channel_means_of_each_output_clipped_at_zero(digits_model, digits_test):
     x, _ = digits_test.batch(slice(0, 16))
     probes = probe_layers(digits_model, EVERY_CONV)
-    seen = {}
-    handles = [digits_model.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach().clone())) for n in probes]
-    try:
-        logits, phi, acts = forward_probed(digits_model, x, probes, rectified=True)
-    finally:
-        for h in handles:
-            h.remove()
+    (logits, phi, acts), seen = _probed_and_outputs(digits_model, x, probes, probes, rectified=True)
     torch.testing.assert_close(logits, analyze(digits_model, x).logits)
     plain = forward_probed(digits_model, x, probes)[2]
     for name, vector, mean in zip(probes, acts, plain):
