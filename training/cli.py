@@ -21,7 +21,7 @@ from detector.models import MODELS
 from detector.shifts import shift_name
 
 from .classifier import ADVERSARIAL_TRAINING
-from .fitting import CLEAN_VARIANTS, FIT_SOURCES
+from .fitting import CLEAN_VARIANTS, fit_sources
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
@@ -38,11 +38,10 @@ def _number(text: str) -> float:
 
 def _fit_sources(text: str) -> tuple[str, ...]:
     """``--fit-attacks``: comma-separated names of :data:`training.fitting.FIT_SOURCES`."""
-    parts = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
-    unknown = [part for part in parts if part not in FIT_SOURCES]
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"name some of {', '.join(FIT_SOURCES)}, not {', '.join(unknown) or 'none'}")
-    return parts
+    try:
+        return fit_sources([part.strip().lower() for part in text.split(",") if part.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _shift_names(text: str) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from detector.shifts import apply_shift
 
 __all__ = [
     "CLEAN_VARIANTS", "FIT_SOURCES", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side",
-    "calibration_rows", "fit_attacks", "fit_detector", "seen_in_fitting", "split_calibration", "split_images",
+    "calibration_rows", "fit_attacks", "fit_detector", "fit_sources", "seen_in_fitting", "split_calibration", "split_images",
 ]
 
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
@@ -55,6 +55,15 @@ FIT_SOURCES = ("path", "one-step", "small")
 PATH_LABEL = "pgd path (every misclassified step)"
 
 
+def fit_sources(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` of :data:`FIT_SOURCES`, each once in the order given; a ValueError says which are not."""
+    names = tuple(dict.fromkeys(names))
+    unknown = [name for name in names if name not in FIT_SOURCES]
+    if unknown or not names:
+        raise ValueError(f"names some of {', '.join(FIT_SOURCES)}, got {', '.join(unknown) or 'none'}")
+    return names
+
+
 def fit_attacks(detector: str, pgd_params: dict, sources: Sequence[str] = FIT_SOURCES) -> dict[str, dict]:
     """The attacks whose adversarials the detector ``detector`` is fitted on, by source label:
     ``{"attack": registered attack name, "params": {...}}``.  The recorded PGD (``pgd_params``:
@@ -62,9 +71,7 @@ def fit_attacks(detector: str, pgd_params: dict, sources: Sequence[str] = FIT_SO
     the others every misclassified step of it (``path``), one step of the full radius (``one-step``)
     and a 10-step PGD at a quarter of it (``small``), in the recorded norm, those of ``sources`` in
     that order."""
-    unknown = sorted(set(sources) - set(FIT_SOURCES))
-    if unknown or not sources:
-        raise ValueError(f"fit attacks are some of {', '.join(FIT_SOURCES)}, got {', '.join(unknown) or 'none'}")
+    sources = fit_sources(sources)
     eps, norm = float(pgd_params["eps"]), pgd_params.get("norm", "linf")
     name = "pgd-l2" if norm == "l2" else "pgd"
     recorded = {"attack": name, "params": {"eps": eps, "alpha": float(pgd_params["alpha"]),

@@ -29,6 +29,7 @@ from .fitting import (
     DetectorSet,
     balanced_side,
     fit_detector,
+    fit_sources,
     seen_in_fitting,
     split_calibration,
     split_images,
@@ -140,10 +141,10 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if options.fit_attacks is not None and options.detector == "paper":
         raise PipelineError("--fit-attacks is for detectors fitted on both phases of the path; the paper's tree "
                             "is fitted on PGD's final iterates only")
-    fit_sources = FIT_SOURCES if options.fit_attacks is None else tuple(dict.fromkeys(options.fit_attacks))
-    if not fit_sources or not set(fit_sources) <= set(FIT_SOURCES):
-        raise PipelineError(f"--fit-attacks names some of {', '.join(FIT_SOURCES)}, got "
-                            f"{', '.join(fit_sources) or 'none'}")
+    try:
+        sources = FIT_SOURCES if options.fit_attacks is None else fit_sources(options.fit_attacks)
+    except ValueError as exc:
+        raise PipelineError(f"--fit-attacks {exc}") from exc
     if options.evaluate not in ("none", "quick", "full"):
         raise PipelineError(f"--evaluate must be none, quick or full, got {options.evaluate!r}")
     check_out_dir(Path(options.out))
@@ -176,7 +177,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
                           reference=prepared.train, estimator=options.estimator, clean_variants=clean_variants,
-                          fit_sources=fit_sources)
+                          fit_sources=sources)
     # Every rank fitted on the same rows; rank 0's detector is the one saved, so all ranks use it.
     detector, fit_set = distributed.broadcast(fitted.detector), fitted.fit_set
     held_out = balanced_side(attacked, test_images, np.random.default_rng(options.seed + 2), fitted.path_rows)
