@@ -37,7 +37,8 @@ from detector.shifts import apply_shift
 
 __all__ = [
     "CLEAN_VARIANTS", "FIT_SOURCES", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side",
-    "calibration_rows", "fit_attacks", "fit_detector", "fit_sources", "seen_in_fitting", "split_calibration", "split_images",
+    "calibration_rows", "fit_attacks", "fit_detector", "fit_sources", "seen_in_fitting", "split_calibration",
+    "split_images",
 ]
 
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
