@@ -395,6 +395,29 @@ def test_rectified_probes_are_the_channel_means_of_each_output_clipped_at_zero(d
     torch.testing.assert_close(stats.forward(digits_model, x)[2][0], acts[0])
 
 
+def test_rectified_means_taken_in_blocks_on_a_cpu_equal_the_whole_batch_at_once(digits_model, digits_test,
+                                                                               monkeypatch):
+    """On a CPU the clipped means are taken a few images at a time (to spare the memory a whole-batch
+    temporary costs): blocks that do not divide the batch must give the whole batch's values and
+    gradients, in order."""
+    import detector.layers as layers
+
+    x, _ = digits_test.batch(slice(0, 16))
+    probes = probe_layers(digits_model, EVERY_CONV)
+    x_whole = x.clone().requires_grad_(True)
+    (_, _, whole), seen = _probed_and_outputs(digits_model, x_whole, probes, probes, rectified=True)
+    (grad_whole,) = torch.autograd.grad(sum(a.square().sum() for a in whole), x_whole)
+    largest = max(out[0].numel() for out in seen.values())
+    monkeypatch.setattr(layers, "_CPU_BLOCK_ELEMENTS", 3 * largest)  # 3 images a block there: 16 = 5 × 3 + 1
+    x_blocks = x.clone().requires_grad_(True)
+    _, _, blocks = forward_probed(digits_model, x_blocks, probes, rectified=True)
+    (grad_blocks,) = torch.autograd.grad(sum(a.square().sum() for a in blocks), x_blocks)
+    for a, b in zip(whole, blocks, strict=True):
+        torch.testing.assert_close(b, a)
+    torch.testing.assert_close(grad_blocks, grad_whole)
+    assert grad_whole.abs().sum() > 0
+
+
 def test_every_layer_detector_reads_every_conv_rectified_through_its_bundle(default_bundle, tmp_path):
     """``--detector every-layer`` on the default classifier: its statistics cover every conv, read after
     max(0, ·), the loaded bundle scores with them (a bundle that forgot to rectify would score other
