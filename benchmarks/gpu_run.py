@@ -15,7 +15,10 @@ Steps, each a subprocess with its own time limit, in this order:
 4. ``evaluate``: ``detector-evaluate --suite full`` on held-out images;
 5. ``bench-overhead``, ``bench-kappa-pgd``, ``bench-service``: ``python -m benchmarks --device cuda``
    (item 1 at batch sizes up to 1024 in fp32 and bf16, items 2 and 3, and the service under load
-   serving the WRN bundle).
+   serving the WRN bundle), and ``bench-scaling``;
+6. ``fit-every-layer``, ``evaluate-every-layer``: ``--detector every-layer`` on the same classifier,
+   fitted on 5,000 attacked images, judged by the quick suite on held-out images (in the archive,
+   beside the default's evaluation), if the deadline leaves them their time.
 
 A step starts only if the run's deadline (``--budget-s``, 11.5 minutes by default) leaves it its minimum
 time, and is stopped at its own limit or at the deadline, whichever comes first; what finished is kept.
@@ -103,17 +106,27 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
     bench = ["--device", device, "--results-dir", str(work / "benchmarks"), "--out",
              str(work / "benchmarks" / "BENCHMARKS.md"), "--wait-load", "0", "--quiet-cores", "0"]
     bench_module = [sys.executable, "-m", "benchmarks"]
-    train = ["--model", "wrn", "--data", "cifar10", "--data-dir", str(args.data_dir), "--device", device,
-             "--out", str(bundle), "--evaluate", "none", "--no-progress", "--seed", str(args.seed)]
+    common = ["--model", "wrn", "--data", "cifar10", "--data-dir", str(args.data_dir), "--device", device,
+              "--evaluate", "none", "--no-progress", "--seed", str(args.seed)]
+    # Enough images for the rebuilt CIFAR-10 too, where one epoch of WRN-10-1 on 512 images is near
+    # chance and leaves the evaluation too few correctly classified ones to calibrate on.
+    toy = ["--depth", "10", "--width", "1", "--train-samples", "2048", "--test-samples", "512"]
     if dry:
-        # Enough images for the rebuilt CIFAR-10 too, where one epoch of WRN-10-1 on 512 images is near
-        # chance and leaves the evaluation too few correctly classified ones to calibrate on.
-        train += ["--depth", "10", "--width", "1", "--epochs", "2", "--batch-size", "64", "--train-samples", "2048",
-                  "--test-samples", "512", "--max-samples", "256"]
+        common += toy
+        train = common + ["--out", str(bundle), "--epochs", "2", "--batch-size", "64", "--max-samples", "256"]
     else:
-        train += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-samples", "2000"]
+        train = common + ["--out", str(bundle), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                          "--max-samples", "2000"]
+    # every-layer on the same classifier and 5,000 fitting images: what decides the default detector
+    # (docs/RESULTS.md, "More fitting images"); last, so that it takes only time the rest left.
+    every_layer = work / "wrn-every-layer"
+    fit_every_layer = common + ["--weights", str(bundle / "weights.pt"), "--epochs", "0", "--detector", "every-layer",
+                                "--max-samples", "256" if dry else "5000", "--out", str(every_layer)]
     evaluate = ["--bundle", str(bundle), "--device", device, "--no-progress", "--out", str(work / "evaluation")]
     evaluate += ["--suite", "quick", "--max-images", "60"] if dry else ["--suite", "full", "--max-images", "500"]
+    evaluate_every_layer = ["--bundle", str(every_layer), "--device", device, "--no-progress",
+                            "--out", str(work / "evaluation-every-layer"), "--suite", "quick",
+                            "--max-images", "60" if dry else "500"]
     steps = [Step("environment", [sys.executable, "-c", _ENVIRONMENT], 60, 5)]
     if not dry:
         steps.append(Step("calibrate", [sys.executable, "-c", _CALIBRATE, str(args.data_dir), "28", "4", "10240",
@@ -134,6 +147,10 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
                                str(work / "benchmarks" / "scaling.json")]
              + (["--batch-size", "2", "--repeats", "1"] if dry else ["--batch-size", "128", "--amp", "bf16"]),
              120 if dry else 60, 5 if dry else 20),
+        Step("fit-every-layer", _entry("training.cli") + fit_every_layer, 600 if dry else 150, 20 if dry else 60,
+             ("train",)),
+        Step("evaluate-every-layer", _entry("training.evaluate") + evaluate_every_layer, 300 if dry else 120,
+             20 if dry else 45, ("fit-every-layer",)),
     ]
     return steps
 
