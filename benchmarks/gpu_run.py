@@ -16,9 +16,10 @@ Steps, each a subprocess with its own time limit, in this order:
 5. ``bench-overhead``, ``bench-kappa-pgd``, ``bench-service``: ``python -m benchmarks --device cuda``
    (item 1 at batch sizes up to 1024 in fp32 and bf16, items 2 and 3, and the service under load
    serving the WRN bundle), and ``bench-scaling``;
-6. ``fit-every-layer``, ``evaluate-every-layer``: ``--detector every-layer`` on the same classifier,
-   fitted on 5,000 attacked images, judged by the quick suite on held-out images (in the archive,
-   beside the default's evaluation), if the deadline leaves them their time.
+6. ``bench-overhead-every-layer``, ``fit-every-layer``, ``evaluate-every-layer``: what
+   ``--detector every-layer`` costs on the device (item 1 on WRN-28-4), and that detector on the same
+   classifier, fitted on 5,000 attacked images, judged by the quick suite on held-out images (in the
+   archive, beside the default's), if the deadline leaves them their time.
 
 A step starts only if the run's deadline (``--budget-s``, 11.5 minutes by default) leaves it its minimum
 time, and is stopped at its own limit or at the deadline, whichever comes first; what finished is kept.
@@ -147,6 +148,15 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
                                str(work / "benchmarks" / "scaling.json")]
              + (["--batch-size", "2", "--repeats", "1"] if dry else ["--batch-size", "128", "--amp", "bf16"]),
              120 if dry else 60, 5 if dry else 20),
+        # What every-layer's hooks on every convolution cost on the device (its own results folder: the
+        # default detector's item 1 above is kept as it is).
+        Step("bench-overhead-every-layer", bench_module + [
+            "--device", device, "--results-dir", str(work / "benchmarks-every-layer"), "--out",
+            str(work / "benchmarks-every-layer" / "BENCHMARKS.md"), "--wait-load", "0", "--quiet-cores", "0",
+            "--only", "overhead", "--detector", "every-layer"]
+             + (["--quick", "--archs", "cnn"] if dry else ["--archs", "wrn", "--amp", "none,bf16",
+                                                           "--batch-sizes", "32,256,1024"]),
+             300 if dry else 90, 10 if dry else 40),
         Step("fit-every-layer", _entry("training.cli") + fit_every_layer, 600 if dry else 150, 20 if dry else 60,
              ("train",)),
         Step("evaluate-every-layer", _entry("training.evaluate") + evaluate_every_layer, 300 if dry else 120,

@@ -37,7 +37,8 @@ def test_dry_run_goes_through_every_step_and_returns_the_figures(tmp_path):
     statuses = {s["name"]: s["status"] for s in summary["steps"]}
     assert proc.returncode == 0 and set(statuses.values()) == {"passed"}, (statuses, proc.stdout[-3000:])
     assert list(statuses) == ["environment", "train", "evaluate", "bench-overhead", "bench-kappa-pgd",
-                              "bench-service", "bench-scaling", "fit-every-layer", "evaluate-every-layer"]
+                              "bench-service", "bench-scaling", "bench-overhead-every-layer", "fit-every-layer",
+                              "evaluate-every-layer"]
     assert all(s["seconds"] > 0 for s in summary["steps"])  # each step reports its own time
     assert summary["wrn"]["epochs"] == 2 and 0.0 <= summary["wrn"]["clean_accuracy"] <= 1.0
     # What comes back from a lease: at most 8 files, flat.
@@ -48,6 +49,7 @@ def test_dry_run_goes_through_every_step_and_returns_the_figures(tmp_path):
         names = tar.getnames()
     assert "wrn/report.json" in names and "evaluation/evaluation.json" in names
     assert "wrn-every-layer/report.json" in names and "evaluation-every-layer/evaluation.json" in names
+    assert "benchmarks-every-layer/BENCHMARKS.md" in names
     assert not any(name.endswith(".pt") for name in names)  # no weights travel back
     bench = (out / "BENCHMARKS.md").read_text()
     for title in ("1. Detection overhead", "2. ", "3. ", "4. "):
