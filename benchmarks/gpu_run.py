@@ -157,7 +157,7 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
              + (["--quick", "--archs", "cnn"] if dry else ["--archs", "wrn", "--amp", "none,bf16",
                                                            "--batch-sizes", "32,256,1024"]),
              300 if dry else 90, 10 if dry else 40),
-        Step("fit-every-layer", _entry("training.cli") + fit_every_layer, 600 if dry else 150, 20 if dry else 60,
+        Step("fit-every-layer", _entry("training.cli") + fit_every_layer, 600 if dry else 240, 20 if dry else 60,
              ("train",)),
         Step("evaluate-every-layer", _entry("training.evaluate") + evaluate_every_layer, 300 if dry else 120,
              20 if dry else 45, ("fit-every-layer",)),
