@@ -104,8 +104,13 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
     dry = args.dry_run
     device = "cpu" if dry else args.device
     bundle = work / "wrn"
-    bench = ["--device", device, "--results-dir", str(work / "benchmarks"), "--out",
-             str(work / "benchmarks" / "BENCHMARKS.md"), "--wait-load", "0", "--quiet-cores", "0"]
+
+    def bench_options(folder: Path) -> list[str]:
+        """``python -m benchmarks`` options that write results and the document to ``folder``."""
+        return ["--device", device, "--results-dir", str(folder), "--out", str(folder / "BENCHMARKS.md"),
+                "--wait-load", "0", "--quiet-cores", "0"]
+
+    bench = bench_options(work / "benchmarks")
     bench_module = [sys.executable, "-m", "benchmarks"]
     common = ["--model", "wrn", "--data", "cifar10", "--data-dir", str(args.data_dir), "--device", device,
               "--evaluate", "none", "--no-progress", "--seed", str(args.seed)]
@@ -150,10 +155,8 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
              120 if dry else 60, 5 if dry else 20),
         # What every-layer's hooks on every convolution cost on the device (its own results folder: the
         # default detector's item 1 above is kept as it is).
-        Step("bench-overhead-every-layer", bench_module + [
-            "--device", device, "--results-dir", str(work / "benchmarks-every-layer"), "--out",
-            str(work / "benchmarks-every-layer" / "BENCHMARKS.md"), "--wait-load", "0", "--quiet-cores", "0",
-            "--only", "overhead", "--detector", "every-layer"]
+        Step("bench-overhead-every-layer", bench_module + bench_options(work / "benchmarks-every-layer")
+             + ["--only", "overhead", "--detector", "every-layer"]
              + (["--quick", "--archs", "cnn"] if dry else ["--archs", "wrn", "--amp", "none,bf16",
                                                            "--batch-sizes", "32,256,1024"]),
              300 if dry else 90, 10 if dry else 40),
