@@ -244,6 +244,37 @@ def interleaved(
     return samples, (numbers[names[0]] if same_number else numbers)
 
 
+#: Tensor operations that only re-describe memory (views): no kernel runs.
+_NO_KERNEL = frozenset({
+    "alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow", "permute",
+    "reshape", "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unflatten",
+    "unsqueeze", "view", "view_as", "_reshape_alias", "_unsafe_view"})
+#: Conversions that run no kernel when they return their input unchanged (already of that dtype, device, layout).
+_CONVERSIONS = frozenset({"contiguous", "resolve_conj", "resolve_neg", "to", "type_as"})
+
+
+def count_operations(fn: Callable[[], Any]) -> int:
+    """How many tensor operations one call of ``fn`` dispatches, views and conversions that return their
+    input unchanged left out: each is at least one kernel launch on an accelerator, where at small batches
+    the launches, not the arithmetic, can set the time.  Nearly the same count on every device: on the
+    CPU a copy to the host returns its input and is not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in _NO_KERNEL and not (name in _CONVERSIONS and args and out is args[0]):
+                Counter.count += 1
+            return out
+
+    with Counter():
+        fn()
+    return Counter.count
+
+
 def ratios(samples: dict[str, list[float]], name: str, baseline: str) -> Stats:
     """Per-round ratio ``name / baseline``."""
     return Stats.of([a / b for a, b in zip(samples[name], samples[baseline])])

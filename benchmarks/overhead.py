@@ -50,6 +50,7 @@ from .common import (
     autocast,
     cifar_batch,
     cifar_model,
+    count_operations,
     describe_detector,
     fmt_ratio_stats,
     fmt_seconds,
@@ -194,7 +195,12 @@ def run(
         ["model", "precision", "batch", "forward", "ψ + κ from logits, φ", "hook + layer lookup",
          "tree + threshold (`detect`)", "same, sklearn-validated path (before the fix)", "parts / forward"],
     )
+    operations = Table(
+        "Tensor operations per call (views left out; each is at least one kernel launch on an accelerator)",
+        ["model", "precision", "batch", "forward", "detect", f"detect ({label})", f"{label} / forward"],
+    )
     raw: list[dict[str, Any]] = []
+    raw_operations: list[dict[str, Any]] = []
     worst: dict[str, float] = {}
     worst_default: dict[str, float] = {}
     for arch in archs:
@@ -229,6 +235,11 @@ def run(
                 if peers:
                     fns["squeeze"] = lambda x=x: squeeze(x)
                     fns["mahalanobis"] = lambda x=x: maha(x)
+                if batch == batch_sizes[0]:  # the count does not depend on the batch (but for CPU blocks)
+                    counts = {name: count_operations(fns[name]) for name in ("forward", "detect", "default")}
+                    operations.add(arch, "fp32" if amp == "none" else f"{amp} autocast", batch, counts["forward"],
+                                   counts["detect"], counts["default"], f"{counts['default'] / counts['forward']:.2f}×")
+                    raw_operations.append({"arch": arch, "amp": amp, "batch": batch, **counts})
                 log(f"  overhead: {arch} {amp} batch {batch}: {repeats} repeats …")
                 samples, number = interleaved(fns, repeats=repeats, min_sample_s=min_sample, sync=sync, warmup=warmup)
                 st = {name: Stats.of(v) for name, v in samples.items()}
@@ -300,7 +311,7 @@ def run(
                           fmt_seconds(pst["tree_validated"].median), f"{parts_share:+.2%}")
                 entry["parts_share"] = parts_share
                 entry["parts"] = {k: v.to_dict() for k, v in pst.items()}
-    section.tables = [table, parts]
+    section.tables = [table, parts, operations]
     section.notes += _notes(raw, worst, peers)
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
     which = "default" if kind == DEFAULT_DETECTOR else "selectable"
@@ -320,7 +331,7 @@ def run(
         section.targets.append(Target(
             f"Detection overhead, paper (ψ tree) detector, {key}, batch ≥ {TARGET_MIN_BATCH}",
             f"detect / forward ≤ {TARGET_RATIO}", f"worst median ratio {value:.3f}", value <= TARGET_RATIO))
-    section.raw = {"rows": raw, "tree": tree_description(det)}
+    section.raw = {"rows": raw, "operations": raw_operations, "tree": tree_description(det)}
     section.seconds = time.perf_counter() - started
     section.load_after = load_average()
     return section

@@ -75,6 +75,18 @@ def test_overhead_times_the_detector_kind_it_is_given():
     assert common.describe_detector("paper").endswith("`psi` features, DecisionTreeClassifier")
 
 
+def test_operation_count_leaves_out_views_and_conversions_that_return_their_input():
+    x = torch.rand(4, 3)
+    # view, a float32 → float32 conversion: no kernel; add, in-place relu, sum: three
+    assert common.count_operations(lambda: x.view(-1).to(torch.float32).add(1).relu_().sum()) == 3
+    assert common.count_operations(lambda: x.to(torch.float64)) == 1  # a real conversion is a kernel
+    section = overhead.run(archs=("cnn",), batch_sizes=(2, 4), quick=True, peers=False, detector_source="random",
+                           detector="every-layer", plan=lambda *a: (2, 0.0), log=lambda *a: None)
+    (row,) = section.raw["operations"]  # counted once per model and precision, at the first batch
+    assert row["batch"] == 2 and 0 < row["forward"] < row["detect"] < row["default"]
+    assert section.tables[2].rows[0][3:6] == [row["forward"], row["detect"], row["default"]]
+
+
 def test_peer_detectors_return_one_score_per_input():
     model = SmallCNN(10, 3, width=8).eval()
     x = torch.rand(4, 3, 16, 16)
