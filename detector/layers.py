@@ -269,6 +269,23 @@ class LayerGaussians:
             tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in pair)
             for pair in zip(self.means_, self.precisions_, strict=True)])
 
+    def _by_width(self, dtype: torch.dtype, device: torch.device):
+        """``(groups, order)``: per width d, ``(positions, means [L, k, d], precisions [L, d, d])`` of the
+        L vectors of that width (their positions in :func:`forward_probed`'s order, then φ), and the
+        permutation that puts the groups' stacked rows back in that order."""
+        def build():
+            widths: dict[int, list[int]] = {}
+            for i, means in enumerate(self.means_):
+                widths.setdefault(int(np.shape(means)[1]), []).append(i)
+            groups = [(positions,
+                       torch.as_tensor(np.stack([self.means_[i] for i in positions]), dtype=dtype, device=device),
+                       torch.as_tensor(np.stack([self.precisions_[i] for i in positions]), dtype=dtype, device=device))
+                      for positions in widths.values()]
+            stacked = [i for positions in widths.values() for i in positions]
+            return groups, torch.as_tensor(np.argsort(stacked), device=device)
+
+        return self._cached(("by width", dtype, device), build)
+
     def _cached(self, key, build):
         """``build()``, made once per ``key`` and again after a refit replaced the statistics."""
         cache = _AS_TENSORS.setdefault(self, {})
@@ -287,16 +304,24 @@ class LayerGaussians:
         class's mean, or with ``predicted=None`` to the nearest class mean (Lee et al.'s score).
         Differentiable in the activations."""
         dtype = _stat_dtype(phi)
-        out = []
-        for values, (m, p) in zip([*acts, phi], self._statistics(dtype, phi.device), strict=True):
-            if predicted is None:
+        vectors = [*acts, phi]
+        if predicted is None:
+            out = []
+            for values, (m, p) in zip(vectors, self._statistics(dtype, phi.device), strict=True):
                 diff = values.to(dtype)[:, None, :] - m[None]  # [N, k, d]
-                d2 = torch.einsum("nkd,de,nke->nk", diff, p, diff).min(dim=1).values
-            else:
-                diff = values.to(dtype) - m[predicted]
-                d2 = ((diff @ p) * diff).sum(dim=1)
-            out.append(torch.log1p(d2.clamp_min(0)))
-        return torch.stack(out, dim=1)
+                out.append(torch.einsum("nkd,de,nke->nk", diff, p, diff).min(dim=1).values)
+            d2 = torch.stack(out, dim=1)
+        else:
+            # The vectors of one width are scored together, a batched product per width instead of
+            # one per layer: on an accelerator at small batches every operation is a kernel launch,
+            # and a network repeats few widths over many layers (a WRN-28-4's 29 convs have four).
+            groups, order = self._by_width(dtype, phi.device)
+            parts = []
+            for positions, m, p in groups:
+                diff = torch.stack([vectors[i] for i in positions]).to(dtype) - m[:, predicted]  # [L, N, d]
+                parts.append((torch.bmm(diff, p) * diff).sum(dim=2))  # [L, N]
+            d2 = torch.cat(parts)[order].T if len(parts) > 1 else parts[0].T
+        return torch.log1p(d2.clamp_min(0))
 
     def agreement(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """``[N, len(means_)]``: how much farther each probe's (and φ's) activations are from the predicted

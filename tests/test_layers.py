@@ -79,6 +79,46 @@ def test_clean_images_sit_near_their_class_and_adversarials_far(digits_model, di
     assert all(isinstance(m, np.ndarray) for m in gaussians.means_ + gaussians.precisions_)
 
 
+def test_distances_to_the_predicted_class_are_each_layers_own_mahalanobis_distance_in_its_order():
+    # Widths that interleave (3, 5, 3, 5, 4) and repeat: the vectors of one width are scored together,
+    # and each distance must come back in its own layer's column.
+    gen = np.random.default_rng(0)
+    widths, k, n = [3, 5, 3, 5, 4], 6, 9
+    stats = LayerGaussians([f"conv{i}" for i in range(len(widths) - 1)])
+    stats.means_ = [gen.normal(size=(k, d)) for d in widths]
+    stats.precisions_ = []
+    for d in widths:
+        a = gen.normal(size=(d, d))
+        stats.precisions_.append(a @ a.T + d * np.eye(d))
+    vectors = [gen.normal(size=(n, d)) for d in widths]
+    predicted = gen.integers(0, k, size=n)
+    expected = np.stack([np.log1p(np.einsum("nd,de,ne->n", v - m[predicted], p, v - m[predicted]))
+                         for v, m, p in zip(vectors, stats.means_, stats.precisions_, strict=True)], axis=1)
+    as_tensors = [torch.as_tensor(v, dtype=torch.float64) for v in vectors]
+    got = stats.distances(as_tensors[:-1], as_tensors[-1], torch.as_tensor(predicted))
+    assert got.shape == (n, len(widths))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    # float32 vectors are scored in float32, to the same figures within its rounding
+    got32 = stats.distances([v.float() for v in as_tensors[:-1]], as_tensors[-1].float(), torch.as_tensor(predicted))
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.numpy(), expected, rtol=1e-5)
+
+
+def test_distances_cost_the_same_operations_however_many_layers_share_a_width():
+    # On an accelerator each operation is a kernel launch: layers of one width are scored together.
+    from benchmarks.common import count_operations
+
+    def operations(layers: int) -> int:
+        stats = LayerGaussians([f"conv{i}" for i in range(layers - 1)])
+        stats.means_ = [np.zeros((10, 8))] * layers
+        stats.precisions_ = [np.eye(8)] * layers
+        vectors, predicted = [torch.rand(32, 8) for _ in range(layers)], torch.zeros(32, dtype=torch.long)
+        stats.distances(vectors[:-1], vectors[-1], predicted)  # the statistics' tensors are built once
+        return count_operations(lambda: stats.distances(vectors[:-1], vectors[-1], predicted))
+
+    assert operations(30) == operations(2)
+
+
 def test_feature_rows_append_the_distances_and_grad_changes_nothing(digits_model, digits_test, gaussians):
     x, _ = digits_test.batch(slice(0, 16))
     weight_norm = float(digits_model.net.fc.weight.detach().norm())
