@@ -246,9 +246,9 @@ def interleaved(
 
 #: Tensor operations that only re-describe memory (views): no kernel runs.
 _NO_KERNEL = frozenset({
-    "alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow", "permute",
-    "reshape", "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unflatten",
-    "unsqueeze", "view", "view_as", "_reshape_alias", "_unsafe_view"})
+    "alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow", "numpy_T",
+    "permute", "reshape", "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind",
+    "unflatten", "unsqueeze", "view", "view_as", "_reshape_alias", "_unsafe_view"})
 #: Conversions that run no kernel when they return their input unchanged (already of that dtype, device, layout).
 _CONVERSIONS = frozenset({"contiguous", "resolve_conj", "resolve_neg", "to", "type_as"})
 

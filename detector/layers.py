@@ -318,7 +318,11 @@ class LayerGaussians:
             groups, order = self._by_width(dtype, phi.device)
             parts = []
             for positions, m, p in groups:
-                diff = torch.stack([vectors[i] for i in positions]).to(dtype) - m[:, predicted]  # [L, N, d]
+                if len(positions) > 1:
+                    values = torch.stack([vectors[i] for i in positions])
+                else:
+                    values = vectors[positions[0]][None]
+                diff = values.to(dtype) - m[:, predicted]  # [L, N, d]
                 parts.append((torch.bmm(diff, p) * diff).sum(dim=2))  # [L, N]
             d2 = torch.cat(parts)[order].T if len(parts) > 1 else parts[0].T
         return torch.log1p(d2.clamp_min(0))
