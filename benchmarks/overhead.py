@@ -238,7 +238,8 @@ def run(
                 if batch == batch_sizes[0]:  # the count does not depend on the batch (but for CPU blocks)
                     counts = {name: count_operations(fns[name]) for name in ("forward", "detect", "default")}
                     operations.add(arch, "fp32" if amp == "none" else f"{amp} autocast", batch, counts["forward"],
-                                   counts["detect"], counts["default"], f"{counts['default'] / counts['forward']:.2f}×")
+                                   counts["detect"], counts["default"],
+                                   f"{counts['default'] / counts['forward']:.2f}×")
                     raw_operations.append({"arch": arch, "amp": amp, "batch": batch, **counts})
                 log(f"  overhead: {arch} {amp} batch {batch}: {repeats} repeats …")
                 samples, number = interleaved(fns, repeats=repeats, min_sample_s=min_sample, sync=sync, warmup=warmup)
@@ -313,6 +314,14 @@ def run(
                 entry["parts"] = {k: v.to_dict() for k, v in pst.items()}
     section.tables = [table, parts, operations]
     section.notes += _notes(raw, worst, peers)
+    if raw_operations:
+        section.notes.append(
+            "Tensor operations per call: " + ", ".join(
+                f"{r['arch']} ({'fp32' if r['amp'] == 'none' else r['amp']}) forward {r['forward']}, "
+                f"paper {r['detect']}, {label} {r['default']}" for r in raw_operations)
+            + ". On an accelerator at small batches each operation is a kernel launch of a few microseconds "
+            "whatever its size, so the operations detection adds can cost more there than their share of this "
+            "CPU's time; the device's own rows measure it.")
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
     which = "default" if kind == DEFAULT_DETECTOR else "selectable"
     if big:
