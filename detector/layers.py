@@ -314,7 +314,7 @@ class LayerGaussians:
         else:
             # The vectors of one width are scored together, a batched product per width instead of
             # one per layer: on an accelerator at small batches every operation is a kernel launch,
-            # and a network repeats few widths over many layers (a WRN-28-4's 29 convs have four).
+            # and a network repeats few widths over many layers (a WRN-28-4's 28 convs have four).
             groups, order = self._by_width(dtype, phi.device)
             parts = []
             for positions, m, p in groups:
