@@ -35,6 +35,7 @@ the predicted class and, with ``with_means``, as columns of its own.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 
@@ -163,6 +164,16 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
     if missing or not phi:
         raise RuntimeError(f"layers {missing or [layer or 'output']} were not called in the forward pass")
     return logits, phi[-1].flatten(1), [captured[key] for key in wanted]
+
+
+def _full_precision(method):
+    """Runs a scoring method with autocast off: its products stay in the statistics' dtype (float32 or
+    better) when the model ran under autocast, which would otherwise take them in bfloat16 or float16."""
+    @functools.wraps(method)
+    def scored(self, acts, phi, *args, **kwargs):
+        with torch.autocast(phi.device.type, enabled=False):
+            return method(self, acts, phi, *args, **kwargs)
+    return scored
 
 
 #: Each fitted :class:`LayerGaussians`' statistics as tensors, per (dtype, device): converted (and
@@ -298,6 +309,7 @@ class LayerGaussians:
             cached = cache[key] = (source, built, [*self.means_, *self.precisions_])
         return cached[1]
 
+    @_full_precision
     def distances(self, acts: Sequence[torch.Tensor], phi: torch.Tensor,
                   predicted: torch.Tensor | None) -> torch.Tensor:
         """``[N, len(means_)]``: log(1 + squared Mahalanobis distance) of each probe's vector and of φ to the predicted
@@ -333,6 +345,7 @@ class LayerGaussians:
         the layer agrees with the output.  Differentiable in the activations."""
         return self._predicted_and_gap(acts, phi, predicted)[1]
 
+    @_full_precision
     def _predicted_and_gap(self, acts, phi, predicted) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`distances` to the predicted class and :meth:`agreement`, from one set of squared
         distances to every class: ‖(v − m_c) U‖² with U the Cholesky factor of the precision, so

@@ -98,10 +98,16 @@ def test_distances_to_the_predicted_class_are_each_layers_own_mahalanobis_distan
     got = stats.distances(as_tensors[:-1], as_tensors[-1], torch.as_tensor(predicted))
     assert got.shape == (n, len(widths))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
-    # float32 vectors are scored in float32, to the same figures within its rounding
-    got32 = stats.distances([v.float() for v in as_tensors[:-1]], as_tensors[-1].float(), torch.as_tensor(predicted))
-    assert got32.dtype == torch.float32
-    np.testing.assert_allclose(got32.numpy(), expected, rtol=1e-5)
+    # float32 vectors are scored in float32, to the same figures within its rounding, also when the
+    # model ran under autocast (which would take the products in bfloat16: ~1e-2 apart)
+    as32 = [v.float() for v in as_tensors]
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got32 = stats.distances(as32[:-1], as32[-1], torch.as_tensor(predicted))
+            factored, _ = stats._predicted_and_gap(as32[:-1], as32[-1], torch.as_tensor(predicted))
+        assert got32.dtype == factored.dtype == torch.float32
+        np.testing.assert_allclose(got32.numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(factored.numpy(), expected, rtol=1e-4)  # the agreement's Cholesky route
 
 
 def test_distances_cost_the_same_operations_however_many_layers_share_a_width():
