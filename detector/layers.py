@@ -121,13 +121,15 @@ def _channel_means(output: torch.Tensor, rectified: bool) -> torch.Tensor:
     returned as it is), of max(0, ·) of it when ``rectified``."""
     if output.ndim <= 2:
         return output.clamp_min(0) if rectified else output
+    # Averaged in the statistics' dtype, float32 or better, when the model runs in bfloat16 or float16.
+    dtype = _stat_dtype(output)
     if not rectified:
-        return output.flatten(2).mean(dim=2)
+        return output.flatten(2).mean(dim=2, dtype=dtype)
     # An accelerator's caching allocator reuses the temporary: no blocks there.
     if output.device.type != "cpu" or output.numel() <= _CPU_BLOCK_ELEMENTS:
-        return output.clamp_min(0).flatten(2).mean(dim=2)
+        return output.clamp_min(0).flatten(2).mean(dim=2, dtype=dtype)
     rows = max(1, _CPU_BLOCK_ELEMENTS // output[0].numel())
-    return torch.cat([block.clamp_min(0).flatten(2).mean(dim=2) for block in output.split(rows)])
+    return torch.cat([block.clamp_min(0).flatten(2).mean(dim=2, dtype=dtype) for block in output.split(rows)])
 
 
 def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], layer: str | None = None,

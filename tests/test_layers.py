@@ -439,6 +439,12 @@ def test_rectified_probes_are_the_channel_means_of_each_output_clipped_at_zero(d
         assert (vector >= mean).all() and not torch.allclose(vector, mean)  # the small CNN's convs go negative
     stats = LayerGaussians(probes, rectified=True)
     torch.testing.assert_close(stats.forward(digits_model, x)[2][0], acts[0])
+    # under autocast the convs run in bfloat16; their means are still taken, and kept, in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (_, _, low), seen = _probed_and_outputs(digits_model, x, probes, probes, rectified=True)
+    for name, vector in zip(probes, low):
+        assert seen[name].dtype == torch.bfloat16 and vector.dtype == torch.float32
+        torch.testing.assert_close(vector, seen[name].float().clamp_min(0).mean(dim=(2, 3)))
 
 
 def test_rectified_means_taken_in_blocks_on_a_cpu_equal_the_whole_batch_at_once(digits_model, digits_test,
