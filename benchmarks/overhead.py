@@ -210,6 +210,7 @@ def run(
         default_bundle = reference_bundle(model, device, n=64 if quick else 256, detector=detector)
         for amp in amps:
             amp_ctx = lambda amp=amp: autocast(device, amp)
+            precision = "fp32" if amp == "none" else f"{amp} autocast"
             squeeze = FeatureSqueezingStyle(model, amp_ctx)
             maha = MahalanobisStyle(model, amp_ctx, 10, dim, device)
             for batch in batch_sizes:
@@ -237,8 +238,7 @@ def run(
                     fns["mahalanobis"] = lambda x=x: maha(x)
                 if batch == batch_sizes[0]:  # the count does not depend on the batch (but for CPU blocks)
                     counts = {name: count_operations(fns[name]) for name in ("forward", "detect", "default")}
-                    operations.add(arch, "fp32" if amp == "none" else f"{amp} autocast", batch, counts["forward"],
-                                   counts["detect"], counts["default"],
+                    operations.add(arch, precision, batch, counts["forward"], counts["detect"], counts["default"],
                                    f"{counts['default'] / counts['forward']:.2f}×")
                     raw_operations.append({"arch": arch, "amp": amp, "batch": batch, **counts})
                 log(f"  overhead: {arch} {amp} batch {batch}: {repeats} repeats …")
@@ -246,7 +246,7 @@ def run(
                 st = {name: Stats.of(v) for name, v in samples.items()}
                 ratio = ratios(samples, "detect", "forward")
                 ratio_default = ratios(samples, "default", "forward")
-                row = [arch, "fp32" if amp == "none" else f"{amp} autocast", batch, f"{repeats} × {number}",
+                row = [arch, precision, batch, f"{repeats} × {number}",
                        fmt_time_stats(st["forward"]), fmt_time_stats(st["detect"]), fmt_ratio_stats(ratio),
                        fmt_time_stats(st["default"]), fmt_ratio_stats(ratio_default)]
                 entry = {"arch": arch, "amp": amp, "batch": batch, "repeats": repeats, "number": number,
@@ -306,7 +306,7 @@ def run(
                                               sync=sync, warmup=warmup, same_number=False)
                 pst = {k: Stats.of(v) for k, v in part_samples.items()}
                 parts_share = (pst["math"].median + pst["hook"].median + pst["tree"].median) / pst["forward"].median
-                parts.add(arch, "fp32" if amp == "none" else f"{amp} autocast", batch,
+                parts.add(arch, precision, batch,
                           fmt_seconds(pst["forward"].median), fmt_seconds(pst["math"].median),
                           fmt_seconds(pst["hook"].median), fmt_seconds(pst["tree"].median),
                           fmt_seconds(pst["tree_validated"].median), f"{parts_share:+.2%}")

@@ -285,7 +285,8 @@ class LayerGaussians:
     def _by_width(self, dtype: torch.dtype, device: torch.device):
         """``(groups, order)``: per width d, ``(positions, means [L, k, d], precisions [L, d, d])`` of the
         L vectors of that width (their positions in :func:`forward_probed`'s order, then φ), and the
-        permutation that puts the groups' stacked rows back in that order."""
+        permutation that puts the groups' stacked rows back in that order (``None`` where they already are
+        in it: widths that only grow with depth, as in most networks)."""
         def build():
             widths: dict[int, list[int]] = {}
             for i, means in enumerate(self.means_):
@@ -295,7 +296,8 @@ class LayerGaussians:
                        torch.as_tensor(np.stack([self.precisions_[i] for i in positions]), dtype=dtype, device=device))
                       for positions in widths.values()]
             stacked = [i for positions in widths.values() for i in positions]
-            return groups, torch.as_tensor(np.argsort(stacked), device=device)
+            in_order = stacked == sorted(stacked)
+            return groups, None if in_order else torch.as_tensor(np.argsort(stacked), device=device)
 
         return self._cached(("by width", dtype, device), build)
 
@@ -338,7 +340,8 @@ class LayerGaussians:
                     values = vectors[positions[0]][None]
                 diff = values.to(dtype) - m[:, predicted]  # [L, N, d]
                 parts.append((torch.bmm(diff, p) * diff).sum(dim=2))  # [L, N]
-            d2 = torch.cat(parts)[order].T if len(parts) > 1 else parts[0].T
+            d2 = torch.cat(parts) if len(parts) > 1 else parts[0]
+            d2 = (d2 if order is None else d2[order]).T
         return torch.log1p(d2.clamp_min(0))
 
     def agreement(self, acts: Sequence[torch.Tensor], phi: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
