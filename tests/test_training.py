@@ -25,6 +25,7 @@ from detector.datasets import CIFAR10_CLASSES
 from detector.metrics import roc_rates
 from training.classifier import accuracy, robust_accuracy
 from training.cli import build_parser, main, options_from_args, trajectory_main
+from training.fitting import CLEAN_VARIANTS, seen_in_fitting, top_up_calibration
 from training.options import PipelineError, TrainOptions, attack_settings
 from training.pipeline import run
 from training.prepare import read_state_dict
@@ -86,7 +87,10 @@ def check_bundle(out: Path, report: dict) -> None:
     fit, calibration, held_out = set(split["fit"]), set(split["calibration"]), set(split["held_out"])
     # never the same image in two parts
     assert not fit & held_out and not fit & calibration and not calibration & held_out
-    assert len(fit) + len(calibration) + len(held_out) == report["attack"]["n_attacked"]
+    # the attacked images are split three ways; the calibration images beyond them were never attacked
+    topped_up = report["detection"].get("n_calibration_not_attacked", 0)
+    assert len(calibration) == report["detection"]["n_calibration_images"]
+    assert len(fit) + len(calibration) + len(held_out) == report["attack"]["n_attacked"] + topped_up
     # every row the detection metrics were computed on comes from a held-out image, one clean and one
     # adversarial row per successfully attacked image at most
     rows = split["held_out_rows"]
@@ -382,16 +386,29 @@ class _Unsafe:
     """An arbitrary object: torch.load(weights_only=True) must refuse to unpickle it."""
 
 
+def test_calibration_top_up_takes_only_correct_images_outside_the_taken_ones():
+    """The calibration images beyond the attacked ones: correctly classified, never one already attacked
+    or evaluated, as many as asked while there are some, the same draw for the same seed."""
+    correct = np.zeros(100, bool)
+    correct[::2] = True
+    taken = np.arange(0, 40)
+    picked = top_up_calibration(correct, taken, 20, seed=0)
+    assert len(picked) == 20 and np.all(correct[picked]) and not np.intersect1d(picked, taken).size
+    assert np.array_equal(picked, np.sort(picked)) and np.array_equal(picked, top_up_calibration(correct, taken, 20, 0))
+    assert not np.array_equal(picked, top_up_calibration(correct, taken, 20, seed=1))
+    # fewer left than asked: every one of them; none asked (or fewer than none): none
+    assert np.array_equal(top_up_calibration(correct, taken, 1000, 0), np.arange(40, 100, 2))
+    assert top_up_calibration(correct, taken, 0, 0).size == top_up_calibration(correct, taken, -5, 0).size == 0
+    with pytest.raises(PipelineError, match="--calibration-images"):
+        run(TrainOptions(calibration_images=-1))
+
+
 def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):
     """``--clean-variants``: typed names are read, the clean images go through exactly those changes
     (rows per calibration image: itself and each variant), and the evaluation knows them as seen."""
-    from training.fitting import seen_in_fitting
-
     args = build_parser().parse_args(["--clean-variants", "jpeg q30, noise sigma=0.05,JPEG q30"])
     assert options_from_args(args, "x").clean_variants == ("JPEG q30", "noise σ=0.05")
     assert build_parser().parse_args(["--clean-variants", "none"]).clean_variants == ()
-    from training.fitting import CLEAN_VARIANTS
-
     kept = build_parser().parse_args(["--clean-variants", "default, JPEG q30"]).clean_variants
     assert kept == (*CLEAN_VARIANTS, "JPEG q30")
     for bad in ("sharpen", "", " , "):  # an empty value (an unset shell variable) is not "none"
@@ -627,6 +644,12 @@ def test_cifar10_subset_from_shared_data(cifar10_npz, tmp_path):
     assert report["attack"]["max_linf"] <= 12 / 255 + 1e-5
     det = report["detection"]
     assert det["accuracy"] > 0.6 and det["auroc"] > 0.65, det  # chance is 0.5, n_test ≈ 1,300
+    # The operating point is set on 210 attacked images' clean copies and on correctly classified test
+    # images outside the attacked and the evaluated ones (here all of those that are left), each
+    # as it came and through every clean variant.
+    assert 0 < det["n_calibration_not_attacked"] <= TrainOptions.calibration_images - 210
+    assert det["n_calibration"] == (1 + len(CLEAN_VARIANTS)) * det["n_calibration_images"]
+    assert det["n_calibration_images"] == 210 + det["n_calibration_not_attacked"]
     tr = report["trajectory"]
     kappa = np.array(tr["mean_sharpness"])
     assert 1 <= tr["peak_step"] <= 6 and kappa.max() > 1.1 * kappa[0]  # rises towards the boundary

@@ -188,6 +188,11 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="share of the attacked images held out for evaluation")
         g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,
                        help="share of the remaining images kept apart (clean only) for the operating point")
+        g.add_argument("--calibration-images", type=int, default=defaults.calibration_images,
+                       help="clean calibration images in all: the --calibration-fraction of the attacked images, "
+                            "topped up to this many (as far as the split has them) with correctly classified test "
+                            "images that are neither attacked nor evaluated (no attack: one forward pass each per "
+                            "variant), so that the operating point lands near --target-fpr; 0: the fraction alone")
         g.add_argument("--evaluate", choices=("none", "quick", "full"), default=defaults.evaluate,
                        help="the attack suite run on held-out images after fitting (full: every attack, "
                             "as detector-evaluate runs it)")
@@ -242,6 +247,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> TrainOptions:
         clean_variants=getattr(args, "clean_variants", None),
         fit_attacks=getattr(args, "fit_attacks", None),
         calibration_fraction=getattr(args, "calibration_fraction", TrainOptions.calibration_fraction),
+        calibration_images=getattr(args, "calibration_images", TrainOptions.calibration_images),
         evaluate=getattr(args, "evaluate", TrainOptions.evaluate),
         evaluate_images=getattr(args, "evaluate_images", TrainOptions.evaluate_images),
         seed=args.seed,

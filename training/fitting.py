@@ -38,7 +38,7 @@ from detector.shifts import apply_shift
 __all__ = [
     "CLEAN_VARIANTS", "FIT_SOURCES", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side",
     "calibration_rows", "fit_attacks", "fit_detector", "fit_sources", "seen_in_fitting", "split_calibration",
-    "split_images",
+    "split_images", "top_up_calibration",
 ]
 
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
@@ -153,6 +153,13 @@ def split_calibration(fit_images: np.ndarray, fraction: float, seed: int) -> tup
     return np.sort(order[n_cal:]), np.sort(order[:n_cal])
 
 
+def top_up_calibration(correct: np.ndarray, taken: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted test-split positions of up to ``n`` correctly classified images outside ``taken``, drawn at
+    random (seeded): clean calibration images that cost no attack."""
+    free = np.setdiff1d(np.flatnonzero(np.asarray(correct, dtype=bool)), np.asarray(taken, dtype=np.int64))
+    return np.sort(np.random.default_rng(seed + 5).permutation(free)[:max(n, 0)])
+
+
 def _path_rows(attacked: AttackedSet, feature_set: str, weight_norm: float) -> np.ndarray:
     """Feature rows ``[N, T+1, F]`` of every iterate of every path."""
     logits = torch.from_numpy(attacked.logits)
@@ -252,13 +259,13 @@ REFERENCE_IMAGES = 5000
 
 
 def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fit_images: np.ndarray,
-                 calibration_images: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
+                 calibration_index: np.ndarray, *, pgd_params: dict, target_fpr: float | None, layer: str | None,
                  device: torch.device, batch_size: int, seed: int,
                  reference: ImageDataset | None = None, estimator: str | None = None,
                  clean_variants: Sequence[str] = CLEAN_VARIANTS,
                  fit_sources: Sequence[str] = FIT_SOURCES) -> FittedDetector:
     """Fit the detector ``name`` on the fit images (positions in ``attacked``), its operating point on
-    the calibration images (clean only).  ``pgd_params`` are the recorded attack's (``eps``,
+    the calibration images (positions in ``data``, clean only).  ``pgd_params`` are the recorded attack's (``eps``,
     ``alpha``, ``steps``, ``norm``, ``random_start``); ``reference`` (clean training images) fits the
     earlier layers' statistics of detectors that read them; the clean fit and calibration images are
     also seen through ``clean_variants`` and the adversarials come from ``fit_sources``
@@ -279,10 +286,10 @@ def fit_detector(name: str, model, data: ImageDataset, attacked: AttackedSet, fi
     attacks = fit_attacks(name, pgd_params, fit_sources)
     rng = np.random.default_rng(seed + 1)
     calibration = (None if detector.target_fpr is None else
-                   calibration_rows(extract, data, attacked.index[calibration_images], device=device,
+                   calibration_rows(extract, data, calibration_index, device=device,
                                     batch_size=batch_size, variants=clean_variants))
     # calibration_rows puts the images as they came first, then each variant of them.
-    as_given = None if calibration is None else np.arange(len(calibration)) < len(calibration_images)
+    as_given = None if calibration is None else np.arange(len(calibration)) < len(calibration_index)
     if name == "paper":
         fit_set = balanced_side(attacked, fit_images, rng, path_rows)
         detector.fit(fit_set.rows, fit_set.is_adv, kappa=fit_set.kappa, calibration=calibration,

@@ -80,6 +80,9 @@ class TrainOptions:
     max_samples: int = 2000
     test_fraction: float = 0.3
     calibration_fraction: float = 0.3
+    # clean calibration images in all: the calibration fraction of the attacked images, topped up to this many
+    # with correctly classified test images that are not attacked (each costs one forward pass per variant)
+    calibration_images: int = 2000
     evaluate: str = "quick"  # the attack suite run on held-out images: none, quick or full
     evaluate_images: int = 500  # held-out images the attack suite runs on, at most
     # run

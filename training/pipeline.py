@@ -33,6 +33,7 @@ from .fitting import (
     seen_in_fitting,
     split_calibration,
     split_images,
+    top_up_calibration,
 )
 from .options import (
     PAPER_ATTACK,
@@ -126,6 +127,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
         raise PipelineError(f"--estimator must be one of {sorted(ESTIMATORS)}, got {options.estimator!r}")
     if not 0.0 <= options.target_fpr < 1.0 or not 0.0 < options.calibration_fraction < 1.0:
         raise PipelineError("--target-fpr must lie in [0, 1) and --calibration-fraction in (0, 1)")
+    if options.calibration_images < 0:
+        raise PipelineError(f"--calibration-images must be 0 or more, got {options.calibration_images}")
     if isinstance(options.clean_variants, str):
         raise PipelineError("clean_variants is a sequence of names, not one string")
     clean_variants = CLEAN_VARIANTS if options.clean_variants is None else tuple(options.clean_variants)
@@ -172,7 +175,19 @@ def run(options: TrainOptions) -> dict[str, Any]:
                 f"or --max-samples")
     if len(calibration_images) < 1:
         raise PipelineError("no calibration images: raise --max-samples or --calibration-fraction")
-    fitted = fit_detector(options.detector, model, prepared.test, attacked, fit_images, calibration_images,
+    used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
+    # Rank 0's draw on every rank: the draw follows each rank's own predictions.
+    pool = distributed.broadcast(held_out_images(prepared.test_correct, used,
+                                                 options.evaluate_images if options.evaluate != "none" else 0,
+                                                 np.random.default_rng(options.seed + 3)))
+    # More clean calibration images from outside the attacked and evaluated ones: the operating point is a
+    # quantile, and a few hundred images set it only to within a few points of the target.
+    topped_up = distributed.broadcast(top_up_calibration(
+        prepared.test_correct, np.concatenate([index, pool]),
+        options.calibration_images - len(calibration_images), options.seed))
+    calibration_index = np.concatenate([attacked.index[calibration_images], topped_up])
+    used = np.concatenate([used, topped_up])
+    fitted = fit_detector(options.detector, model, prepared.test, attacked, fit_images, calibration_index,
                           pgd_params={k: getattr(attack, k) for k in ("eps", "alpha", "steps", "norm", "random_start")},
                           target_fpr=options.target_fpr if options.detector != "paper" else None,
                           layer=prepared.layer, device=device, batch_size=options.batch_size, seed=options.seed,
@@ -230,7 +245,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
             "n_fit": int(len(fit_set.is_adv)),
             "n_fit_adversarial": int(fit_set.is_adv.sum()),
             "n_fit_images": int(len(fit_images)),
-            "n_calibration_images": int(len(calibration_images)),
+            "n_calibration_images": int(len(calibration_index)),
+            "n_calibration_not_attacked": int(len(topped_up)),
             "n_test_images": int(len(test_images)),
             "split": "by image: a clean image and its adversarial are always on the same side",
         },
@@ -258,13 +274,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
     }
 
     origin = prepared.test_origin
-    used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
     evaluation = None
-    # Rank 0's draw on every rank: the draw follows each rank's own predictions.
-    pool = distributed.broadcast(held_out_images(prepared.test_correct, used, options.evaluate_images,
-                                                 np.random.default_rng(options.seed + 3)))
-    if options.evaluate != "none" and min(len(calibration_images), len(pool)) < MIN_EVALUATION_IMAGES:
-        warnings.append(f"attack suite skipped: {len(calibration_images)} calibration and {len(pool)} held-out "
+    if options.evaluate != "none" and min(len(calibration_index), len(pool)) < MIN_EVALUATION_IMAGES:
+        warnings.append(f"attack suite skipped: {len(calibration_index)} calibration and {len(pool)} held-out "
                         f"images, at least {MIN_EVALUATION_IMAGES} of each are needed (raise --max-samples "
                         f"or --test-samples)")
         log(f"warning: {warnings[-1]}")
@@ -273,7 +285,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         in_memory = Bundle(model.eval(), detector, prepared.train.classes, prepared.input_spec,
                            prepared.architecture, prepared.model_config, prepared.layer, Path(options.out), "")
         evaluation = evaluate(
-            in_memory, prepared.test, pool, excluded=used, calibration=attacked.index[calibration_images],
+            in_memory, prepared.test, pool, excluded=used, calibration=calibration_index,
             suite=attack_suite(attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"],
                                int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
@@ -298,7 +310,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         split = {
             "about": "positions in the test split of the images each part of the detector saw",
             "fit": origin[attacked.index[fit_images]].tolist(),
-            "calibration": origin[attacked.index[calibration_images]].tolist(),
+            "calibration": origin[np.sort(calibration_index)].tolist(),
             "held_out": origin[attacked.index[test_images]].tolist(),
             # The image behind every row the report's detection metrics were computed on.
             "held_out_rows": origin[attacked.index[held_out.image]].tolist(),

@@ -276,7 +276,10 @@ def write_markdown(path: Path, report: dict) -> None:
         f"fitted on {det['n_fit']} rows ({det['n_fit_adversarial']} adversarial: {_described(det, 'adversarial')}; "
         f"clean: {_described(det, 'clean')}) from {det['n_fit_images']} images; flagged at score ≥ "
         f"{_num(det['threshold'])}" + (f", set on {det.get('n_calibration')} clean calibration rows from "
-                                      f"{det.get('n_calibration_images')} other images for "
+                                      f"{det.get('n_calibration_images')} other images"
+                                      + (f" ({det['n_calibration_not_attacked']} of them not attacked)"
+                                         if det.get("n_calibration_not_attacked") else "")
+                                      + f" for "
                                       f"{_pct(det['target_fpr'])} false positives (reached there: "
                                       f"{_pct(det.get('calibration_fpr'))}"
                                       + (f"; on the images as they came: {_pct(det['calibration_fpr_as_given'])}"
