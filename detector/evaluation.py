@@ -69,6 +69,10 @@ class SuiteEntry:
     level: str  # "quick": in every run; "full": only in the full suite
 
 
+#: What a suite runs: ``quick`` and ``full`` attacks, or (``shifts``) none: clean images and natural shifts only.
+SUITE_LEVELS = ("quick", "full", "shifts")
+
+
 def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str = "quick",
                  seed: int = 0) -> list[SuiteEntry]:
     """The suite, with L∞ radii scaled to the data by ``eps`` (the bundle's own PGD radius).
@@ -77,8 +81,10 @@ def attack_suite(eps: float = 8 / 255, input_dims: int = 3 * 32 * 32, level: str
     ``eps / (8/255)`` (6.4 on digits, whose default ε is 0.2), and the L2 radius 0.5 is scaled by
     the same factor and by √(input_dims / 3072).
     """
-    if level not in ("quick", "full"):
-        raise ValueError(f"level must be 'quick' or 'full', got {level!r}")
+    if level not in SUITE_LEVELS:
+        raise ValueError(f"level must be one of {', '.join(SUITE_LEVELS)}, got {level!r}")
+    if level == "shifts":  # no attack: clean false positives and natural shifts only
+        return []
     s = eps / (8 / 255)
 
     def linf(k: float) -> float:

@@ -665,6 +665,51 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     assert stop.value.code == 2 and "broken.json is not JSON" in capsys.readouterr().err
 
 
+def test_detector_evaluate_shifts_suite_measures_false_alarms_without_attacks(default_bundle, tmp_path, capsys):
+    """``--suite shifts``: clean false positives and natural shifts on many images for forward passes only; no
+    attack, no per-attack plot (nor one of an earlier evaluation written to the same folder), and never
+    attached in place of a bundle's coverage."""
+    import shutil
+
+    from detector import verify_bundle
+    from training.evaluate import attach_evaluation, main
+    from training.options import PipelineError
+    from training.robustness import main as side_by_side
+
+    assert attack_suite(level="shifts") == []
+    with pytest.raises(ValueError, match="quick, full, shifts"):
+        attack_suite(level="none")
+    out = tmp_path / "ev"
+    assert main(["--bundle", str(default_bundle), "--suite", "quick", "--max-images", "40", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (out / "evaluation_roc.png").is_file()
+    capsys.readouterr()
+    assert main(["--bundle", str(default_bundle), "--suite", "shifts", "--max-images", "120", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["suite"] == "shifts" and ev["attacks"] == [] and len(ev["image_ids"]["evaluated"]) == 120
+    assert [s["name"] for s in ev["shifts"]] == list(SHIFTS) and ev["clean"]["false_positives_correct"]["n"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "evaluation.md"]
+    md = (out / "evaluation.md").read_text()
+    assert "No attack was run" in md and "| attack |" not in md and "| natural shift |" in md and ".png" not in md
+    assert "Clean false positives" in printed and "plots" not in printed
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle, bundle)
+    bundle_hash = verify_bundle(bundle)
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(bundle), "--suite", "shifts", "--max-images", "40", "--attach",
+              "--out", str(tmp_path / "again"), "--no-progress"])
+    assert "not attached" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    with pytest.raises(PipelineError, match="not attached"):
+        attach_evaluation(bundle, dict(ev, bundle={"sha256": bundle_hash}))
+    assert verify_bundle(bundle) == bundle_hash
+    # Two of them side by side: clean and shifts, no attack table.
+    assert side_by_side([str(out), str(out), "--names", "a", "b", "--matched-fpr", "0.05"]) == 0
+    table = capsys.readouterr().out
+    assert "| clean flagged (correct images) |" in table and "| JPEG q50 |" in table and "| attack |" not in table
+
+
 def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bundle, tmp_path, capsys):
     import shutil
 

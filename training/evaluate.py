@@ -21,7 +21,7 @@ import numpy as np
 
 from detector import BundleError, distributed, load_bundle, update_bundle
 from detector.datasets import DatasetNotFoundError
-from detector.evaluation import HELD_OUT_DRAW, attack_suite, evaluate, held_out_images
+from detector.evaluation import HELD_OUT_DRAW, SUITE_LEVELS, attack_suite, evaluate, held_out_images
 
 from . import report as reporting
 from .classifier import predict
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "catches at its operating point.",
         formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="the bundle directory (written by detector-train)")
-    p.add_argument("--suite", choices=("quick", "full"), default="full", help="which attacks to run")
+    p.add_argument("--suite", choices=SUITE_LEVELS, default="full",
+                   help="which attacks to run; shifts: none, only the clean images' false positives and the natural "
+                        "shifts (forward passes only: cheap on many images, --max-images 5000)")
     p.add_argument("--data", help="dataset spec (default: the one in the bundle's report)")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
@@ -121,6 +123,8 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         print(f"detector-evaluate: warning: evaluating on {data}, the bundle was fitted on {options['data']}; "
               f"images are told apart from the fitted ones by position in the test split only",
               file=sys.stderr, flush=True)
+    if args.attach and args.suite == "shifts":
+        raise PipelineError(f"--attach: {NOT_ATTACHABLE}")
     if args.max_images < 40:
         raise PipelineError("--max-images must be at least 40")
     correct = (predict(bundle.model, test, batch_size=max(args.batch_size, 256), device=device,
@@ -165,6 +169,8 @@ def evaluation_title(architecture: str, evaluation: dict) -> str:
             f"{evaluation['suite']} suite, {len(evaluation['image_ids']['evaluated'])} held-out images")
 
 
+NOT_ATTACHABLE = ("an evaluation without attacks (the shifts suite) is not attached: it would replace the bundle's "
+                  "coverage with its false-positive figures alone")
 #: What an evaluation must hold to be attached to a bundle (``detector-evaluate`` writes them all).
 ATTACHABLE = ("detector", "target_fpr", "clean", "attacks", "shifts", "image_ids", "data", "bundle", "suite",
               "seconds")
@@ -181,6 +187,8 @@ def _check_attachable(evaluation: Any) -> None:
         missing = [name for name, ok in shapes.items() if not ok]
     if missing:
         raise PipelineError(f"not an evaluation detector-evaluate wrote: it lacks {', '.join(missing)}")
+    if not evaluation["attacks"]:
+        raise PipelineError(NOT_ATTACHABLE)
 
 
 def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
@@ -240,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main():
         return 0
     print("\n".join(reporting.evaluation_markdown(evaluation)))
-    print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md, plots) in "
-          f"{evaluation['wall_seconds']:.0f} s")
+    plots = ", plots" if evaluation["attacks"] else ""
+    print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md{plots}) in {evaluation['wall_seconds']:.0f} s")
     if "attached_sha256" in evaluation:
         print(f"attached to {args.bundle}: /model reports this evaluation once the service loads the bundle again; "
               f"the bundle's new SHA-256 (update any --bundle-sha256 pin): {evaluation['attached_sha256']}")

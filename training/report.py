@@ -457,11 +457,16 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         f"{_rate(clean['false_positives_all'])} of all. Baselines on correct images: "
         + ", ".join(f"{b} {_pct(r['rate'])}" for b, r in clean["baseline_false_positives_correct"].items()) + ".",
         "",
+    ]
+    seen = set(evaluation.get("seen_in_fitting", []))
+    if not evaluation["attacks"]:
+        return [*lines, "No attack was run (the shifts suite): clean false positives and natural shifts only.", "",
+                *_shift_table(evaluation, seen)]
+    lines += [
         "| attack | kind | accuracy under attack | success | detected (95% CI) | evasion | AUROC | median L∞ / L2 | "
         "evasion budget L∞ / L2 | " + " | ".join(f"{b}: det / AUROC" for b in baselines) + " |",
         "|---|---|---:|---|---|---|---:|---|---|" + "---|" * len(baselines),
     ]
-    seen = set(evaluation.get("seen_in_fitting", []))
     for a in evaluation["attacks"]:
         base = " | ".join(f"{_pct(a['baselines'][b]['detection'])} / {_num(a['baselines'][b]['auroc'], 3)}"
                           for b in baselines)
@@ -484,9 +489,13 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
         "",
         *landing_markdown(evaluation),
         *budget_markdown(evaluation.get("evasion_budget", {})),
-        "| natural shift | flagged (all) | flagged (still correct) | accuracy |",
-        "|---|---|---|---:|",
+        *_shift_table(evaluation, seen),
     ]
+    return lines
+
+
+def _shift_table(evaluation: dict, seen: set[str]) -> list[str]:
+    lines = ["| natural shift | flagged (all) | flagged (still correct) | accuracy |", "|---|---|---|---:|"]
     for sh in evaluation["shifts"]:
         name = f"{sh['name']} (seen in fitting)" if sh["name"] in seen else sh["name"]
         lines.append(f"| {name} | {_rate(sh['flagged'])} | {_rate(sh['flagged_correct'])} | "
@@ -662,9 +671,11 @@ def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / EVALUATION_JSON).write_text(json.dumps(evaluation, indent=1) + "\n")
-    _plot_detection(out / DETECTION_PLOT, evaluation, title)
-    _plot_attack_rocs(out / ROC_PLOT, evaluation)
-    _plot_scores(out / SCORES_PLOT, evaluation)
+    attacked = bool(evaluation["attacks"])  # the plots are per attack: none without one
+    if attacked:
+        _plot_detection(out / DETECTION_PLOT, evaluation, title)
+        _plot_attack_rocs(out / ROC_PLOT, evaluation)
+        _plot_scores(out / SCORES_PLOT, evaluation)
     groups = evaluation.get("evasion_budget", {}).get("groups", {})
     if groups:
         plot_evasion_budget(out / BUDGET_PLOT, {name: g["per_input_linf"] for name, g in groups.items()},
@@ -673,14 +684,18 @@ def write_evaluation(out: Path, evaluation: dict, *, title: str, command: str | 
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += evaluation_markdown(evaluation)
-    lines += ["", f"![detection]({DETECTION_PLOT})", "", f"![ROC per attack]({ROC_PLOT})", "",
-              f"![scores]({SCORES_PLOT})", ""]
+    if attacked:
+        lines += ["", f"![detection]({DETECTION_PLOT})", "", f"![ROC per attack]({ROC_PLOT})", "",
+                  f"![scores]({SCORES_PLOT})", ""]
     if groups:
         lines += [f"![evasion rate against budget]({BUDGET_PLOT})", ""]
     lines += [f"Took {evaluation['seconds']:.0f} s.", ""]
     (out / EVALUATION_MD).write_text("\n".join(lines))
-    files = {"evaluation": EVALUATION_JSON, "evaluation_md": EVALUATION_MD, "evaluation_detection": DETECTION_PLOT,
-             "evaluation_roc": ROC_PLOT, "evaluation_scores": SCORES_PLOT}
+    files = {"evaluation": EVALUATION_JSON, "evaluation_md": EVALUATION_MD}
+    if attacked:
+        files.update(evaluation_detection=DETECTION_PLOT, evaluation_roc=ROC_PLOT, evaluation_scores=SCORES_PLOT)
     if groups:
         files["evaluation_budget"] = BUDGET_PLOT
+    for name in set(EVALUATION_FILES) - set(files.values()):  # an earlier evaluation's plots written here
+        (out / name).unlink(missing_ok=True)
     return files
