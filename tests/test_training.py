@@ -28,7 +28,7 @@ from training.cli import build_parser, main, options_from_args, trajectory_main
 from training.fitting import CLEAN_VARIANTS, seen_in_fitting, top_up_calibration
 from training.options import PipelineError, TrainOptions, attack_settings
 from training.pipeline import run
-from training.prepare import read_state_dict
+from training.prepare import load_splits, read_state_dict
 
 TESTS = Path(__file__).resolve().parent
 
@@ -99,6 +99,19 @@ def check_bundle(out: Path, report: dict) -> None:
         assert not set(split["evaluated"]) & (fit | calibration)
 
 
+def check_served_operating_point(out: Path, test) -> None:
+    """The bundle as the service loads it flags exactly the share of its calibration images (``split.json``
+    ids in the full test split ``test``, as they came) that fitting reported: the operating point holds
+    on the served path, not only on the rows the pipeline computed."""
+    report = json.loads((out / "report.json").read_text())
+    ids = json.loads((out / "split.json").read_text())["calibration"]
+    bundle = load_bundle(out, trusted_architectures=[report["classifier"]["architecture"]])
+    flagged = np.concatenate([bundle.detect(test.batch(torch.as_tensor(ids[i:i + 256]))[0]).adversarial
+                              for i in range(0, len(ids), 256)])
+    assert len(flagged) == report["detection"]["n_calibration_images"]
+    assert int(flagged.sum()) == round(report["detection"]["calibration_fpr_as_given"] * len(ids))
+
+
 @pytest.fixture(scope="module")
 def default_report(default_bundle) -> dict:
     return json.loads((default_bundle / "report.json").read_text())
@@ -126,6 +139,9 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     report = default_report
     check_report(report, steps=10)
     check_bundle(default_bundle, report)
+    check_served_operating_point(default_bundle, load_dataset("digits", train=False))
+    # digits leaves no correctly classified test image over for more calibration images
+    assert report["detection"]["n_calibration_not_attacked"] == 0
     assert report["data"]["spec"] == "digits" and report["classifier"]["architecture"] == "cnn"
     assert report["classifier"]["epochs"] == 10
     assert report["classifier"]["clean_accuracy"] > 0.95
@@ -598,8 +614,6 @@ def test_folder_dataset(tmp_path, capsys):
     # --image-size resizes a folder's images (and says so); other data refuses it
     resized = load_dataset(f"folder:{root}", train=False, image_size=(12, 16))
     assert resized.input_shape == (1, 12, 16) and len(resized) == 200
-    from training.prepare import load_splits
-
     train, _, _, _ = load_splits(TrainOptions(data=f"folder:{root}", image_size=[10]))
     assert train.input_shape == (1, 10, 10)
     assert "images: 10×10 pixels, 1 channel (--image-size)" in capsys.readouterr().err
@@ -650,6 +664,8 @@ def test_cifar10_subset_from_shared_data(cifar10_npz, tmp_path):
     assert 0 < det["n_calibration_not_attacked"] <= TrainOptions.calibration_images - 210
     assert det["n_calibration"] == (1 + len(CLEAN_VARIANTS)) * det["n_calibration_images"]
     assert det["n_calibration_images"] == 210 + det["n_calibration_not_attacked"]
+    full_test = load_splits(TrainOptions(data="cifar10", data_dir=str(cifar10_npz.parent)))[1]  # the npz copy
+    check_served_operating_point(out, full_test)
     tr = report["trajectory"]
     kappa = np.array(tr["mean_sharpness"])
     assert 1 <= tr["peak_step"] <= 6 and kappa.max() > 1.1 * kappa[0]  # rises towards the boundary
