@@ -708,6 +708,22 @@ def test_detector_evaluate_shifts_suite_measures_false_alarms_without_attacks(de
     assert side_by_side([str(out), str(out), "--names", "a", "b", "--matched-fpr", "0.05"]) == 0
     table = capsys.readouterr().out
     assert "| clean flagged (correct images) |" in table and "| JPEG q50 |" in table and "| attack |" not in table
+    # --shifts: any change --clean-variants takes, those the detector was fitted on marked; or none at all
+    mine = tmp_path / "mine"
+    assert main(["--bundle", str(default_bundle), "--suite", "shifts", "--shifts", "jpeg q60, noise sigma=0.03",
+                 "--max-images", "60", "--out", str(mine), "--no-progress"]) == 0
+    ev = json.loads((mine / "evaluation.json").read_text())
+    assert [s["name"] for s in ev["shifts"]] == ["JPEG q60", "noise σ=0.03"]
+    md = (mine / "evaluation.md").read_text()
+    assert "| JPEG q60 (seen in fitting) |" in md and "| noise σ=0.03 (seen in fitting) |" in md
+    assert main(["--bundle", str(default_bundle), "--suite", "shifts", "--shifts", "none", "--max-images", "60",
+                 "--out", str(mine), "--no-progress"]) == 0
+    assert json.loads((mine / "evaluation.json").read_text())["shifts"] == []
+    assert "| natural shift |" not in (mine / "evaluation.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(default_bundle), "--shifts", "sharpen", "--out", str(mine), "--no-progress"])
+    assert "unknown shift 'sharpen'" in capsys.readouterr().err
 
 
 def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bundle, tmp_path, capsys):

@@ -11,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from fractions import Fraction
 
 from detector import distributed
@@ -44,17 +45,16 @@ def _fit_sources(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _shift_names(text: str) -> tuple[str, ...]:
-    """``--clean-variants``: comma-separated names of :mod:`detector.shifts` (``default`` for the default
-    list), or ``none``."""
+def shift_names(text: str, default: Sequence[str] = CLEAN_VARIANTS) -> tuple[str, ...]:
+    """Comma-separated names of :mod:`detector.shifts` (``default`` for the ``default`` list), or ``none``
+    (``--clean-variants``; ``detector-evaluate --shifts``)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if [p.lower() for p in parts] == ["none"]:
         return ()
     if not parts:
-        raise argparse.ArgumentTypeError("no names given: list changes, or 'none' for no clean variants")
+        raise argparse.ArgumentTypeError("no names given: list changes, or 'none' for none")
     try:
-        names = [n for part in parts
-                 for n in (CLEAN_VARIANTS if part.lower() == "default" else (shift_name(part),))]
+        names = [n for part in parts for n in (default if part.lower() == "default" else (shift_name(part),))]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return tuple(dict.fromkeys(names))
@@ -175,7 +175,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--target-fpr", type=_number, default=defaults.target_fpr,
                        help="share of clean calibration images the detector may flag, as they came and "
                             "together with their --clean-variants")
-        g.add_argument("--clean-variants", type=_shift_names, default=None, metavar="NAME,NAME,…|none",
+        g.add_argument("--clean-variants", type=shift_names, default=None, metavar="NAME,NAME,…|none",
                        help="what the clean fitting and calibration images also go through, so that inputs "
                             "changed that way do not fire; replaces the default list (" + ", ".join(CLEAN_VARIANTS)
                             + "): 'default,JPEG q30' keeps it and adds one; 'x' and 'sigma' stand for × and σ; "

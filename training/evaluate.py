@@ -21,11 +21,18 @@ import numpy as np
 
 from detector import BundleError, distributed, load_bundle, update_bundle
 from detector.datasets import DatasetNotFoundError
-from detector.evaluation import HELD_OUT_DRAW, SUITE_LEVELS, attack_suite, evaluate, held_out_images
+from detector.evaluation import (
+    HELD_OUT_DRAW,
+    SUITE_LEVELS,
+    attack_suite,
+    evaluate,
+    held_out_images,
+)
+from detector.shifts import SHIFTS
 
 from . import report as reporting
 from .classifier import predict
-from .cli import HelpFormatter, _number, add_trust_flag, trusted_names
+from .cli import HelpFormatter, _number, add_trust_flag, shift_names, trusted_names
 from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
 from .output import dump_json, json_safe
@@ -50,6 +57,11 @@ def read_evaluation(path: str | Path) -> dict:
     return evaluation
 
 
+def _suite_shifts(text: str) -> tuple[str, ...]:
+    """``--shifts``: as ``--clean-variants`` reads them, ``default`` being the suite's own list."""
+    return shift_names(text, default=tuple(SHIFTS))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="detector-evaluate",
@@ -65,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec (default: the one in the bundle's report)")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live (default: the bundle's report)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    p.add_argument("--shifts", type=_suite_shifts, default=tuple(SHIFTS),
+                   metavar="NAME,NAME,…|none",
+                   help="the natural shifts measured (default: " + ", ".join(SHIFTS) + "); any change "
+                        "--clean-variants takes ('JPEG q30', 'noise sigma=0.04'): 'default,JPEG q60' keeps the list "
+                        "and adds one, 'none' measures the clean images alone")
     p.add_argument("--max-images", type=int, default=1000,
                    help="held-out test images to evaluate on (at most; fewer, with a warning, when fewer are left): "
                         "drawn at random from those not used in fitting, with the classifier's share of mistakes on "
@@ -141,7 +158,8 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     started = time.perf_counter()
     evaluation = evaluate(
         bundle, test, images, excluded=excluded, calibration=calibration if calibration.size >= 20 else None,
-        suite=attack_suite(eps, int(np.prod(test.input_shape)), args.suite, args.seed), reference=train,
+        suite=attack_suite(eps, int(np.prod(test.input_shape)), args.suite, args.seed), shifts=args.shifts,
+        reference=train,
         target_fpr=args.target_fpr, batch_size=args.batch_size, seed=args.seed,
         progress=not args.no_progress and distributed.is_main(), held_out_draw=HELD_OUT_DRAW,
     ).to_dict()

@@ -495,6 +495,8 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
 
 
 def _shift_table(evaluation: dict, seen: set[str]) -> list[str]:
+    if not evaluation["shifts"]:
+        return []
     lines = ["| natural shift | flagged (all) | flagged (still correct) | accuracy |", "|---|---|---|---:|"]
     for sh in evaluation["shifts"]:
         name = f"{sh['name']} (seen in fitting)" if sh["name"] in seen else sh["name"]
