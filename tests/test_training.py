@@ -23,9 +23,10 @@ from detector import (
 )
 from detector.datasets import CIFAR10_CLASSES
 from detector.metrics import roc_rates
+from training.attacking import top_up_calibration
 from training.classifier import accuracy, robust_accuracy
 from training.cli import build_parser, main, options_from_args, trajectory_main
-from training.fitting import CLEAN_VARIANTS, seen_in_fitting, top_up_calibration
+from training.fitting import CLEAN_VARIANTS, seen_in_fitting
 from training.options import PipelineError, TrainOptions, attack_settings
 from training.pipeline import run
 from training.prepare import load_splits, read_state_dict

@@ -14,13 +14,21 @@ from .classifier import predict
 from .fitting import AttackedSet
 from .options import AttackSettings
 
-__all__ = ["attack_paths", "path_statistics", "sample_correct", "select_correct", "trajectory_summary"]
+__all__ = ["attack_paths", "path_statistics", "sample_correct", "select_correct", "top_up_calibration", "trajectory_summary"]
 
 
 def sample_correct(correct: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
     """Up to ``max_samples`` indices where ``correct`` holds, drawn at random (seeded), sorted."""
     index = np.flatnonzero(correct)
     return np.sort(np.random.default_rng(seed).permutation(index)[:max_samples])
+
+
+def top_up_calibration(correct: np.ndarray, taken: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """:func:`sample_correct` outside ``taken``: up to ``n`` more correctly classified images (none for
+    ``n`` ≤ 0), clean calibration images that cost no attack."""
+    free = np.array(correct, dtype=bool)
+    free[np.asarray(taken, dtype=np.int64)] = False
+    return sample_correct(free, max(n, 0), seed + 5)
 
 
 def select_correct(model: torch.nn.Module, test: ImageDataset, max_samples: int, seed: int,

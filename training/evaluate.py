@@ -224,9 +224,10 @@ def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
         if fitted_on and evaluation["data"]["spec"] != fitted_on:
             raise PipelineError(f"the evaluation ran on {evaluation['data']['spec']}, the bundle was fitted on "
                                 f"{fitted_on}: its figures are not the bundle's coverage")
-        # The evaluation files of the one it replaces go, so that no plot of it is left behind.
+        # The evaluation files of the one it replaces go, so that no plot of it is left behind (files under
+        # other names than today's included: write_evaluation removes today's names it does not write).
         previous = {k: v for k, v in report.get("files", {}).items() if k.startswith("evaluation")}
-        for name in {*previous.values(), *reporting.EVALUATION_FILES}:
+        for name in previous.values():
             (stage / name).unlink(missing_ok=True)
         architecture = json.loads((stage / "config.json").read_text())["architecture"]
         try:
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("\n".join(reporting.evaluation_markdown(evaluation)))
     plots = ", plots" if evaluation["attacks"] else ""
-    print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md{plots}) in {evaluation['wall_seconds']:.0f} s")
+    print(f"\nwritten to {evaluation['out']}/ (evaluation.json, evaluation.md{plots}) in "
+          f"{evaluation['wall_seconds']:.0f} s")
     if "attached_sha256" in evaluation:
         print(f"attached to {args.bundle}: /model reports this evaluation once the service loads the bundle again; "
               f"the bundle's new SHA-256 (update any --bundle-sha256 pin): {evaluation['attached_sha256']}")

@@ -38,7 +38,7 @@ from detector.shifts import apply_shift
 __all__ = [
     "CLEAN_VARIANTS", "FIT_SOURCES", "AttackedSet", "DetectorSet", "FittedDetector", "balanced_side",
     "calibration_rows", "fit_attacks", "fit_detector", "fit_sources", "seen_in_fitting", "split_calibration",
-    "split_images", "top_up_calibration",
+    "split_images",
 ]
 
 #: Clean images are also seen through these (the service's resize path, JPEG, and milder photometric
@@ -151,13 +151,6 @@ def split_calibration(fit_images: np.ndarray, fraction: float, seed: int) -> tup
     order = np.random.default_rng(seed + 7).permutation(fit_images)
     n_cal = int(round(len(order) * fraction))
     return np.sort(order[n_cal:]), np.sort(order[:n_cal])
-
-
-def top_up_calibration(correct: np.ndarray, taken: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted test-split positions of up to ``n`` correctly classified images outside ``taken``, drawn at
-    random (seeded): clean calibration images that cost no attack."""
-    free = np.setdiff1d(np.flatnonzero(np.asarray(correct, dtype=bool)), np.asarray(taken, dtype=np.int64))
-    return np.sort(np.random.default_rng(seed + 5).permutation(free)[:max(n, 0)])
 
 
 def _path_rows(attacked: AttackedSet, feature_set: str, weight_norm: float) -> np.ndarray:

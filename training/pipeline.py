@@ -22,7 +22,13 @@ from detector.evaluation import HELD_OUT_DRAW, attack_suite, evaluate, held_out_
 from detector.metrics import roc_rates, wilson_interval
 from detector.shifts import shift_name
 
-from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
+from .attacking import (
+    attack_paths,
+    path_statistics,
+    sample_correct,
+    top_up_calibration,
+    trajectory_summary,
+)
 from .fitting import (
     CLEAN_VARIANTS,
     FIT_SOURCES,
@@ -33,7 +39,6 @@ from .fitting import (
     seen_in_fitting,
     split_calibration,
     split_images,
-    top_up_calibration,
 )
 from .options import (
     PAPER_ATTACK,
