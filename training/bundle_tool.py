@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             print(verify_bundle(args.bundle, args.sha256))
         elif args.command == "attach-evaluation":
-            from .evaluate import attach_evaluation, read_evaluation  # the report's plots: only when one is written
+            from .evaluate import (  # the report's plots: only when one is written
+                attach_evaluation,
+                read_evaluation,
+            )
 
             evaluation = read_evaluation(args.evaluation)
             digest = attach_evaluation(args.bundle, evaluation)
