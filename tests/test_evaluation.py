@@ -704,10 +704,21 @@ def test_detector_evaluate_shifts_suite_measures_false_alarms_without_attacks(de
     with pytest.raises(PipelineError, match="not attached"):
         attach_evaluation(bundle, dict(ev, bundle={"sha256": bundle_hash}))
     assert verify_bundle(bundle) == bundle_hash
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(bundle), "--suite", "shifts", "--eps", "0.1", "--no-progress"])
+    assert "runs no attack" in capsys.readouterr().err
+    # Without --out: beside the bundle, under the suite's own name, never over the full suite's folder.
+    assert main(["--bundle", str(bundle), "--suite", "shifts", "--max-images", "40", "--no-progress"]) == 0
+    assert (tmp_path / "bundle-evaluation-shifts" / "evaluation.json").is_file()
+    assert not (tmp_path / "bundle-evaluation").exists()
     # Two of them side by side: clean and shifts, no attack table.
     assert side_by_side([str(out), str(out), "--names", "a", "b", "--matched-fpr", "0.05"]) == 0
     table = capsys.readouterr().out
     assert "| clean flagged (correct images) |" in table and "| JPEG q50 |" in table and "| attack |" not in table
+    with pytest.raises(SystemExit) as stop:  # no attack, no budget: no empty plot
+        side_by_side([str(out), str(out), "--names", "a", "b", "--out", str(tmp_path / "budget.png")])
+    assert stop.value.code == 2 and "nothing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "budget.png").exists()
     # --shifts: any change --clean-variants takes, those the detector was fitted on marked; or none at all
     mine = tmp_path / "mine"
     assert main(["--bundle", str(default_bundle), "--suite", "shifts", "--shifts", "jpeg q60, noise sigma=0.03",
@@ -724,6 +735,9 @@ def test_detector_evaluate_shifts_suite_measures_false_alarms_without_attacks(de
     with pytest.raises(SystemExit):
         main(["--bundle", str(default_bundle), "--shifts", "sharpen", "--out", str(mine), "--no-progress"])
     assert "unknown shift 'sharpen'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(default_bundle), "--shifts", "none,JPEG q30", "--out", str(mine), "--no-progress"])
+    assert "'none' stands alone" in capsys.readouterr().err
 
 
 def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bundle, tmp_path, capsys):
@@ -780,3 +794,29 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert not (twin / "evaluation_budget.png").exists() and "evaluation_budget" not in report["files"]
     with pytest.raises(PipelineError, match="the bundle was fitted on digits"):
         attach_evaluation(twin, dict(ev, bundle={"sha256": verify_bundle(twin)}, data={"spec": "cifar10"}))
+    # Other shifts than the suite's own list (none, or only those it was fitted on) are not its coverage.
+    for shifts in ([], ev["shifts"][:1]):
+        with pytest.raises(PipelineError, match="other natural shifts"):
+            attach_evaluation(twin, dict(ev, bundle={"sha256": verify_bundle(twin)}, shifts=shifts))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(twin), "--suite", "quick", "--shifts", "JPEG q60", "--attach", "--no-progress"])
+    assert "other natural shifts" in capsys.readouterr().err
+    assert not (tmp_path / "twin-evaluation-quick").exists()
+    # A bundle's report names the files its evaluation replaces; a crafted one cannot name a file outside it.
+    from detector import update_bundle
+
+    outside = [tmp_path / "victim.txt", tmp_path / "absolute.txt"]
+    for file in outside:
+        file.write_text("keep me")
+
+    def craft(stage):
+        report = json.loads((stage / "report.json").read_text())
+        report["files"].update(evaluation_up="../victim.txt", evaluation_abs=str(outside[1]), evaluation_odd=3)
+        (stage / "report.json").write_text(json.dumps(report))
+
+    update_bundle(twin, craft)
+    attach_evaluation(twin, dict(ev, bundle={"sha256": verify_bundle(twin)}))
+    assert all(file.read_text() == "keep me" for file in outside)
+    files = load_bundle(twin).report["files"]
+    assert not {"evaluation_up", "evaluation_abs", "evaluation_odd"} & set(files) and "evaluation" in files

@@ -53,6 +53,8 @@ def shift_names(text: str, default: Sequence[str] = CLEAN_VARIANTS) -> tuple[str
         return ()
     if not parts:
         raise argparse.ArgumentTypeError("no names given: list changes, or 'none' for none")
+    if "none" in (p.lower() for p in parts):
+        raise argparse.ArgumentTypeError("'none' stands alone: it cannot be listed with other names")
     try:
         names = [n for part in parts for n in (default if part.lower() == "default" else (shift_name(part),))]
     except ValueError as exc:
@@ -192,7 +194,9 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="clean calibration images in all: the --calibration-fraction of the attacked images, "
                             "topped up to this many (as far as the split has them) with correctly classified test "
                             "images that are neither attacked nor evaluated (no attack: one forward pass each per "
-                            "variant), so that the operating point lands near --target-fpr; 0: the fraction alone")
+                            "variant), so that the operating point lands near --target-fpr; 0: the fraction alone. "
+                            "The --evaluate-images are set apart first, with --evaluate none too, so that the "
+                            "operating point does not depend on --evaluate; none for --detector paper")
         g.add_argument("--evaluate", choices=("none", "quick", "full"), default=defaults.evaluate,
                        help="the attack suite run on held-out images after fitting (full: every attack, "
                             "as detector-evaluate runs it)")

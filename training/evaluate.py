@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
     add_trust_flag(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output directory (default: <bundle>-evaluation beside the bundle)")
+    p.add_argument("--out", help="output directory (default, beside the bundle: <bundle>-evaluation for the full suite, "
+                        "<bundle>-evaluation-quick or -shifts for the others)")
     p.add_argument("--attach", action="store_true",
                    help="also write the evaluation into the bundle, replacing the one it holds, so that the "
                         "service's /model reports it as the bundle's coverage; this changes the bundle's SHA-256 "
@@ -142,6 +143,10 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
               file=sys.stderr, flush=True)
     if args.attach and args.suite == "shifts":
         raise PipelineError(f"--attach: {NOT_ATTACHABLE}")
+    if args.attach and tuple(args.shifts) != tuple(SHIFTS):
+        raise PipelineError(f"--attach: {OTHER_SHIFTS}")
+    if args.eps is not None and args.suite == "shifts":
+        raise PipelineError("--eps scales the attacks' radii; the shifts suite runs no attack")
     if args.max_images < 40:
         raise PipelineError("--max-images must be at least 40")
     correct = (predict(bundle.model, test, batch_size=max(args.batch_size, 256), device=device,
@@ -170,7 +175,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["command"] = command
     evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
     evaluation = json_safe(evaluation)
-    out = Path(args.out) if args.out else bundle_dir.parent / f"{bundle_dir.name}-evaluation"
+    out = Path(args.out) if args.out else default_out(bundle_dir, args.suite)
     if not distributed.is_main():  # rank 0 writes
         return evaluation
     reporting.write_evaluation(out, evaluation, title=evaluation_title(bundle.architecture, evaluation), command=command)
@@ -181,6 +186,13 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     return evaluation
 
 
+def default_out(bundle_dir: Path, suite: str) -> Path:
+    """Where an evaluation goes without ``--out``: ``<bundle>-evaluation`` for the full suite,
+    ``<bundle>-evaluation-<suite>`` for the others, so that a cheaper run never replaces a fuller one."""
+    suffix = "" if suite == "full" else f"-{suite}"
+    return bundle_dir.parent / f"{bundle_dir.name}-evaluation{suffix}"
+
+
 def evaluation_title(architecture: str, evaluation: dict) -> str:
     """The line under ``evaluation.md``'s heading: what was judged, on what, by which suite."""
     return (f"{architecture} on {evaluation['data']['spec']}; bundle {evaluation['bundle']['sha256'][:12]}; "
@@ -189,6 +201,8 @@ def evaluation_title(architecture: str, evaluation: dict) -> str:
 
 NOT_ATTACHABLE = ("an evaluation without attacks (the shifts suite) is not attached: it would replace the bundle's "
                   "coverage with its false-positive figures alone")
+OTHER_SHIFTS = ("an evaluation on other natural shifts than the suite's own list (" + ", ".join(SHIFTS) + ") is not "
+                "attached: the bundle's coverage reports them all; evaluate without --shifts")
 #: What an evaluation must hold to be attached to a bundle (``detector-evaluate`` writes them all).
 ATTACHABLE = ("detector", "target_fpr", "clean", "attacks", "shifts", "image_ids", "data", "bundle", "suite",
               "seconds")
@@ -207,6 +221,20 @@ def _check_attachable(evaluation: Any) -> None:
         raise PipelineError(f"not an evaluation detector-evaluate wrote: it lacks {', '.join(missing)}")
     if not evaluation["attacks"]:
         raise PipelineError(NOT_ATTACHABLE)
+    shifts = evaluation["shifts"]
+    if not isinstance(shifts, list) or [s.get("name") if isinstance(s, dict) else None for s in shifts] != list(SHIFTS):
+        raise PipelineError(OTHER_SHIFTS)
+
+
+def _evaluation_files(report: dict) -> dict[str, str]:
+    """The evaluation files a bundle's ``report.json`` lists, by key: only plain file names, so that a
+    crafted report cannot name a file outside the bundle (``../x``, ``/home/…``) for the update to remove."""
+    files = report.get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items()
+            if isinstance(k, str) and k.startswith("evaluation") and isinstance(v, str)
+            and v not in ("", ".", "..") and Path(v).name == v and "\\" not in v}
 
 
 def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
@@ -220,22 +248,27 @@ def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
     def write(stage: Path) -> None:
         report_file = stage / "report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        if not isinstance(report, dict) or not isinstance(report.get("options", {}), dict):
+            raise PipelineError("the bundle's report.json is not one detector-train wrote")
         fitted_on = report.get("options", {}).get("data")
         if fitted_on and evaluation["data"]["spec"] != fitted_on:
             raise PipelineError(f"the evaluation ran on {evaluation['data']['spec']}, the bundle was fitted on "
                                 f"{fitted_on}: its figures are not the bundle's coverage")
         # The evaluation files of the one it replaces go, so that no plot of it is left behind (files under
         # other names than today's included: write_evaluation removes today's names it does not write).
-        previous = {k: v for k, v in report.get("files", {}).items() if k.startswith("evaluation")}
+        previous = _evaluation_files(report)
         for name in previous.values():
-            (stage / name).unlink(missing_ok=True)
+            if (stage / name).is_file():
+                (stage / name).unlink()
         architecture = json.loads((stage / "config.json").read_text())["architecture"]
         try:
             files = reporting.write_evaluation(stage, evaluation, title=evaluation_title(architecture, evaluation),
                                                command=evaluation.get("command"))
             report["evaluation"] = summarize_evaluation(evaluation)
             report["evaluation_command"] = evaluation.get("command")
-            report["files"] = {**{k: v for k, v in report.get("files", {}).items() if k not in previous}, **files}
+            # Every earlier evaluation entry goes from the list, named safely or not: these files replace them.
+            kept = report["files"] if isinstance(report.get("files"), dict) else {}
+            report["files"] = {**{k: v for k, v in kept.items() if not str(k).startswith("evaluation")}, **files}
             dump_json(report_file, report)
             if (stage / "report.md").is_file():
                 reporting.write_markdown(stage / "report.md", report)

@@ -199,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         table = side_by_side(evaluations, args.matched_fpr)
     except (OSError, ValueError, KeyError, PipelineError) as exc:
         p.exit(2, f"python -m training.robustness: error: {exc}\n")
+    curves = {f"{n}, {g}": groups[g]["per_input_linf"] for n, ev in evaluations.items()
+              for groups in [ev.get("evasion_budget", {}).get("groups", {})] for g in args.groups if g in groups}
+    if args.out and not curves:  # shifts-only evaluations, or groups none of them has
+        p.exit(2, f"python -m training.robustness: error: --out: no evaluation has an evasion budget for "
+                  f"{', '.join(args.groups)} (the shifts suite runs no attack): nothing to plot\n")
     print(table)
     if args.out:
         args.out = args.out if Path(args.out).suffix else args.out + ".png"
-        curves = {f"{n}, {g}": groups[g]["per_input_linf"] for n, ev in evaluations.items()
-                  for groups in [ev.get("evasion_budget", {}).get("groups", {})] for g in args.groups if g in groups}
         plot_evasion_budget(Path(args.out), curves, "evasion rate against L∞ budget: " + " vs ".join(names),
                             up_to=args.up_to)
         print(f"plot written to {args.out}")
