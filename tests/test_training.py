@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,31 @@ def check_served_operating_point(out: Path, test) -> None:
                               for i in range(0, len(ids), 256)])
     assert len(flagged) == report["detection"]["n_calibration_images"]
     assert int(flagged.sum()) == round(report["detection"]["calibration_fpr_as_given"] * len(ids))
+
+
+def check_calibration_top_up(out: Path, test, n_split: int, asked: int) -> None:
+    """The calibration images beyond the attacked ones: every calibration image (``split.json`` ids in the
+    full test split ``test``) is one the classifier gets right, none was evaluated, and there are as many
+    as asked (``asked`` in all) or, when fewer are left, every correctly classified image of the
+    ``n_split`` test images that is neither attacked nor evaluated."""
+    report = json.loads((out / "report.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    bundle = load_bundle(out, trusted_architectures=[report["classifier"]["architecture"]])
+
+    def right(ids):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        x, y = test.batch(ids)
+        return bundle.detect(x).labels == y.numpy()
+
+    assert right(split["calibration"]).all()
+    evaluated = set(split["evaluated"])
+    assert not evaluated & set(split["calibration"])
+    n_attacked = report["attack"]["n_attacked"]
+    attacked_calibration = n_attacked - len(split["fit"]) - len(split["held_out"])
+    not_attacked = sorted(evaluated - set(split["held_out"]))
+    n_correct = round(report["classifier"]["clean_accuracy"] * n_split)
+    left = n_correct - n_attacked - int(right(not_attacked).sum())
+    assert report["detection"]["n_calibration_not_attacked"] == min(asked - attacked_calibration, left) > 0
 
 
 @pytest.fixture(scope="module")
@@ -416,8 +442,30 @@ def test_calibration_top_up_takes_only_correct_images_outside_the_taken_ones():
     # fewer left than asked: every one of them; none asked (or fewer than none): none
     assert np.array_equal(top_up_calibration(correct, taken, 1000, 0), np.arange(40, 100, 2))
     assert top_up_calibration(correct, taken, 0, 0).size == top_up_calibration(correct, taken, -5, 0).size == 0
+    # one more image taken changes the draw by that image at most, not all of it
+    more_taken = top_up_calibration(correct, np.r_[taken, picked[:1]], 20, seed=0)
+    assert len(np.intersect1d(picked, more_taken)) == 19
     with pytest.raises(PipelineError, match="--calibration-images"):
         run(TrainOptions(calibration_images=-1))
+
+
+def test_calibration_images_do_not_depend_on_whether_the_suite_runs(default_bundle, tmp_path):
+    """The evaluation's images are set apart with ``--evaluate none`` too: the same calibration images, and
+    so the same operating point, whether or not the attack suite runs; the top-up is drawn from the
+    correctly classified images neither attacked nor evaluated, as many as asked.  The paper's tree, which
+    has no operating point, gets none."""
+    base = TrainOptions(weights=str(default_bundle / "weights.pt"), epochs=0, max_samples=150, evaluate_images=60,
+                        calibration_images=100, progress=False)
+    quick = run(replace(base, out=str(tmp_path / "quick")))
+    silent = run(replace(base, evaluate="none", out=str(tmp_path / "none")))
+    assert "evaluation" in quick and "evaluation" not in silent
+    test = load_dataset("digits", train=False)
+    check_calibration_top_up(tmp_path / "quick", test, len(test), 100)
+    splits = [json.loads((tmp_path / name / "split.json").read_text()) for name in ("quick", "none")]
+    assert splits[0]["calibration"] == splits[1]["calibration"]
+    assert quick["detection"]["threshold"] == silent["detection"]["threshold"]
+    paper = run(replace(base, detector="paper", evaluate="none", out=str(tmp_path / "paper")))
+    assert paper["detection"]["n_calibration_not_attacked"] == 0
 
 
 def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):
@@ -662,10 +710,11 @@ def test_cifar10_subset_from_shared_data(cifar10_npz, tmp_path):
     # The operating point is set on 210 attacked images' clean copies and on correctly classified test
     # images outside the attacked and the evaluated ones (here all of those that are left), each
     # as it came and through every clean variant.
-    assert 0 < det["n_calibration_not_attacked"] <= TrainOptions.calibration_images - 210
     assert det["n_calibration"] == (1 + len(CLEAN_VARIANTS)) * det["n_calibration_images"]
     assert det["n_calibration_images"] == 210 + det["n_calibration_not_attacked"]
     full_test = load_splits(TrainOptions(data="cifar10", data_dir=str(cifar10_npz.parent)))[1]  # the npz copy
+    check_calibration_top_up(out, full_test, 2500, TrainOptions.calibration_images)
+    assert det["n_calibration_not_attacked"] < TrainOptions.calibration_images - 210  # all that are left
     check_served_operating_point(out, full_test)
     tr = report["trajectory"]
     kappa = np.array(tr["mean_sharpness"])

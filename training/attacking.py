@@ -24,11 +24,15 @@ def sample_correct(correct: np.ndarray, max_samples: int, seed: int) -> np.ndarr
 
 
 def top_up_calibration(correct: np.ndarray, taken: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """:func:`sample_correct` outside ``taken``: up to ``n`` more correctly classified images (none for
-    ``n`` ≤ 0), clean calibration images that cost no attack."""
+    """Up to ``n`` more correctly classified images outside ``taken`` (none for ``n`` ≤ 0), sorted: clean
+    calibration images that cost no attack.
+
+    The first ``n`` such images in one seeded order of the whole split, so that a few more or fewer images
+    in ``taken`` change the draw by those few, not all of it."""
     free = np.array(correct, dtype=bool)
     free[np.asarray(taken, dtype=np.int64)] = False
-    return sample_correct(free, max(n, 0), seed + 5)
+    order = np.random.default_rng(seed + 5).permutation(len(free))
+    return np.sort(order[free[order]][:max(n, 0)])
 
 
 def select_correct(model: torch.nn.Module, test: ImageDataset, max_samples: int, seed: int,

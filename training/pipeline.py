@@ -181,15 +181,17 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if len(calibration_images) < 1:
         raise PipelineError("no calibration images: raise --max-samples or --calibration-fraction")
     used = np.concatenate([attacked.index[fit_images], attacked.index[calibration_images]])
-    # Rank 0's draw on every rank: the draw follows each rank's own predictions.
-    pool = distributed.broadcast(held_out_images(prepared.test_correct, used,
-                                                 options.evaluate_images if options.evaluate != "none" else 0,
+    # Rank 0's draw on every rank: the draw follows each rank's own predictions.  The evaluation's images
+    # are set apart even with --evaluate none, so that the calibration images below, and the operating
+    # point they set, are the same whether or not the suite runs.
+    pool = distributed.broadcast(held_out_images(prepared.test_correct, used, options.evaluate_images,
                                                  np.random.default_rng(options.seed + 3)))
     # More clean calibration images from outside the attacked and evaluated ones: the operating point is a
-    # quantile, and a few hundred images set it only to within a few points of the target.
-    topped_up = distributed.broadcast(top_up_calibration(
-        prepared.test_correct, np.concatenate([index, pool]),
-        options.calibration_images - len(calibration_images), options.seed))
+    # quantile, and a few hundred images set it only to within a few points of the target.  The paper's
+    # tree has no operating point.
+    wanted = options.calibration_images - len(calibration_images) if options.detector != "paper" else 0
+    topped_up = distributed.broadcast(top_up_calibration(prepared.test_correct, np.concatenate([index, pool]),
+                                                         wanted, options.seed))
     calibration_index = np.concatenate([attacked.index[calibration_images], topped_up])
     used = np.concatenate([used, topped_up])
     fitted = fit_detector(options.detector, model, prepared.test, attacked, fit_images, calibration_index,
