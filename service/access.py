@@ -19,10 +19,22 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-__all__ = ["AccessError", "AccessMiddleware", "ApiKeys", "RateLimiter", "read_api_keys"]
+__all__ = ["AccessError", "AccessMiddleware", "ApiKeys", "RateLimiter", "read_api_keys", "route_path"]
 
 #: Shortest key accepted: a key is a secret, not a password to remember.
 MIN_KEY_LENGTH = 16
+
+
+def route_path(scope) -> str:
+    """The path the app's router matches: the request's path less the ``root_path`` that a server
+    (``uvicorn --root-path /api``) or a mount puts in front of it.  Which paths need a key, and which
+    limits apply, are judged on this: under a root path the raw path is ``/api/predict``, never
+    ``/predict``.  A root path with a trailing slash is cut the same way (more paths judged
+    protected than the router serves, never fewer)."""
+    path, root = scope.get("path", ""), (scope.get("root_path") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 class AccessError(Exception):
@@ -68,7 +80,7 @@ class ApiKeys:
         the request has none that is accepted."""
         if not self.enabled:
             return f"ip:{address or 'unknown'}"
-        presented = api_key
+        presented = api_key or None  # an empty X-API-Key beside a bearer key does not hide it
         if presented is None and authorization:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
@@ -149,7 +161,7 @@ class AccessMiddleware:
             return
         headers = {k: v for k, v in scope.get("headers", []) if k in (b"authorization", b"x-api-key")}
         address = scope.get("client")[0] if scope.get("client") else None
-        path = scope.get("path")
+        path = route_path(scope)
         try:
             client = self.keys.client(_text(headers.get(b"authorization")), _text(headers.get(b"x-api-key")), address)
         except AccessError as exc:

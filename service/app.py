@@ -27,7 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from detector import BundleError
 from detector.devices import DeviceError, resolve_device
 
-from .access import AccessError, AccessMiddleware, ApiKeys, RateLimiter, read_api_keys
+from .access import (
+    AccessError,
+    AccessMiddleware,
+    ApiKeys,
+    RateLimiter,
+    read_api_keys,
+    route_path,
+)
 from .audit import AuditTrail, RequestIdMiddleware, request_id
 from .batching import InferenceFailed, MicroBatcher, Overloaded
 from .engine import Engine, ImageResult
@@ -244,7 +251,7 @@ class Service:
         flagged = [(i, data, info.format, a) for i, (a, (_, info, data)) in enumerate(zip(answers, decoded))
                    if a.adversarial]
         if flagged:
-            self.audit.record(request_id=request_id(request.scope), client=client, route=request.url.path,
+            self.audit.record(request_id=request_id(request.scope), client=client, route=route_path(request.scope),
                               bundle_sha256=ref.sha256, flagged=flagged)
         return answers
 
@@ -353,15 +360,15 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         if detail.startswith("Too many files"):
             code = "too_many_files"
-            limit = settings.max_batch_files if request.url.path == PREDICT_BATCH else 1
+            limit = settings.max_batch_files if route_path(request.scope) == PREDICT_BATCH else 1
             detail = (f"too many files in one request: at most {limit} "
-                      + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or request.url.path == PREDICT_BATCH
+                      + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or route_path(request.scope) == PREDICT_BATCH
                          else "per /predict request; use /predict/batch for several"))
         elif exc.status_code == 405:
             allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
-            detail = f"method {request.method} is not allowed on {request.url.path}" + (
+            detail = f"method {request.method} is not allowed on {route_path(request.scope)}" + (
                 f"; use {allowed}" if allowed else "")
-        elif exc.status_code == 400 and request.url.path in (PREDICT, PREDICT_BATCH):
+        elif exc.status_code == 400 and route_path(request.scope) in (PREDICT, PREDICT_BATCH):
             code = "bad_multipart"
             detail = f"the multipart/form-data body cannot be parsed: {detail}"
         return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
@@ -369,8 +376,9 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         ctype = request.headers.get("content-type", "")
-        field = "files" if request.url.path == PREDICT_BATCH else "file"
-        if request.url.path in (PREDICT, PREDICT_BATCH) and not ctype.lower().startswith("multipart/form-data"):
+        path = route_path(request.scope)
+        field = "files" if path == PREDICT_BATCH else "file"
+        if path in (PREDICT, PREDICT_BATCH) and not ctype.lower().startswith("multipart/form-data"):
             shown = ctype or "none"
             return _error(415, "unsupported_media_type",
                           f"expected a multipart/form-data body with the image(s) in field {field!r} "
@@ -392,7 +400,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
         # Answered outside every middleware (Starlette's outermost error handler), so the request id
         # that ties the answer to this log line is added here.
         rid = request.scope.get("state", {}).get("request_id", "-")
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+        log.exception("unhandled error on %s %s (request %s)", request.method, route_path(request.scope), rid)
         return _error(500, "internal_error", f"internal error: {type(exc).__name__}", {"X-Request-ID": rid})
 
 

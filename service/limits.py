@@ -23,6 +23,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access import route_path
+
 __all__ = ["BodyLimitMiddleware"]
 
 
@@ -53,7 +55,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path = route_path(scope)
         limit = self.limit_for(path)
         declared: int | None = None
         raw = Headers(scope=scope).get("content-length")

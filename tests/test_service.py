@@ -1093,6 +1093,34 @@ def test_api_keys_are_required_and_checked_before_the_body(locked, good_png):
     assert _raw_request(locked, head, b"--b\r\n").startswith(b"HTTP/1.1 401")
 
 
+def test_api_keys_hold_under_a_root_path(default_bundle, tmp_path, good_png):
+    """Behind a proxy that strips a prefix (``uvicorn --root-path /api``) the request's path carries the
+    prefix: keys and limits are judged on the route the app serves, or ``/predict`` would be open."""
+    port = free_port()
+    srv = start([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+                 "--port", str(port), "--root-path", "/api"],
+                clean_env(DETECTOR_BUNDLE=str(default_bundle), DETECTOR_API_KEYS=KEYS[0], DETECTOR_DEVICE="cpu",
+                          DETECTOR_MAX_UPLOAD_BYTES="2000", DETECTOR_MAX_BATCH_UPLOAD_BYTES="100000"),
+                tmp_path / "a.log", port)
+    try:
+        wait_live(srv)
+        wait_ready(srv)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            upload = {"file": ("x.png", good_png, "image/png")}
+            r = c.post("/predict", files=upload)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
+            assert c.get("/metrics").status_code == 401 and c.get("/model").status_code == 401
+            assert c.post("/predict", files=upload, headers=_bearer(KEYS[0])).status_code == 200
+            # an empty X-API-Key beside a good bearer key does not hide it
+            assert c.get("/model", headers={**_bearer(KEYS[0]), "X-API-Key": ""}).status_code == 200
+            # the batch route gets the batch's byte limit, not the single image's
+            batch = [("files", (f"{i}.png", good_png, "image/png")) for i in range(2000 // len(good_png) + 2)]
+            r = c.post("/predict/batch", files=batch, headers=_bearer(KEYS[0]))
+            assert r.status_code == 200 and len(r.json()) == len(batch), r.text
+    finally:
+        stop(srv)
+
+
 def test_verdict_only_answers_hold_no_scores(locked, good_png):
     with httpx.Client(base_url=locked.url, timeout=30) as c:
         r = c.post("/predict", files={"file": ("x.png", good_png, "image/png")}, headers=_bearer(KEYS[0]))
