@@ -752,8 +752,27 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         report = json.loads(_read_checked(root, REPORT, files)) if REPORT in files else None
     except (ValueError, RecursionError) as exc:
         raise BundleError(f"bundle file {REPORT} is malformed: {type(exc).__name__}: {exc}") from exc
+    if report is not None and not isinstance(report, dict):
+        raise BundleError(f"bundle file {REPORT} is malformed: a JSON {type(report).__name__}, not an object")
+    if report is not None and _nesting(report) > MAX_REPORT_DEPTH:
+        # /model serves parts of it: deeper than this, answering would fail on every request
+        raise BundleError(f"bundle file {REPORT} is malformed: nested deeper than {MAX_REPORT_DEPTH} levels")
     return Bundle(model, detector, classes, spec, architecture, model_config, layer, root,
                   bundle_hash, report, thresholds)
+
+
+MAX_REPORT_DEPTH = 32  # detector-train's reports nest 7 levels deep
+
+
+def _nesting(value) -> int:
+    """How deep JSON ``value`` nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def convert_pickled_bundle(path: str | os.PathLike) -> str:

@@ -398,6 +398,13 @@ def _config(**changes):
     return rewrite
 
 
+def _report(text: str):
+    def rewrite(bundle_dir):
+        (bundle_dir / "report.json").write_text(text)
+        _rehash(bundle_dir, "report.json")
+    return rewrite
+
+
 @pytest.mark.parametrize("tamper, message", [
     (_weights_of_repeated_numbers, r"'net\.features\.0\.weight' is not a plain tensor holding its 288 numbers"),
     (_deflate("weights.pt"), r"weights\.pt has a compressed member"),
@@ -410,8 +417,11 @@ def _config(**changes):
     (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
      r"config\.json is malformed: .*std above 0"),
     (_config(thresholds=[]), r"config\.json is malformed: AttributeError"),
+    (_report('["detection"]'), r"report\.json is malformed: a JSON list, not an object"),
+    # /model could not serialise it (pydantic stops at some hundred levels): every request would fail
+    (_report('{"detection": ' + '{"k": ' * 300 + "1" + "}" * 301), r"report\.json is malformed: nested deeper"),
 ], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "shared nodes", "alias", "tree loop", "no classes",
-        "nan std", "thresholds list"])
+        "nan std", "thresholds list", "report list", "report nested"])
 def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
     """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first
     detection) or raises something other than BundleError, which the service would not report as the
