@@ -51,7 +51,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from .estimator import UncannyValleyDetector, plain_boosting
-from .features import detector_features, output_weight_norm
+from .features import detector_features, find_last_linear, output_weight_norm
 from .layers import feature_rows, forward_probed, gram_layers
 from .models import MODELS, ImageClassifier, classifier_for_weights
 
@@ -741,6 +741,10 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise BundleError(f"bundle files {CONFIG} and {WEIGHTS} do not make architecture {architecture!r}: "
                           f"{type(exc).__name__}: {exc}") from exc
     model.to(map_location).eval()
+    try:
+        find_last_linear(model, layer)  # the output layer config.json names, before the detector reads it
+    except ValueError as exc:
+        raise BundleError(f"bundle file {CONFIG} names an output layer the model does not have: {exc}") from exc
     detector = _load_detector(_read_checked(root, DETECTOR, files))
     try:
         _check_detector(detector, model, len(classes), spec, layer)

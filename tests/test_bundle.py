@@ -417,11 +417,12 @@ def _report(text: str):
     (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
      r"config\.json is malformed: .*std above 0"),
     (_config(thresholds=[]), r"config\.json is malformed: AttributeError"),
+    (_config(layer="nope"), r"config\.json names an output layer the model does not have: .*'nope'"),
     (_report('["detection"]'), r"report\.json is malformed: a JSON list, not an object"),
     # /model could not serialise it (pydantic stops at some hundred levels): every request would fail
     (_report('{"detection": ' + '{"k": ' * 300 + "1" + "}" * 301), r"report\.json is malformed: nested deeper"),
 ], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "shared nodes", "alias", "tree loop", "no classes",
-        "nan std", "thresholds list", "report list", "report nested"])
+        "nan std", "thresholds list", "no such layer", "report list", "report nested"])
 def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
     """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first
     detection) or raises something other than BundleError, which the service would not report as the
