@@ -377,6 +377,8 @@ def _reason(exc: BaseException) -> str:
         return "its compressed data is corrupt"
     if isinstance(exc, (SyntaxError, struct.error, EOFError)):
         return "its structure is malformed"
+    if isinstance(exc, ValueError) and "decompressed data too large" in str(exc).lower():
+        return "a compressed metadata chunk (text or colour profile) decompresses past the decoder's limit"
     if isinstance(exc, ValueError):
         return "it uses a feature the decoder does not support"
     return "its data does not decode"

@@ -37,7 +37,7 @@ from images_util import (
     webp_header,
 )
 from launch import free_port
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from prometheus_client.parser import text_string_to_metric_families
 
 from detector import analyze, load_bundle, load_dataset, pgd, verify_bundle
@@ -483,6 +483,16 @@ def test_bad_request_gets_4xx_json_and_server_keeps_serving(client, good_png, ba
     assert isinstance(body["detail"], str) and len(body["detail"]) > 10
     for internal in ("not processed", "OSError", "SyntaxError", "Error:"):  # the decoder's words stay inside
         assert internal not in body["detail"], body["detail"]
+    assert_serving(client, good_png)
+
+
+def test_a_png_whose_metadata_inflates_too_far_is_named_as_such(client, good_png):
+    """A zTXt chunk of 2 KB that inflates to 2 MB: refused by the decoder, and the answer says why."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 << 20), zip=True)
+    r = client.post("/predict", files={"file": ("x.png", encode(Image.new("L", (8, 8)), "PNG", pnginfo=info),
+                                                "image/png")})
+    assert r.status_code == 400 and "metadata chunk" in r.json()["detail"], r.text
     assert_serving(client, good_png)
 
 
