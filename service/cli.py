@@ -144,7 +144,7 @@ def ensure_default_bundle(directory: Path) -> None:
     from training.pipeline import TrainOptions, run
 
     print(f"detector-serve: no bundle at {str(directory)!r}: training the embedded default "
-          "(cnn on digits, about a minute on a CPU)…", file=sys.stderr, flush=True)
+          "(cnn on digits, about 20 s on a CPU)…", file=sys.stderr, flush=True)
     report = run(TrainOptions(out=str(directory), command="detector-serve (embedded default)"))
     detection = report.get("detection", {})
     print(f"detector-serve: default bundle written to {str(directory)!r} "

@@ -689,6 +689,7 @@ def test_detector_evaluate_shifts_suite_measures_false_alarms_without_attacks(de
     printed = capsys.readouterr().out
     ev = json.loads((out / "evaluation.json").read_text())
     assert ev["suite"] == "shifts" and ev["attacks"] == [] and len(ev["image_ids"]["evaluated"]) == 120
+    assert ev["detector"]["name"] == "activations"  # the bundle's --detector, named beside what it reads
     assert [s["name"] for s in ev["shifts"]] == list(SHIFTS) and ev["clean"]["false_positives_correct"]["n"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "evaluation.md"]
     md = (out / "evaluation.md").read_text()

@@ -236,6 +236,7 @@ def test_default_run_report_is_sane(default_bundle, default_report):
     assert all(f"| {label} (seen in fitting) |" in md for label in seen)
     assert "| PGD L∞ 8/255, stopped at first misclassification (seen in fitting) |" not in md
     assert report["evaluation"]["suite"] == "quick" and "The quick suite." in md
+    assert report["evaluation"]["detector"]["name"] == "activations" and "Detector: `activations`, " in md
 
 
 def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp_path, capsys):
@@ -681,6 +682,17 @@ def test_cifar10_in_torchvision_format(fake_cifar10, tmp_path):
     assert "torchvision format" in report["data"]["source"]
     assert (report["data"]["n_train"], report["data"]["n_test"]) == (200, 40)
     assert report["data"]["classes"] == list(CIFAR10_CLASSES)
+
+
+def test_cifar10_nowhere_says_what_to_put_where(tmp_path):
+    """Offline, with neither torchvision's folder nor the npz pair in --data-dir: the error names both,
+    and what the npz files hold."""
+    with pytest.raises(PipelineError) as refused:
+        run(TrainOptions(data="cifar10", data_dir=str(tmp_path), out=str(tmp_path / "out"), progress=False))
+    message = str(refused.value)
+    assert "cifar-10-batches-py" in message and "--download" in message
+    assert "cifar10_train.npz and cifar10_test.npz in --data-dir" in message and "uint8 x" in message
+    assert not (tmp_path / "out").exists()
 
 
 # --- the rebuilt CIFAR-10 in ../shared/data --------------------------------------------------------

@@ -99,7 +99,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         prog, description = "detector-train", (
             "Train (or load) a classifier, attack it with PGD recording the path, fit the "
             "uncanny-valley detector and write the artifact bundle with report.json, "
-            "report.md and plots. With no arguments: small CNN on digits, about a minute on a CPU.")
+            "report.md and plots. With no arguments: small CNN on digits, about 20 s on a CPU.")
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("classifier")
@@ -168,7 +168,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                             "is than the predicted one in each earlier layer; gram: activations plus "
                             f"{GRAM_LAYERS_IN_WORDS} (channel co-activations); every-layer: activations over "
                             "every convolution, each read as the channel means of its output clipped at zero; "
-                            "curvature: layers without earlier layers; paper: the talk's "
+                            "curvature: layers without earlier layers; paper: the paper's "
                             "decision tree on ψ, "
                             "flagged at P >= 0.5")
         g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None,

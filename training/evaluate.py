@@ -169,6 +169,8 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         progress=not args.no_progress and distributed.is_main(), held_out_draw=HELD_OUT_DRAW,
     ).to_dict()
     evaluation["data"] = {"spec": data, "source": source}
+    if isinstance(report.get("detection"), dict) and isinstance(report["detection"].get("detector"), str):
+        evaluation["detector"] = {"name": report["detection"]["detector"], **evaluation["detector"]}
     evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]
     evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
     evaluation["suite"] = args.suite

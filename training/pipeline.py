@@ -297,6 +297,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                                int(np.prod(prepared.test.input_shape)), options.evaluate, options.seed),
             reference=prepared.train, target_fpr=options.target_fpr, batch_size=options.batch_size,
             seed=options.seed, progress=options.progress, held_out_draw=HELD_OUT_DRAW).to_dict()
+        evaluation["detector"] = {"name": options.detector, **evaluation["detector"]}
         evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
         suite_eps = attack.eps if attack.norm == "linf" else PAPER_ATTACK["eps"]
         evaluation["radius_scale"] = suite_eps / PAPER_ATTACK["eps"]

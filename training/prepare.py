@@ -79,8 +79,9 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
     except DatasetNotFoundError as exc:
         folder = _npz_fallback(kind, root) if kind in ("cifar10", "cifar100") and spec == kind else None
         if folder is None:
-            hint = (f" Or put {kind}_train.npz and {kind}_test.npz in --data-dir (e.g. --data-dir "
-                    f"../shared/data)." if kind in ("cifar10", "cifar100") and spec == kind else "")
+            hint = (f" Or put {kind}_train.npz and {kind}_test.npz in --data-dir, each with uint8 x "
+                    f"(N×32×32×3) and integer y (N), in the official order."
+                    if kind in ("cifar10", "cifar100") and spec == kind else "")
             raise PipelineError(f"{exc}{hint}") from exc
         train = load_dataset(f"npz:{folder}", train=True)
         test = load_dataset(f"npz:{folder}", train=False)

@@ -442,8 +442,9 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
     det, clean = evaluation["detector"], evaluation["clean"]
     fpr = evaluation["target_fpr"]
     baselines = sorted({b for a in evaluation["attacks"] for b in a["baselines"]})
+    named = f"`{det['name']}`, " if det.get("name") else ""  # --detector, where the bundle's report names it
     lines = [
-        f"Detector: `{det['features']}` features{_probed(det)}, {det['estimator']}, flagged at score ≥ "
+        f"Detector: {named}`{det['features']}` features{_probed(det)}, {det['estimator']}, flagged at score ≥ "
         f"{_num(det['threshold'])}" + (f" (set for {_pct(det['target_fpr'])} false positives on clean calibration "
                                          f"images)" if det.get("target_fpr") else " (fixed)") + ".",
         f"Evaluated on {clean['n']} held-out test images (clean accuracy {_pct(clean['accuracy'])}), none of them "
