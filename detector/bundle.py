@@ -532,6 +532,10 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
         value = getattr(detector, name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or np.isnan(value):
             raise BundleError(f"bundle file {DETECTOR}: {name} is {value!r}, not a number")
+    # τ is a quantile of clean κ: finite.  The flagging threshold may be -inf (flag every input).
+    if not np.isfinite(getattr(detector, "valley_threshold_", 0.0)):
+        raise BundleError(f"bundle file {DETECTOR}: valley_threshold_ is {detector.valley_threshold_!r}, "
+                          f"not a finite number")
     _check_estimator(detector.estimator_, n_features)
 
 

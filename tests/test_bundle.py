@@ -432,6 +432,17 @@ def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, mes
         load_bundle(bundle_dir)
 
 
+def test_an_infinite_valley_threshold_is_refused(bundle_dir, tmp_path, digits_model):
+    """τ is a quantile of clean κ; an infinite one would be served as JSON null where a number is due."""
+    bundle = load_bundle(bundle_dir)
+    bundle.detector.valley_threshold_ = float("inf")
+    (tmp_path / "inf").mkdir()
+    save_bundle(tmp_path / "inf", model=digits_model, architecture="cnn", model_config={}, detector=bundle.detector,
+                classes=bundle.classes, input_spec=bundle.input_spec)
+    with pytest.raises(BundleError, match="valley_threshold_ is inf, not a finite number"):
+        load_bundle(tmp_path / "inf")
+
+
 def test_update_bundle_adds_records_under_a_new_hash(bundle_dir):
     from detector import update_bundle, verify_bundle
 
