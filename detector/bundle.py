@@ -528,14 +528,12 @@ def _check_detector(detector: UncannyValleyDetector, model: torch.nn.Module, n_c
     if not isinstance(detector.n_features_in_, (int, np.integer)) or detector.n_features_in_ != n_features:
         raise BundleError(f"bundle file {DETECTOR} expects {detector.n_features_in_} features, but its feature "
                           f"set {detector.feature_set!r} has {n_features} for {n_classes} classes")
-    for name in ("threshold_", "valley_threshold_"):
-        value = getattr(detector, name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or np.isnan(value):
-            raise BundleError(f"bundle file {DETECTOR}: {name} is {value!r}, not a number")
     # τ is a quantile of clean κ: finite.  The flagging threshold may be -inf (flag every input).
-    if not np.isfinite(getattr(detector, "valley_threshold_", 0.0)):
-        raise BundleError(f"bundle file {DETECTOR}: valley_threshold_ is {detector.valley_threshold_!r}, "
-                          f"not a finite number")
+    for name, finite in (("threshold_", False), ("valley_threshold_", True)):
+        value = getattr(detector, name, 0.0)
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or np.isnan(value)
+                or (finite and np.isinf(value))):
+            raise BundleError(f"bundle file {DETECTOR}: {name} is {value!r}, not a {'finite ' if finite else ''}number")
     _check_estimator(detector.estimator_, n_features)
 
 

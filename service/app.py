@@ -356,19 +356,19 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        detail = str(exc.detail)
+        detail, path = str(exc.detail), route_path(request.scope)
         code = _STATUS_CODES.get(exc.status_code, "error")
         if detail.startswith("Too many files"):
             code = "too_many_files"
-            limit = settings.max_batch_files if route_path(request.scope) == PREDICT_BATCH else 1
+            limit = settings.max_batch_files if path == PREDICT_BATCH else 1
             detail = (f"too many files in one request: at most {limit} "
-                      + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or route_path(request.scope) == PREDICT_BATCH
+                      + ("(DETECTOR_MAX_BATCH_FILES)" if limit != 1 or path == PREDICT_BATCH
                          else "per /predict request; use /predict/batch for several"))
         elif exc.status_code == 405:
             allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
-            detail = f"method {request.method} is not allowed on {route_path(request.scope)}" + (
+            detail = f"method {request.method} is not allowed on {path}" + (
                 f"; use {allowed}" if allowed else "")
-        elif exc.status_code == 400 and route_path(request.scope) in (PREDICT, PREDICT_BATCH):
+        elif exc.status_code == 400 and path in (PREDICT, PREDICT_BATCH):
             code = "bad_multipart"
             detail = f"the multipart/form-data body cannot be parsed: {detail}"
         return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
