@@ -1,11 +1,19 @@
-"""Turning a decoded PIL image of any mode into the uint8 array a model's input spec asks for."""
+"""Turning an image of any mode into the uint8 array a model's input spec asks for: a decoded PIL image
+(:func:`to_model_array`), or an image file read as the service reads an upload (:func:`read_image`)."""
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import os
 
-__all__ = ["to_model_array"]
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "image_files", "read_image", "to_model_array", "upright"]
+
+#: The service's default cap on an upload's width × height, and the offline scan's.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+#: What counts as an image file in a folder (by suffix, case-insensitive).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 _HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
@@ -68,3 +76,52 @@ def to_model_array(im: Image.Image, channels: int, size: tuple[int, int] | None)
         im = im.resize((size[1], size[0]), Image.BILINEAR, box=box, reducing_gap=REDUCING_GAP)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says, as viewers show it (phone photos are stored sideways);
+    a malformed EXIF block leaves it as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 -- a broken EXIF block does not make the pixels unusable
+        return im
+
+
+def read_image(path: str | os.PathLike, channels: int, size: tuple[int, int] | None,
+               max_pixels: int | None = None) -> np.ndarray:
+    """The image file at ``path`` as the service decodes an upload: its first frame, upright
+    (:func:`upright`), then :func:`to_model_array`.  ``max_pixels`` refuses larger images from the
+    header, before decoding; PIL's own decompression-bomb check applies too.
+
+    Raises ``OSError`` (PIL's ``UnidentifiedImageError`` among them), ``ValueError`` or PIL's
+    ``DecompressionBombError`` for a file that is not a usable image.
+    """
+    with Image.open(path) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ValueError(f"{im.width}×{im.height} pixels, more than the {max_pixels:,} allowed")
+        im.seek(0)  # the first frame of an animation
+        im.load()
+        return to_model_array(upright(im), channels, size)
+
+
+def image_files(root: str | os.PathLike) -> list[str]:
+    """The image files under ``root`` (by :data:`IMAGE_SUFFIXES`), as sorted ``/``-separated paths
+    relative to it.  Symbolic links to folders are followed, each real folder once (a link loop or a
+    second link to the same folder adds nothing); hidden files and folders (``.name``, such as macOS's
+    ``._photo.jpg`` resource forks) are not images and are left out."""
+    root = os.fspath(root)
+    seen, found = set(), []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, root)
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):  # not a dangling link
+                    found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return sorted(found)

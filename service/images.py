@@ -27,9 +27,9 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from detector.images import to_model_array
+from detector.images import to_model_array, upright
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -350,10 +350,7 @@ def decode_upload(
         except Exception as exc:  # OSError (truncated), SyntaxError, zlib.error, EOFError…
             raise ImageRejected(400, "corrupt_image",
                                 f"the {fmt} image is truncated or corrupt: {_reason(exc)}") from exc
-        try:
-            oriented = ImageOps.exif_transpose(im)
-        except Exception:  # noqa: BLE001 -- a malformed EXIF block does not make the pixels unusable
-            oriented = im
+        oriented = upright(im)
         try:
             array = to_model_array(oriented, channels, size)
         except Exception as exc:

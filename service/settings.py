@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.images import DEFAULT_MAX_PIXELS
+
 __all__ = ["ENV_PREFIX", "MiB", "Settings"]
 
 ENV_PREFIX = "DETECTOR_"
@@ -55,9 +57,9 @@ class Settings(BaseSettings):
                                      "as they arrive; a request whose body would pass it gets 503 with Retry-After. "
                                      "At least max_batch_upload_bytes.")
     max_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest width × height accepted, checked from the header before decoding; "
-                                       "it bounds each image's decode time (formats without reduced decoding, "
-                                       "such as PNG and WebP, are decoded whole).")
+        DEFAULT_MAX_PIXELS, ge=1, description="Largest width × height accepted, checked from the header before "
+                                              "decoding; it bounds each image's decode time (formats without reduced "
+                                              "decoding, such as PNG and WebP, are decoded whole).")
     max_batch_files: int = Field(64, ge=1, description="Most files in one /predict/batch request.")
     decode_threads: int = Field(
         max(2, min(4, os.cpu_count() or 1)), ge=1, description="Images decoded at once (bounds decoder memory)."

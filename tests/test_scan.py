@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from launch import BIN, torchrun
 from PIL import Image
 
@@ -259,3 +260,108 @@ def test_scan_refuses_what_it_cannot_do(default_bundle, tmp_path, capsys):
               f"folder:{tmp_path / 'empty'}", "--no-progress"])
     assert "nothing to scan" in capsys.readouterr().err
     assert not any(p.suffix == ".jsonl" for p in tmp_path.iterdir())
+
+
+def test_scan_never_deletes_a_folder_it_did_not_make(default_bundle, tmp_path, capsys):
+    """The rows live in ``<out>.parts/`` and that folder goes when the scan ends: a folder of the user's at
+    that path (the scanned one, or any other) is refused and left whole."""
+    uploads = tmp_path / "store.parts"
+    names = _write_folder(uploads, load_dataset("digits", train=False))
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(tmp_path / "store"),
+              "--no-progress"])
+    assert stop.value.code == 2 and "scanned folder" in capsys.readouterr().err
+    (tmp_path / "mine.jsonl.parts").mkdir()
+    (tmp_path / "mine.jsonl.parts" / "thesis.tex").write_text("months of work")
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(tmp_path / "mine.jsonl"),
+              "--no-progress"])
+    assert stop.value.code == 2 and "not a scan's folder" in capsys.readouterr().err
+    assert (tmp_path / "mine.jsonl.parts" / "thesis.tex").read_text() == "months of work"
+    assert sorted(p.relative_to(uploads).as_posix() for p in uploads.rglob("*") if p.is_file()) == sorted(
+        names + ["notes.txt"])
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", "digits", "--out", str(tmp_path), "--no-progress"])
+    assert stop.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_scan_draws_the_digits_split_with_the_bundles_seed(default_bundle, tmp_path):
+    """A bundle trained with --seed 5 was fitted and judged on that seed's digits split: the scan's test split
+    is the same one unless --seed says otherwise."""
+    import shutil
+
+    from detector import update_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(default_bundle, bundle)
+
+    def reseed(stage):
+        report = json.loads((stage / "report.json").read_text())
+        report["options"]["seed"] = 5
+        (stage / "report.json").write_text(json.dumps(report))
+
+    update_bundle(bundle, reseed)
+    assert main(["--bundle", str(bundle), "--data", "digits", "--out", str(tmp_path / "s.jsonl"), "--no-progress"]) == 0
+    x, _ = load_dataset("digits", train=False, seed=5).batch(slice(0, 40))
+    expected = load_bundle(bundle).detect(x).labels.tolist()
+    assert [r["label"] for r in rows_of(tmp_path / "s.jsonl")[:40]] == expected
+    assert main(["--bundle", str(bundle), "--data", "digits", "--seed", "0", "--out", str(tmp_path / "z.jsonl"),
+                 "--no-progress"]) == 0
+    x, _ = load_dataset("digits", train=False, seed=0).batch(slice(0, 40))
+    assert [r["label"] for r in rows_of(tmp_path / "z.jsonl")[:40]] == load_bundle(bundle).detect(x).labels.tolist()
+
+
+def test_scan_reads_uploads_as_the_service_does(default_bundle, tmp_path, capsys):
+    """EXIF orientation applied, the service's pixel cap, a linked subfolder followed, and a folder it cannot
+    write its rows to is an error, not a traceback."""
+    import os
+
+    from service.images import decode_image
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    sideways = Image.new("L", (16, 8), 0)
+    sideways.paste(255, (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(uploads / "phone.jpg", exif=exif.tobytes(), quality=100)
+    Image.new("L", (300, 300), 0).save(uploads / "huge.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("L", (8, 8), 128).save(elsewhere / "grey.png")
+    os.symlink(elsewhere, uploads / "linked")
+    out = tmp_path / "scan.jsonl"
+    assert main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(out),
+                 "--max-pixels", "10000", "--no-progress"]) == 0
+    rows = {r["path"]: r for r in rows_of(out)}
+    assert sorted(rows) == ["huge.png", "linked/grey.png", "phone.jpg"]
+    assert "10,000" in rows["huge.png"]["error"]
+    bundle = load_bundle(default_bundle)
+    served = decode_image((uploads / "phone.jpg").read_bytes(), "image/jpeg", channels=1, size=(8, 8),
+                          max_pixels=10_000)
+    answer = bundle.detect(torch.tensor(served).permute(2, 0, 1)[None].float() / 255)
+    assert rows["phone.jpg"]["adversarial_score"] == pytest.approx(float(answer.adversarial_score[0]), rel=1e-5)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out",
+              str(tmp_path / "a-file" / "scan.jsonl"), "--no-progress"])
+    assert stop.value.code == 2 and "detector-scan: error:" in capsys.readouterr().err
+
+
+def test_scan_refuses_parquet_for_names_that_are_not_utf8_before_scoring(default_bundle, tmp_path, capsys):
+    """A file name of Latin-1 bytes: JSON Lines keeps it, Parquet cannot, and says so before any image is scored."""
+    pytest.importorskip("pyarrow")
+    import os
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    Image.new("L", (8, 8), 0).save(os.path.join(os.fsencode(uploads), b"caf\xe9.png"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(tmp_path / "s.parquet"),
+              "--no-progress"])
+    assert stop.value.code == 2 and "not UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "s.parquet.parts").exists() or not any((tmp_path / "s.parquet.parts").glob("rank*"))
+    assert main(["--bundle", str(default_bundle), "--data", f"folder:{uploads}", "--out", str(tmp_path / "s.jsonl"),
+                 "--no-progress"]) == 0
+    (row,) = rows_of(tmp_path / "s.jsonl")
+    assert os.fsencode(row["path"]) == b"caf\xe9.png" and "label" in row

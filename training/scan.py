@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 from collections import Counter
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from detector import BundleError, distributed, load_bundle
 from detector.datasets import DatasetNotFoundError
-from detector.images import to_model_array
+from detector.images import DEFAULT_MAX_PIXELS, image_files, read_image
 
 from .cli import HelpFormatter, add_trust_flag, trusted_names
 from .options import PipelineError, TrainOptions, resolve_device
@@ -43,7 +42,6 @@ from .prepare import load_splits
 __all__ = ["FORMATS", "ScanSource", "build_parser", "dataset_source", "folder_source", "main", "scan"]
 
 FORMATS = ("jsonl", "parquet")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -59,9 +57,10 @@ class ScanSource:
 
 
 def dataset_source(spec: str, data_dir: str, split: str, input_shape: tuple[int, int, int],
-                   download: bool = False) -> ScanSource:
-    """Every image of a split of ``digits``, ``cifar10``, ``cifar100`` or ``npz:PATH``."""
-    train, test, _, source = load_splits(TrainOptions(data=spec, data_dir=data_dir, download=download))
+                   download: bool = False, seed: int = 0) -> ScanSource:
+    """Every image of a split of ``digits``, ``cifar10``, ``cifar100`` or ``npz:PATH`` (``seed`` draws
+    the digits split, as ``detector-train --seed`` does)."""
+    train, test, _, source = load_splits(TrainOptions(data=spec, data_dir=data_dir, download=download, seed=seed))
     data = train if split == "train" else test
     if data.input_shape != tuple(input_shape):
         raise PipelineError(f"{spec} images are {data.input_shape}, the bundle takes {tuple(input_shape)}")
@@ -73,24 +72,22 @@ def dataset_source(spec: str, data_dir: str, split: str, input_shape: tuple[int,
     return ScanSource(f"{spec} {split} split ({source}), {len(data)} images", "position", list(range(len(data))), load)
 
 
-def folder_source(root: str | Path, input_shape: tuple[int, int, int]) -> ScanSource:
-    """Every image file under ``root`` (recursively, by suffix), in sorted order of relative path."""
-    from PIL import Image
-
+def folder_source(root: str | Path, input_shape: tuple[int, int, int],
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> ScanSource:
+    """Every image file under ``root`` (:func:`detector.images.image_files`: recursively, by suffix,
+    symbolic links followed), in sorted order of relative path, decoded as the service decodes an
+    upload; a file over ``max_pixels`` gets an error row, as the service refuses it."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"no folder at {str(root)!r}")
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     channels, height, width = input_shape
 
     def load(keys: list) -> tuple[torch.Tensor, list, dict]:
         arrays, good, errors = [], [], {}
         for key in keys:
             try:
-                with Image.open(root / key) as im:
-                    im.load()
-                    arrays.append(to_model_array(im, channels, (height, width)))
+                arrays.append(read_image(root / key, channels, (height, width), max_pixels))
                 good.append(key)
             except Exception as exc:  # noqa: BLE001 - any unreadable file becomes a row saying why
                 errors[key] = f"{type(exc).__name__}: {exc}"[:300]
@@ -152,12 +149,23 @@ def _describe(identity: Any) -> str:
 
 
 def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
-    """Create ``parts`` for a new scan or check that it belongs to this one; an error message, or None."""
+    """Create ``parts`` for a new scan or check that it belongs to this one; an error message, or None.
+
+    A folder at that path that no scan made (no manifest, something else in it) is never adopted: the
+    parts are deleted when the scan ends, and that must never take a user's files with them."""
     if out.exists() and not parts.is_dir():
         return (f"{out} exists and no scan of it is under way ({parts.name}/ is absent): remove it or choose "
                 f"another --out; nothing was overwritten")
-    parts.mkdir(parents=True, exist_ok=True)
+    if parts.exists() and not parts.is_dir():
+        return f"{parts} exists and is not a folder: the scan keeps its rows there; remove it or choose another --out"
     manifest = parts / MANIFEST
+    if parts.is_dir() and not manifest.is_file():
+        if any(parts.glob("rank*.jsonl")):
+            return f"{parts} holds rows but no {MANIFEST}: remove it to start afresh"
+        if any(parts.iterdir()):
+            return (f"{parts} exists and is not a scan's folder of rows (no {MANIFEST}); the scan would delete "
+                    f"it when done: choose another --out")
+    parts.mkdir(parents=True, exist_ok=True)
     if manifest.is_file():
         try:
             started = json.loads(manifest.read_text())
@@ -166,11 +174,19 @@ def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
         if started != identity:
             return (f"{parts} holds the rows of another scan ({_describe(started)}); this one is "
                     f"{_describe(identity)}. Finish that one with its own command, or remove {parts} to start afresh")
-    elif any(parts.glob("rank*.jsonl")):
-        return f"{parts} holds rows but no {MANIFEST}: remove it to start afresh"
     else:
         manifest.write_text(json.dumps(identity) + "\n")
     return None
+
+
+def _remove_parts(parts: Path) -> None:
+    """Delete what the scan wrote there (manifest, one file per rank), then the folder if nothing else is in it."""
+    for path in [parts / MANIFEST, *parts.glob("rank*.jsonl")]:
+        path.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        pass  # something else appeared in it: leave it to its owner
 
 
 # -- the scan -------------------------------------------------------------------------------------
@@ -231,6 +247,14 @@ def _write(out: Path, rows: list[dict], fmt: str, key_name: str) -> None:
         temp.unlink(missing_ok=True)
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def summarize(rows: list[dict]) -> dict[str, Any]:
     scored = [r for r in rows if "error" not in r]
     flagged = sum(r["adversarial"] for r in scored)
@@ -264,6 +288,13 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
             raise PipelineError("--format parquet needs pyarrow: pip install pyarrow (or write JSON Lines)") from None
     if batch_size < 1:
         raise PipelineError("--batch-size must be at least 1")
+    if fmt == "parquet" and source.key_name == "path":
+        # Parquet strings are UTF-8: a name the file system holds as other bytes would fail the write
+        # after every image was scored.  JSON Lines keeps such names (as \udcXX escapes).
+        unnamed = [k for k in source.keys if not _utf8(k)]
+        if unnamed:
+            raise PipelineError(f"{len(unnamed)} file names are not UTF-8 (e.g. {unnamed[0]!r}), which Parquet "
+                                f"cannot hold: write JSON Lines (--out FILE.jsonl) or rename them")
     parts = _parts_dir(out)
     # Rank 0 decides (the parts folder, what is left to do) and tells the others, so that every rank
     # splits the same list.
@@ -300,7 +331,7 @@ def scan(bundle, source: ScanSource, out: Path, *, fmt: str = "jsonl", batch_siz
         raise PipelineError(f"{len(missing)} images have no row (e.g. {missing[:3]}); rerun to score them")
     rows = [{"index": i, **done[k]} for i, k in enumerate(source.keys)]
     _write(out, rows, fmt, source.key_name)
-    shutil.rmtree(parts)
+    _remove_parts(parts)
     return summarize(rows)
 
 
@@ -318,10 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--split", choices=("test", "train"), default="test", help="dataset split (not for folder:)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed that draws the digits split (default: the bundle's own, from its report)")
     p.add_argument("--out", required=True, metavar="FILE", help="the output file (.jsonl or .parquet)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: parquet for a .parquet --out, else jsonl)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="folder: a file of more than N pixels (width × height) gets an error row, as the service "
+                        "refuses it, instead of being decoded")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
     add_trust_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -352,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
             ".jsonl", ".json", ".ndjson"):
         parser.exit(2, f"detector-scan: error: --out {out.name} and --format {args.format} disagree; "
                        f"name the file for its format\n")
+    if out.is_dir() or not out.name or out.name in (".", ".."):
+        parser.exit(2, f"detector-scan: error: --out {args.out} is a folder; name the file to write\n")
+    kind, _, path = args.data.partition(":")
+    if kind == "folder" and path:
+        root, parts = Path(path).resolve(), _parts_dir(out.resolve())
+        if parts == root or parts in root.parents:
+            parser.exit(2, f"detector-scan: error: --out {args.out} keeps its rows in {parts}, which is or holds "
+                           f"the scanned folder {root} (it is deleted when the scan ends): choose another --out\n")
     # SIGTERM (an orchestrator stopping the job) ends the scan as Ctrl-C does: rows so far are kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -360,13 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
         spec = bundle.input_spec
         shape = (spec.channels, spec.height, spec.width)
-        kind, _, path = args.data.partition(":")
+        seed = 0
         if kind == "folder":
             if not path:
                 raise PipelineError("folder: needs a path, e.g. folder:/data/uploads")
-            source = folder_source(path, shape)
+            source = folder_source(path, shape, args.max_pixels)
         else:
-            source = dataset_source(args.data, args.data_dir, args.split, shape, args.download)
+            options = (bundle.report or {}).get("options")
+            bundle_seed = options.get("seed", 0) if isinstance(options, dict) else 0
+            seed = int(args.seed if args.seed is not None else bundle_seed)
+            source = dataset_source(args.data, args.data_dir, args.split, shape, args.download, seed)
         source.keys = distributed.broadcast(source.keys)  # one listing of a folder, rank 0's
         if not source.keys:
             raise PipelineError(f"nothing to scan in {source.description}")
@@ -375,10 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{distributed.world_size()} process(es)", file=sys.stderr, flush=True)
         identity = {"bundle_sha256": bundle.sha256, "data": args.data,
                     "split": None if kind == "folder" else args.split, "format": fmt}
+        if kind != "folder" and seed:
+            identity["seed"] = seed  # another seed draws another digits split
         summary = scan(bundle, source, out, fmt=fmt, batch_size=args.batch_size, device=device,
                        progress=not args.no_progress, identity=identity,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (PipelineError, BundleError, DatasetNotFoundError, ValueError) as exc:
+    except (PipelineError, BundleError, ValueError, OSError) as exc:  # OSError: a file it cannot read or write
         parser.exit(2, f"detector-scan: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"detector-scan: interrupted; rerun {' '.join(['detector-scan', *map(shlex.quote, argv)])} "
