@@ -5,9 +5,12 @@
 - ``digits``: scikit-learn's bundled 8×8 handwritten digits (the embedded default, no download);
 - ``cifar10`` / ``cifar100``: through torchvision, from ``root`` (``download=True`` fetches them);
 - ``npz:PATH``: a folder with ``*train*.npz`` and ``*test*.npz`` (uint8 ``x`` N×H×W[×C], int ``y``),
-  or a single ``.npz`` holding ``x_train``/``y_train``/``x_test``/``y_test``;
+  a name prefix ``DIR/NAME`` for ``DIR/NAME_train.npz`` and ``DIR/NAME_test.npz``, or a single
+  ``.npz`` holding ``x_train``/``y_train``/``x_test``/``y_test``;
 - ``folder:PATH``: torchvision's ImageFolder layout, ``PATH/train/<class>/…`` and
-  ``PATH/test/<class>/…`` (or one ``PATH/<class>/…`` tree, split deterministically).
+  ``PATH/test/<class>/…`` (or one ``PATH/<class>/…`` tree, split deterministically); labels follow
+  the training classes in both splits, images are read as the service reads uploads (upright by
+  their EXIF orientation, first frame), and an unreadable file is an error that names it.
 
 Images are kept as uint8 ``[N, C, H, W]`` and converted to float per batch, so the 50,000 CIFAR
 training images take 150 MB, not 600.
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import to_model_array
+from .images import IMAGE_SUFFIXES, image_files, read_image, upright
 
 __all__ = ["CIFAR10_CLASSES", "DatasetNotFoundError", "ImageDataset", "load_dataset", "DATASET_KINDS"]
 
@@ -93,6 +96,9 @@ def _from_hwc(x: np.ndarray) -> torch.Tensor:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(f"images must be N×H×W or N×H×W×C, got shape {x.shape}")
+    if x.shape[-1] not in (1, 3):
+        hint = " (it looks like N×C×H×W: transpose to N×H×W×C)" if x.shape[1] in (1, 3) else ""
+        raise ValueError(f"images must have 1 or 3 channels last (N×H×W×C), got shape {x.shape}{hint}")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -143,31 +149,31 @@ def _npz_classes(path: Path, x_files: Sequence[Path], arrays, num_classes: int) 
 def _npz(path_str: str, train: bool) -> ImageDataset:
     path = Path(path_str).expanduser()
     split = "train" if train else "test"
+    named = path.parent / f"{path.name}_{split}.npz"
     if path.is_dir():
         matches = sorted(path.glob(f"*{split}*.npz"))
         if len(matches) != 1:
             raise DatasetNotFoundError(
-                f"expected exactly one *{split}*.npz in {str(path)!r}, found {[m.name for m in matches]}"
+                f"expected exactly one *{split}*.npz in {str(path)!r}, found {[m.name for m in matches]}; "
+                f"name a pair of files by their prefix, e.g. npz:{path / 'cifar10'} for cifar10_{split}.npz"
             )
-        with np.load(matches[0], allow_pickle=False) as arrays:
-            for key in ("x", "y"):
-                if key not in arrays:
-                    raise ValueError(f"{matches[0]} has no array {key!r} (it has {list(arrays.keys())})")
-            x, y = arrays["x"], arrays["y"]
-            classes_src = {k: arrays[k] for k in arrays.keys() if k == "classes"}
-        files = matches
+        file, keys = matches[0], ("x", "y")
+    elif named.is_file():  # a name prefix: DIR/NAME_train.npz and DIR/NAME_test.npz
+        file, keys = named, ("x", "y")
     elif path.is_file():
-        with np.load(path, allow_pickle=False) as arrays:
-            keys = (f"x_{split}", f"y_{split}")
-            for key in keys:
-                if key not in arrays:
-                    raise ValueError(f"{path} has no array {key!r} (it has {list(arrays.keys())})")
-            x, y = arrays[keys[0]], arrays[keys[1]]
-            classes_src = {k: arrays[k] for k in arrays.keys() if k == "classes"}
-        files = [path]
+        file, keys = path, (f"x_{split}", f"y_{split}")
     else:
-        raise DatasetNotFoundError(f"no npz file or folder at {str(path)!r}")
+        raise DatasetNotFoundError(f"no npz file, folder or {named.name} at {str(path)!r}")
+    with np.load(file, allow_pickle=False) as arrays:
+        for key in keys:
+            if key not in arrays:
+                raise ValueError(f"{file} has no array {key!r} (it has {list(arrays.keys())})")
+        x, y = arrays[keys[0]], arrays[keys[1]]
+        classes_src = {k: arrays[k] for k in arrays.keys() if k == "classes"}
+    files = [file]
     y = np.asarray(y).astype(np.int64)
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras keeps labels as a column
+        y = y[:, 0]
     num_classes = int(y.max()) + 1 if len(y) else 0
     classes = _npz_classes(path, files, classes_src, num_classes)
     if len(classes) < num_classes:
@@ -179,41 +185,86 @@ def _npz(path_str: str, train: bool) -> ImageDataset:
     return ImageDataset(_from_hwc(x), torch.from_numpy(y), classes, f"npz:{path}")
 
 
+#: Folder names that mean a split, not a class: ``PATH/train`` and ``PATH/test`` go together.
+SPLIT_FOLDERS = ("train", "test", "val", "valid", "validation")
+#: An image larger than this on a side needs an explicit ``image_size`` (a bundle's input is at most 1024).
+MAX_NATIVE_SIDE = 1024
+
+
+def _class_tree(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+    """The class folders under ``root`` (sorted, hidden ones left out) and every image file in them."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(root / name / rel, name) for name in classes for rel in image_files(root / name)]
+    return classes, files
+
+
 def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 0,
             image_size: tuple[int, int] | None = None) -> ImageDataset:
     from PIL import Image
-    from torchvision.datasets import ImageFolder
 
     path = Path(path_str).expanduser()
-    split = path / ("train" if train else "test")
-    split_given = (path / "train").is_dir() and (path / "test").is_dir()
-    root = split if split_given else path
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"no image folder at {str(root)!r}")
-    try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DatasetNotFoundError(f"{str(root)!r} is not an ImageFolder tree (<class>/<image>): {exc}") from exc
-    samples = folder.samples
-    if not split_given:
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"no image folder at {str(path)!r}")
+    splits = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name.lower() in SPLIT_FOLDERS)
+    split_given = {"train", "test"} <= set(splits)
+    if splits and not split_given:
+        raise DatasetNotFoundError(
+            f"{str(path)!r} has {', '.join(s + '/' for s in splits)} but not both train/ and test/: give "
+            f"PATH/train/<class>/… and PATH/test/<class>/…, or one PATH/<class>/… tree (split "
+            f"{test_fraction:.0%} for testing); a class may not be named {' or '.join(SPLIT_FOLDERS)}")
+    # Labels index the training classes, in both splits: a test/ tree with fewer classes keeps them.
+    classes, samples = _class_tree(path / "train" if split_given else path)
+    if not classes:
+        raise DatasetNotFoundError(f"{str(path)!r} is not an image folder tree (<class>/<image>): no class folders")
+    empty = sorted(set(classes) - {name for _, name in samples})
+    if empty:
+        raise DatasetNotFoundError(f"class folder(s) {empty[:5]} under {str(path)!r} hold no image files "
+                                   f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if split_given:
+        test_classes, test_samples = _class_tree(path / "test")
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise DatasetNotFoundError(f"test/ has classes that train/ lacks: {unknown[:5]}; a classifier cannot "
+                                       f"learn them")
+        shared = {os.path.realpath(f) for f, _ in samples} & {os.path.realpath(f) for f, _ in test_samples}
+        if shared:
+            raise DatasetNotFoundError(f"{len(shared)} image file(s) are in both train/ and test/ (through links), "
+                                       f"e.g. {sorted(shared)[0]!r}: a test image must not be trained on")
+        reference = samples[0][0]
+        if not train:
+            samples = test_samples
+    else:
+        reference = samples[0][0]
         order = np.random.default_rng(seed).permutation(len(samples))
         n_test = int(round(len(samples) * test_fraction))
         keep = order[n_test:] if train else order[:n_test]
         samples = [samples[i] for i in sorted(keep)]
     # Both splits take their shape from the first training image (or ``image_size``): grey trees
     # stay grey, others become RGB, and images of another size are resized to it.
-    reference = ImageFolder(str(path / "train")).samples[0][0] if split_given else folder.samples[0][0]
-    with Image.open(reference) as im:
-        channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
-        size = (im.height, im.width) if image_size is None else tuple(image_size)
-    arrays, labels = [], []
-    for file, label in samples:
-        with Image.open(file) as im:
-            arrays.append(to_model_array(im, channels, size))
-        labels.append(label)
+    try:
+        with Image.open(reference) as im:
+            channels = 1 if im.mode in ("L", "LA", "La", "1", "I", "F") or im.mode.startswith("I;16") else 3
+            width, height = upright(im).size
+    except Exception as exc:  # noqa: BLE001 -- the message names the file
+        raise ValueError(f"the first training image {str(reference)!r} is not a readable image: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if image_size is None and max(height, width) > MAX_NATIVE_SIDE:
+        raise ValueError(f"the images are {height}×{width} pixels (the first training image, "
+                         f"{str(reference)!r}); more than {MAX_NATIVE_SIDE} on a side needs an image size to resize to")
+    size = (height, width) if image_size is None else tuple(image_size)
+    arrays, labels, unreadable = [], [], []
+    for file, name in samples:
+        try:
+            arrays.append(read_image(file, channels, size))
+            labels.append(classes.index(name))
+        except Exception as exc:  # noqa: BLE001 -- collected and reported together below
+            unreadable.append(f"{file} ({type(exc).__name__}: {str(exc)[:120]})")
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} file(s) under {str(path)!r} are not readable images; fix or remove "
+                         f"them: " + "; ".join(unreadable[:5]) + ("; …" if len(unreadable) > 5 else ""))
     if not arrays:
-        raise DatasetNotFoundError(f"no images found under {str(root)!r}")
-    return ImageDataset(_from_hwc(np.stack(arrays)), torch.tensor(labels), folder.classes, f"folder:{path}")
+        raise DatasetNotFoundError(f"no images found for the {'train' if train else 'test'} split under {str(path)!r}")
+    return ImageDataset(_from_hwc(np.stack(arrays)), torch.tensor(labels), classes, f"folder:{path}")
 
 
 def load_dataset(

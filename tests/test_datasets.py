@@ -133,3 +133,115 @@ def test_large_images_are_shrunk_before_conversion_with_the_answer_of_a_direct_r
     assert close(to_model_array(rgb, 3, (32, 32))[..., 0])
     assert np.array_equal(to_model_array(im.resize((40, 40)), 1, (32, 32))[..., 0],  # small: one step, as before
                           np.asarray(im.resize((40, 40)).resize((32, 32), Image.BILINEAR)))
+
+
+def _png(path, rng, size=(16, 16, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_test_labels_follow_the_training_classes(tmp_path):
+    """A test/ tree with fewer classes keeps the training classes' labels; a class only test/ has is refused."""
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "eel"):
+        for i in range(2):
+            _png(tmp_path / "train" / cls / f"{i}.png", rng)
+    for cls in ("dog", "eel"):
+        _png(tmp_path / "test" / cls / "0.png", rng)
+    test = load_dataset(f"folder:{tmp_path}", train=False)
+    assert test.classes == ["cat", "dog", "eel"] and test.labels.tolist() == [1, 2]
+    _png(tmp_path / "test" / "fox" / "0.png", rng)
+    with pytest.raises(DatasetNotFoundError, match="fox"):
+        load_dataset(f"folder:{tmp_path}", train=False)
+
+
+@pytest.mark.parametrize("splits", [("train",), ("train", "val"), ("test",)])
+def test_image_folder_with_a_split_missing_is_refused(tmp_path, splits):
+    """train/ alone would otherwise be read as a class named 'train' and every label would be 0."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in ("cat", "dog"):
+            _png(tmp_path / split / cls / "0.png", rng)
+    with pytest.raises(DatasetNotFoundError, match="not both train/ and test/"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_image_folder_reads_files_as_the_service_does(tmp_path):
+    """EXIF orientation applied, GIFs read, hidden files and folders (macOS ._ forks) and dangling links left
+    out, a link loop followed once; an unreadable image is an error naming it."""
+    import os
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _png(tmp_path / "a" / f"{i}.png", rng, (10, 20, 3))
+    sideways = Image.new("L", (20, 10), 0)
+    sideways.paste(255, (0, 0, 10, 10))  # left half white as stored; EXIF says: turn 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "b").mkdir()
+    sideways.save(tmp_path / "b" / "0.jpg", exif=exif.tobytes(), quality=100)
+    Image.fromarray(rng.integers(0, 256, (10, 20), dtype=np.uint8)).save(tmp_path / "b" / "1.gif")
+    (tmp_path / "b" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".thumbnails").mkdir()
+    _png(tmp_path / ".thumbnails" / "x.png", rng)
+    os.symlink(tmp_path / "absent.png", tmp_path / "b" / "gone.png")
+    os.symlink(tmp_path / "b", tmp_path / "b" / "loop")
+    data = load_dataset(f"folder:{tmp_path}", train=True, image_size=(20, 10), seed=0)
+    everything = torch.cat([data.images, load_dataset(f"folder:{tmp_path}", train=False, image_size=(20, 10),
+                                                      seed=0).images])
+    assert data.classes == ["a", "b"] and len(everything) == 5  # 3 PNGs, the JPEG, the GIF
+    upright = everything[[i for i in range(5) if everything[i, 0, :10].float().mean() > 200]]
+    assert len(upright) == 1 and upright[0, 0, 10:].float().mean() < 50  # the white half is on top
+    (tmp_path / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(ValueError, match=r"not readable images.*2\.png"):
+        load_dataset(f"folder:{tmp_path}", train=True, image_size=(20, 10))
+
+
+def test_image_folder_refuses_a_test_image_linked_into_train(tmp_path):
+    import os
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            _png(tmp_path / split / cls / "0.png", rng)
+    os.symlink(tmp_path / "test" / "dog", tmp_path / "train" / "dog" / "more")
+    with pytest.raises(DatasetNotFoundError, match="both train/ and test/"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_image_folder_of_large_images_asks_for_a_size_before_decoding_them(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        _png(tmp_path / cls / "0.png", rng, (1100, 8, 3))
+    with pytest.raises(ValueError, match="1100×8 pixels"):
+        load_dataset(f"folder:{tmp_path}")
+    assert load_dataset(f"folder:{tmp_path}", image_size=(16, 16), train=True).input_shape == (3, 16, 16)
+
+
+def test_npz_names_a_pair_by_prefix_and_refuses_channels_first(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, shape in (("small", (6, 8, 8, 3)), ("other", (4, 5, 5))):
+        for split in ("train", "test"):
+            np.savez(tmp_path / f"{name}_{split}.npz", x=rng.integers(0, 256, shape, dtype=np.uint8),
+                     y=rng.integers(0, 2, (shape[0], 1)))  # labels as a column, as Keras keeps them
+    with pytest.raises(DatasetNotFoundError, match="exactly one"):
+        load_dataset(f"npz:{tmp_path}")
+    small = load_dataset(f"npz:{tmp_path / 'small'}", train=False)
+    assert small.input_shape == (3, 8, 8) and small.labels.shape == (6,)
+    np.savez(tmp_path / "nchw_train.npz", x=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), y=np.zeros(4, int))
+    with pytest.raises(ValueError, match="transpose"):
+        load_dataset(f"npz:{tmp_path / 'nchw'}")
+
+
+def test_cifar_npz_copy_beside_another_datasets_files(tmp_path):
+    """--data cifar10 finds cifar10_*.npz in --data-dir also when cifar100's pair lies beside it."""
+    from training.options import TrainOptions
+    from training.prepare import load_splits
+
+    rng = np.random.default_rng(0)
+    for kind, n in (("cifar10", 12), ("cifar100", 7)):
+        for split in ("train", "test"):
+            np.savez(tmp_path / f"{kind}_{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                     y=np.arange(n) % 10)
+    train, test, _, source = load_splits(TrainOptions(data="cifar10", data_dir=str(tmp_path)))
+    assert len(train) == len(test) == 12 and train.classes == list(CIFAR10_CLASSES) and "npz copy" in source

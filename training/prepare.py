@@ -83,8 +83,8 @@ def load_splits(options: TrainOptions) -> tuple[ImageDataset, ImageDataset, np.n
                     f"(N×32×32×3) and integer y (N), in the official order."
                     if kind in ("cifar10", "cifar100") and spec == kind else "")
             raise PipelineError(f"{exc}{hint}") from exc
-        train = load_dataset(f"npz:{folder}", train=True)
-        test = load_dataset(f"npz:{folder}", train=False)
+        train = load_dataset(f"npz:{folder / kind}", train=True)
+        test = load_dataset(f"npz:{folder / kind}", train=False)
         source = f"{spec} (npz copy in {folder})"
     generator = torch.Generator().manual_seed(options.seed)
     for flag, n in (("--train-samples", options.train_samples), ("--test-samples", options.test_samples)):
