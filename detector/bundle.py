@@ -782,35 +782,52 @@ def _nesting(value) -> int:
 
 
 def convert_pickled_bundle(path: str | os.PathLike) -> str:
-    """Rewrite a format-1 bundle (detector pickled in ``detector.joblib``) in place as the current
-    format (``detector.skops``); returns the new bundle hash.
+    """Rewrite a format-1 bundle (detector pickled in ``detector.joblib``) as the current format
+    (``detector.skops``); returns the new bundle hash.
 
     This unpickles ``detector.joblib`` once, which runs whatever code the pickle holds: call it only on
-    a bundle whose origin you trust.  Every file is checked against the manifest first.
+    a bundle whose origin you trust (its architecture's factory is trusted with it, to check that the
+    converted bundle loads).  Every file is checked against the manifest first; the conversion is
+    written into a copy, loaded whole, and only then takes the bundle's place (as
+    :func:`update_bundle` does): a failure leaves the bundle as it was.
     """
     import joblib  # the one place a pickle is read, on the user's explicit request
 
-    root = Path(path)
-    files, _, version = _read_manifest(root)
-    if version >= FORMAT_VERSION or PICKLED_DETECTOR not in files:
-        raise BundleError(f"bundle {str(root)!r} is format {version} with no {PICKLED_DETECTOR}: nothing to convert")
-    for name, expected in files.items():
-        file = (root / name).resolve()
-        if root.resolve() not in file.parents or not file.is_file():
-            raise BundleError(f"{MANIFEST} lists {name!r}, which is missing or lies outside the bundle")
-        _check_hash(name, _sha256(file), expected)
-    _refuse_unlisted(root, files)
-    try:
-        detector = joblib.load(io.BytesIO(_read_checked(root, PICKLED_DETECTOR, files)))
-        config = json.loads(_read_checked(root, CONFIG, files))
-    except Exception as exc:
-        raise BundleError(f"bundle {str(root)!r} cannot be read for conversion: {exc}") from exc
-    if not isinstance(detector, UncannyValleyDetector):
-        raise BundleError(f"{PICKLED_DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
-    data = skops_io.dumps(detector)
-    _load_detector(data)  # the converted file must load under the trusted list
-    (root / DETECTOR).write_bytes(data)
-    config["format_version"] = FORMAT_VERSION
-    (root / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    (root / PICKLED_DETECTOR).unlink()
-    return _write_manifest(root)
+    root = Path(path).resolve()
+    with _update_lock(root):
+        files, _, version = _read_manifest(root)
+        if version >= FORMAT_VERSION or PICKLED_DETECTOR not in files:
+            raise BundleError(f"bundle {str(root)!r} is format {version} with no {PICKLED_DETECTOR}: "
+                              f"nothing to convert")
+        for name, expected in files.items():
+            file = (root / name).resolve()
+            if root not in file.parents or not file.is_file():
+                raise BundleError(f"{MANIFEST} lists {name!r}, which is missing or lies outside the bundle")
+            _check_hash(name, _sha256(file), expected)
+        _refuse_unlisted(root, files)
+        try:
+            detector = joblib.load(io.BytesIO(_read_checked(root, PICKLED_DETECTOR, files)))
+            config = json.loads(_read_checked(root, CONFIG, files))
+            architecture = str(config["architecture"])
+        except Exception as exc:
+            raise BundleError(f"bundle {str(root)!r} cannot be read for conversion: {exc}") from exc
+        if not isinstance(detector, UncannyValleyDetector):
+            raise BundleError(f"{PICKLED_DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
+        data = skops_io.dumps(detector)
+        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.update-", dir=root.parent))
+        try:
+            shutil.copytree(root, stage, dirs_exist_ok=True)
+            (stage / DETECTOR).write_bytes(data)
+            config["format_version"] = FORMAT_VERSION
+            (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            (stage / PICKLED_DETECTOR).unlink()
+            digest = _write_manifest(stage)
+            try:
+                load_bundle(stage, trusted_architectures=(architecture,))
+            except BundleError as exc:
+                raise BundleError(f"the converted bundle would not load, so {str(root)!r} was left as it was: "
+                                  f"{exc}") from exc
+            _swap(stage, root)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # the failed copy, or after the swap the old bundle
+    return digest

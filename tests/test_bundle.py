@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from detector import BundleError, InputSpec, UncannyValleyDetector, analyze, load_bundle, save_bundle
+from detector import (
+    BundleError,
+    InputSpec,
+    UncannyValleyDetector,
+    analyze,
+    load_bundle,
+    save_bundle,
+)
 
 
 @pytest.fixture()
@@ -181,6 +188,34 @@ def test_convert_turns_a_trusted_pickled_bundle_into_the_current_format(bundle_d
     assert np.array_equal(a.adversarial_score, b.adversarial_score) and np.array_equal(a.adversarial, b.adversarial)
     assert main(["verify", str(bundle_dir), "--sha256", after.sha256]) == 0
     assert main(["verify", str(bundle_dir), "--sha256", "0" * 64]) == 1
+
+
+def test_convert_leaves_the_bundle_whole_when_the_result_would_not_load(bundle_dir, tmp_path, capsys):
+    """The pickle is deleted only once the converted bundle loads whole: a config naming an output layer the
+    model lacks passes the detector's own check, not loading; and a file it cannot write is an error, not a
+    traceback."""
+    import io
+
+    import joblib
+
+    from training.bundle_tool import main
+
+    buffer = io.BytesIO()
+    joblib.dump(load_bundle(bundle_dir).detector, buffer)
+    config = json.loads((bundle_dir / "config.json").read_text())
+    config["layer"] = "no_such_layer"
+    (bundle_dir / "config.json").write_text(json.dumps(config))
+    _as_format_1(bundle_dir, buffer.getvalue())
+    before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
+    assert main(["convert", str(bundle_dir), "--trust-pickle"]) == 1
+    assert "would not load" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
+    assert [p.name for p in bundle_dir.parent.iterdir() if ".update-" in p.name] == []
+    (bundle_dir.parent / f".{bundle_dir.name}.lock").unlink()
+    (bundle_dir.parent / f".{bundle_dir.name}.lock").mkdir()  # where the lock file goes: cannot be opened
+    assert main(["convert", str(bundle_dir), "--trust-pickle"]) == 1
+    assert "detector-bundle: error:" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
 
 
 def test_manifest_cannot_point_outside(bundle_dir):

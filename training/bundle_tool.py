@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             digest = convert_pickled_bundle(args.bundle)
             print(f"converted {args.bundle}: detector.joblib → detector.skops; new bundle SHA-256:", file=sys.stderr)
             print(digest)
-    except (BundleError, PipelineError) as exc:
+    except (BundleError, PipelineError, OSError) as exc:  # OSError: a file it cannot read or write
         print(f"detector-bundle: error: {exc}", file=sys.stderr)
         return 1
     return 0
