@@ -587,6 +587,7 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     ev = json.loads((out / "evaluation.json").read_text())
     split = json.loads((default_bundle / "split.json").read_text())
     assert len(ev["image_ids"]["evaluated"]) == 80
+    assert ev["bundle"]["path"] == str(default_bundle.resolve())  # found again from any working folder
     assert "warning" not in capsys.readouterr().err
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
     # The held-out draw keeps the classifier's own share of mistakes (the fitted images are all correct).
@@ -821,3 +822,19 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert all(file.read_text() == "keep me" for file in outside)
     files = load_bundle(twin).report["files"]
     assert not {"evaluation_up", "evaluation_abs", "evaluation_odd"} & set(files) and "evaluation" in files
+
+
+def test_side_by_side_finds_the_bundle_of_an_evaluation_from_another_folder(default_bundle, tmp_path, monkeypatch):
+    """An evaluation that names its bundle relative to where detector-evaluate ran is read from elsewhere:
+    the bundle beside the evaluation folder (where detector-evaluate puts it) is found."""
+    import shutil
+
+    from training.robustness import load
+
+    shutil.copytree(default_bundle, tmp_path / "runs" / "b")
+    (tmp_path / "runs" / "b-evaluation").mkdir()
+    (tmp_path / "runs" / "b-evaluation" / "evaluation.json").write_text(
+        json.dumps({"bundle": {"path": "runs/b", "sha256": "0" * 64}}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load(tmp_path / "runs" / "b-evaluation")["_report"]["options"]["data"] == "digits"

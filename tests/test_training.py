@@ -263,6 +263,11 @@ def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp
         per_example = list(csv.DictReader(f))
     assert len(per_example) == 150 and "kappa_6" in per_example[0]
     assert (out / "figure1_trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    for bad in ("0", "-5"):  # not "the classifier gets nothing right", nor all but five images
+        with pytest.raises(SystemExit) as stop:
+            trajectory_main(["--weights", str(default_bundle / "weights.pt"), "--max-samples", bad,
+                             "--out", str(tmp_path / "t0"), "--no-progress"])
+        assert stop.value.code == 2 and "--max-samples must be at least 1" in capsys.readouterr().err
 
 
 def test_detector_set_is_balanced_and_split_by_image(digits_model, digits_test):
@@ -671,6 +676,15 @@ def test_folder_dataset(tmp_path, capsys):
         load_splits(TrainOptions(data="digits", image_size=[10]))
     with pytest.raises(PipelineError, match="8×1100 pixels; a bundle takes at most 1024 on a side: give --image-size"):
         load_splits(TrainOptions(data=f"folder:{root}", image_size=[8, 1100]))  # refused before any training
+    # A bundle fitted on resized folder images is judged on them at that size.
+    from training.evaluate import main as evaluate_main
+
+    sized = tmp_path / "sized"
+    run(TrainOptions(data=f"folder:{root}", image_size=[10], epochs=3, eps=0.3, alpha=0.1, steps=3,
+                     max_samples=80, evaluate="none", out=str(sized), progress=False))
+    assert load_bundle(sized).input_spec.height == 10
+    assert evaluate_main(["--bundle", str(sized), "--suite", "shifts", "--max-images", "100", "--no-progress",
+                          "--out", str(tmp_path / "sized-ev")]) == 0
 
 
 def test_cifar10_in_torchvision_format(fake_cifar10, tmp_path):
@@ -753,3 +767,10 @@ def test_compare_marks_the_attacks_each_detector_was_fitted_on(default_bundle, t
         starred = {column for column, cell in rows[detector].items() if cell.endswith("%*")}
         assert starred == seen, detector
     assert "\\* an attack that detector was fitted on" in table
+
+
+def test_compare_shows_a_dash_where_an_attack_had_no_rate():
+    """An attack that succeeded on no image has a detection rate of null in evaluation.json."""
+    from training.compare import _pct
+
+    assert _pct({"rate": None, "low": None, "high": None, "n": 0}) == "–" and _pct({"rate": 0.5}) == "50%"

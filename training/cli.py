@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from detector import distributed
-from detector.datasets import DATASET_KINDS, DatasetNotFoundError
+from detector.datasets import DATASET_KINDS
 from detector.estimator import DETECTORS, ESTIMATORS
 from detector.layers import GRAM_LAYERS_IN_WORDS
 from detector.models import MODELS
@@ -292,7 +292,7 @@ def _entry(argv: list[str] | None, trajectory: bool) -> int:
             result = run_trajectory(options)
         else:
             result = run(options)
-    except (PipelineError, DatasetNotFoundError, ValueError) as exc:
+    except (PipelineError, ValueError, OSError) as exc:  # OSError: DatasetNotFoundError, a file it cannot write
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")

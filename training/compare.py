@@ -33,7 +33,8 @@ COMBINATIONS = (
 
 
 def _pct(rate: dict | None) -> str:
-    return "–" if not rate else f"{rate['rate']:.0%}"
+    """A rate of the evaluation as a percentage; "–" where there is none (no adversarial to detect)."""
+    return "–" if not rate or rate.get("rate") is None else f"{rate['rate']:.0%}"
 
 
 def compare(base: TrainOptions, combinations=COMBINATIONS, workdir: Path | None = None, log=print) -> str:

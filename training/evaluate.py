@@ -112,18 +112,26 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
     report = bundle.report or {}
     options = report.get("options", {})
+    if not isinstance(options, dict):
+        raise PipelineError(f"{bundle_dir / 'report.json'}'s options are not the object detector-train writes")
     split_file = bundle_dir / "split.json"
     if not split_file.is_file():
         raise PipelineError(f"{split_file} is missing: without the ids of the images the detector was fitted on, "
                             f"held-out images cannot be told apart")
     split = json.loads(split_file.read_text())
+    if not isinstance(split, dict):
+        raise PipelineError(f"{split_file} is not one detector-train wrote (a JSON object of image ids)")
     fitted = np.asarray(split.get("fit", []), dtype=np.int64)
     calibration = np.asarray(split.get("calibration", []), dtype=np.int64)
     data = args.data or options.get("data")
     if not data:
         raise PipelineError("the bundle's report names no dataset: pass --data")
+    spec = bundle.input_spec
+    # folder: images are resized to what the bundle takes, as they were for fitting.
+    size = [spec.height, spec.width] if data.partition(":")[0] == "folder" else None
     train, test, _, source = load_splits(TrainOptions(data=data, data_dir=args.data_dir or options.get("data_dir", "data"),
-                                                      seed=options.get("seed", 0), download=args.download))
+                                                      seed=options.get("seed", 0), download=args.download,
+                                                      image_size=size))
     if test.input_shape != (bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width):
         raise PipelineError(f"{data} images are {test.input_shape}, the bundle takes "
                             f"{(bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width)}")
@@ -172,7 +180,7 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     if isinstance(report.get("detection"), dict) and isinstance(report["detection"].get("detector"), str):
         evaluation["detector"] = {"name": report["detection"]["detector"], **evaluation["detector"]}
     evaluation["radius_scale"] = eps / PAPER_ATTACK["eps"]
-    evaluation["bundle"] = {"path": str(bundle_dir), "sha256": bundle.sha256}
+    evaluation["bundle"] = {"path": str(bundle_dir.resolve()), "sha256": bundle.sha256}  # readable from any cwd
     evaluation["suite"] = args.suite
     evaluation["command"] = command
     evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
@@ -279,6 +287,8 @@ def attach_evaluation(bundle_dir: str | Path, evaluation: dict) -> str:
                                 f"({type(exc).__name__}: {exc}): is it one detector-evaluate wrote?") from exc
         if (stage / "split.json").is_file():
             split = json.loads((stage / "split.json").read_text())
+            if not isinstance(split, dict):
+                raise PipelineError("the bundle's split.json is not one detector-train wrote (a JSON object)")
             split["evaluated"] = evaluation["image_ids"]["evaluated"]
             dump_json(stage / "split.json", split)
 

@@ -43,8 +43,12 @@ def load(path: str | Path) -> dict:
     evaluation = read_evaluation(path)
     path = Path(path)
     # detector-evaluate names the bundle; detector-train's own suite sits inside the bundle.
-    bundle = Path(evaluation["bundle"]["path"]) if "bundle" in evaluation else path if path.is_dir() else path.parent
-    report_file = bundle / "report.json"
+    here = path if path.is_dir() else path.parent
+    named = evaluation.get("bundle", {}).get("path") if isinstance(evaluation.get("bundle"), dict) else None
+    # As written (older evaluations wrote it relative to where detector-evaluate ran), or beside the
+    # evaluation folder, where detector-evaluate puts it by default.
+    candidates = [here] if not named else [Path(named), here.parent / Path(named).name]
+    report_file = next((c / "report.json" for c in candidates if (c / "report.json").is_file()), here / "report.json")
     evaluation["_report"] = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return evaluation
 

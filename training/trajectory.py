@@ -44,6 +44,8 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     """Train or load the classifier, attack up to ``max_samples`` correctly classified test images
     with the path recorded, and write the plot and CSVs to ``options.out``; returns the summary."""
     total_start = time.perf_counter()
+    if options.max_samples < 1:
+        raise PipelineError(f"--max-samples must be at least 1, got {options.max_samples}")
     attack = attack_settings(options)
     distributed.init(resolve_device(options.device))  # under torchrun: join the other ranks
     prepared = prepare(options)
