@@ -79,6 +79,10 @@ def backend() -> str | None:
 def shard(n_or_index: int | np.ndarray) -> np.ndarray:
     """This rank's share of ``range(n)`` (or of an index array): every ``world_size``-th item from
     position ``rank``, so that shares differ in size by at most one and together hold every item once."""
+    if launched() and not is_distributed():
+        # Before init() the launcher's RANK is known but the world is not joined: a share taken now
+        # would skip items on every rank but 0 and nothing would gather the rest.
+        raise RuntimeError("launched by torchrun but distributed.init() was not called: no share can be taken yet")
     index = np.arange(n_or_index) if np.isscalar(n_or_index) else np.asarray(n_or_index)
     return index[rank()::world_size()]
 

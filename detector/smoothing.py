@@ -54,6 +54,8 @@ class SoftTrees:
         threshold = torch.as_tensor(self.threshold, dtype=dtype, device=device)[node]
         # log P(leaf) = Σ along its path of log σ(±(t − x_f) / T_f); padding contributes log 1 = 0
         split = (threshold - rows[:, feature]) / temperature[feature]  # [N, L, D]
+        # Padding (side 0) must add exactly 0, also where a feature is infinite (0 · ∞ would be NaN).
+        split = torch.where(side != 0, split, torch.zeros((), dtype=dtype, device=device))
         log_leaf = (torch.nn.functional.logsigmoid(side * split) * side.abs()).sum(dim=2)
         value = torch.as_tensor(self.leaf_value, dtype=dtype, device=device)
         if not self.mixes_probabilities:

@@ -114,6 +114,20 @@ def test_random_start_is_seeded(digits_model, batch):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_a_recorded_path_starts_at_the_clean_input_under_a_random_start(digits_model, batch):
+    """Step 0 is the clean input (what 'rise over clean' divides by), not the random start; the last step
+    is the returned adversarial, and there are still steps + 1 of them."""
+    x, y = batch
+    clean = analyze(digits_model, x)
+    path = pgd(digits_model, x, y, random_start=True, seed=3, steps=4, record=True, keep_iterates=True,
+               **ATTACKS["linf"])
+    assert path.sharpness.shape == (len(x), 5)
+    assert torch.equal(path.iterates[:, 0], x)
+    torch.testing.assert_close(path.sharpness[:, 0], clean.sharpness, rtol=1e-5, atol=0)
+    assert torch.equal(path.iterates[:, -1], path.x_adv)
+    assert torch.equal(path.x_adv, pgd(digits_model, x, y, random_start=True, seed=3, steps=4, **ATTACKS["linf"]))
+
+
 def test_bad_arguments_are_refused(digits_model, batch):
     x, y = batch
     with pytest.raises(ValueError, match="norm"):

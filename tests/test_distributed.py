@@ -45,6 +45,17 @@ def test_device_under_torchrun_is_the_local_rank(monkeypatch):
         assert str(resolve_device("auto")) == str(resolve_device("cuda")) == "cuda:1"
 
 
+def test_no_share_is_taken_before_the_world_is_joined(monkeypatch):
+    """Rank 1 of two, before init(): a share would skip row 0 and nothing would gather the rest."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.rank() == 1 and not distributed.is_main()
+    with pytest.raises(RuntimeError, match="init"):
+        distributed.shard(4)
+    with pytest.raises(RuntimeError, match="init"):
+        distributed.map_batches(4, 2, lambda pos, b: {"pos": pos})
+
+
 def _cuda_count() -> int:
     import torch
 

@@ -177,6 +177,12 @@ def test_softened_trees_tend_to_the_trees_and_descend_their_score(kind):
         assert (np.abs(blurred - exact).max() > 0.05) == changes
     with pytest.raises(ValueError, match="positive"):
         det.decision_tensor(rows, temperature=torch.zeros(6))
+    # An infinite feature (log ψ of an underflowed softmax) keeps the logit a number, as the trees' own
+    # score is one: padding steps of short paths must not turn 0 · ∞ into NaN.
+    extreme = rows.clone()
+    extreme[:, 0] = -torch.inf
+    extreme[:5, 1] = torch.inf
+    assert torch.isfinite(det.decision_tensor(extreme, temperature=0.3)).all()
     from detector.smoothing import split_temperature
 
     heavy = torch.as_tensor(np.c_[rng.lognormal(-16, 4, 500), rng.normal(size=500)])

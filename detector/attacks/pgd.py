@@ -23,7 +23,8 @@ _NORMS = ("linf", "l2")
 
 @dataclass
 class PGDResult:
-    """The adversarial batch and, per example, the path x_0 (clean) … x_T.
+    """The adversarial batch and, per example, the path x_0 (clean) … x_T (under a random start too:
+    x_0 is the clean input, x_1 the first step from the random start).
 
     Path tensors have the step as their second axis: ``sharpness``, ``loss``, ``phi_sq`` (‖φ‖²)
     and ``predictions`` are ``[N, T+1]``, ``psi`` and ``logits`` are ``[N, T+1, k]``.  With
@@ -119,11 +120,16 @@ def pgd(
 
     with eval_mode(model):
         x_adv = x0.clone()
-        if random_start and eps > 0:
+        started_away = random_start and eps > 0
+        if started_away:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             x_adv = (x0 + _random_start(x0, eps, norm, generator)).clamp(0.0, 1.0)
             x_adv = x0 + _project(x_adv - x0, eps, norm)
-        for _ in range(steps):
+            if record and steps:  # the path starts at the clean input; the random start is not one of its points
+                with torch.no_grad():
+                    logits, phi = _forward_at(model, linear, x0)
+                    record_step(x0, logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
+        for t in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 if record:
@@ -132,7 +138,7 @@ def pgd(
                     logits, phi = model(x_adv), None
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
                 (grad,) = torch.autograd.grad(losses.sum(), x_adv)
-            if record:
+            if record and not (started_away and t == 0):
                 record_step(x_adv, logits, phi, losses)
             with torch.no_grad():
                 if norm == "linf":
