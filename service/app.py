@@ -251,8 +251,10 @@ class Service:
         flagged = [(i, data, info.format, a) for i, (a, (_, info, data)) in enumerate(zip(answers, decoded))
                    if a.adversarial]
         if flagged:
-            self.audit.record(request_id=request_id(request.scope), client=client, route=route_path(request.scope),
-                              bundle_sha256=ref.sha256, flagged=flagged)
+            unwritten = self.audit.record(request_id=request_id(request.scope), client=client,
+                                          route=route_path(request.scope), bundle_sha256=ref.sha256, flagged=flagged)
+            if unwritten:
+                self.metrics.audit_write_failures.inc(unwritten)
         return answers
 
 

@@ -6,7 +6,8 @@ SHA-256, label, score, uncanny-valley flag and the bundle's hash. With ``DETECTO
 flagged uploads are kept there as ``<sha256>.<format>``, written whole or not at all (temporary name,
 then rename) by one background thread that finishes its queue before the server stops. The directory
 holds at most ``DETECTOR_QUARANTINE_MAX_BYTES``: once full, new images are not kept, and their audit
-line says so (``"quarantined": "full"``).
+line says so (``"quarantined": "full"``). A line the file cannot take (a full disk) does not fail the
+request that was answered: the logger still has it, the error is logged, and the caller counts it.
 
 Every response carries ``X-Request-ID`` (the client's own, when it sent a sane one).
 """
@@ -96,12 +97,17 @@ class AuditTrail:
             self._writer.shutdown(wait=True)
             self._writer = None
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:  # the last buffered lines: the logger has them
+                log.error("audit log %s: cannot write its last lines: %s", self.log_file, exc)
             self._file = None
 
     def record(self, *, request_id: str, client: str, route: str, bundle_sha256: str,
-               flagged: list[tuple[int, bytes, str, Any]]) -> None:
-        """One audit line per flagged image: ``(index in the request, upload bytes, format, prediction)``."""
+               flagged: list[tuple[int, bytes, str, Any]]) -> int:
+        """One audit line per flagged image: ``(index in the request, upload bytes, format, prediction)``.
+        Returns how many lines the audit file could not take (they are on the logger all the same)."""
+        failed = 0
         when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
         for index, data, fmt, prediction in flagged:
             digest = hashlib.sha256(data).hexdigest()
@@ -117,7 +123,12 @@ class AuditTrail:
             log.info("%s", line)
             if self._file is not None:
                 with self._lock:
-                    self._file.write(line + "\n")
+                    try:
+                        self._file.write(line + "\n")
+                    except OSError as exc:  # a full disk: the answer stands, the logger line above is the record
+                        failed += 1
+                        log.error("audit log %s: cannot write the line above: %s", self.log_file, exc)
+        return failed
 
     def _quarantine(self, digest: str, fmt: str, data: bytes) -> str | None:
         """Queue the image for the quarantine; returns its file name, "full", or None (no quarantine)."""

@@ -59,6 +59,9 @@ class Metrics:
             "detector_rejected_uploads", "Uploads refused, by reason code.", ["reason"], registry=r)
         self.inference_failures = Counter(
             "detector_inference_failures", "Requests answered 500: the model raised on one of their images, run on its own.", registry=r)
+        self.audit_write_failures = Counter(
+            "detector_audit_write_failures", "Audit lines the audit file could not take (a full disk); each is "
+            "on the service.audit logger all the same.", registry=r)
         self.queue = Gauge(
             "detector_queue_images", "Images waiting for the model.", registry=r, multiprocess_mode="livesum")
         self.ready = Gauge(

@@ -1240,6 +1240,27 @@ def test_flagged_images_are_audited_and_quarantined_and_kept_on_stop(locked, lib
 
 
 
+def test_a_full_disk_under_the_audit_log_does_not_fail_the_answer(default_bundle, library, digits, tmp_path):
+    """The audit file on a full disk (/dev/full takes no byte): a flagged image is still answered 200, the
+    line is on the logger with an error beside it, and the metric counts it."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    port = free_port()
+    srv = start([sys.executable, "-m", "service", "--bundle", str(default_bundle), "--port", str(port),
+                 "--device", "cpu", "--torch-threads", "1", "--audit-log", "/dev/full"], clean_env(),
+                tmp_path / "server.log", port)
+    try:
+        data = _flagged_png(library, digits)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/predict", files={"file": ("adv.png", data, "image/png")})
+            assert r.status_code == 200 and r.json()["adversarial"], r.text
+            metrics = c.get("/metrics").text
+        assert "detector_audit_write_failures_total 1.0" in metrics
+    finally:
+        stop(srv)
+    log = (tmp_path / "server.log").read_text()
+    assert '"event": "flagged"' in log and "audit log /dev/full: cannot write" in log
+
 def test_one_clients_batch_of_large_images_does_not_starve_another_client(guarded):
     """16 lossless WebPs of 4096×4096 (a few hundred bytes each, ~0.2 s each to decode) in one batch:
     a request sent meanwhile gets a decode thread of its own instead of queueing behind all 16."""
