@@ -26,7 +26,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default
     except ValueError:
-        raise RuntimeError(f"{name}={value!r} is not a whole number (torchrun sets it)") from None
+        raise ValueError(f"{name}={value!r} is not a whole number (torchrun sets it)") from None
 
 
 def launched() -> bool:

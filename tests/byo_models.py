@@ -67,3 +67,9 @@ class FaultyNet(nn.Module):
 
 def make_faulty_net(num_classes: int = 10) -> FaultyNet:
     return FaultyNet(num_classes)
+
+
+def make_strict_net(depth: int = 18) -> DigitsNet:
+    """A factory that checks its arguments with an assert, as research code often does."""
+    assert depth in (18, 34), f"depth must be 18 or 34, got {depth}"
+    return DigitsNet()

@@ -588,6 +588,10 @@ def test_detector_evaluate_command(default_bundle, tmp_path, capsys):
     split = json.loads((default_bundle / "split.json").read_text())
     assert len(ev["image_ids"]["evaluated"]) == 80
     assert ev["bundle"]["path"] == str(default_bundle.resolve())  # found again from any working folder
+    from training.report import evaluation_markdown
+
+    at_zero = "\n".join(evaluation_markdown(dict(ev, detector=dict(ev["detector"], target_fpr=0.0))))
+    assert "(set for 0" in at_zero and "(fixed)" not in at_zero  # 0 is a target, not "no target"
     assert "warning" not in capsys.readouterr().err
     assert not set(ev["image_ids"]["evaluated"]) & (set(split["fit"]) | set(split["calibration"]))
     # The held-out draw keeps the classifier's own share of mistakes (the fitted images are all correct).

@@ -267,7 +267,7 @@ def test_trajectory_command_on_saved_weights(default_bundle, default_report, tmp
         with pytest.raises(SystemExit) as stop:
             trajectory_main(["--weights", str(default_bundle / "weights.pt"), "--max-samples", bad,
                              "--out", str(tmp_path / "t0"), "--no-progress"])
-        assert stop.value.code == 2 and "--max-samples must be at least 1" in capsys.readouterr().err
+        assert stop.value.code == 2 and "--max-samples: must be at least 1" in capsys.readouterr().err
 
 
 def test_detector_set_is_balanced_and_split_by_image(digits_model, digits_test):
@@ -556,7 +556,7 @@ def test_bad_requests_fail_before_any_work(tmp_path):
                          out=str(tmp_path / "d"), progress=False))
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("mine")
-    with pytest.raises(PipelineError, match="no bundle"):  # never replaces a directory of other files
+    with pytest.raises(PipelineError, match="not a bundle"):  # never replaces a directory of other files
         run(TrainOptions(out=str(tmp_path / "project"), progress=False))
     assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "wrong.pt")
@@ -774,3 +774,59 @@ def test_compare_shows_a_dash_where_an_attack_had_no_rate():
     from training.compare import _pct
 
     assert _pct({"rate": None, "low": None, "high": None, "n": 0}) == "–" and _pct({"rate": 0.5}) == "50%"
+
+
+def test_commands_refuse_what_would_lose_data_before_any_work(default_bundle, tmp_path, capsys, monkeypatch):
+    """An --out that would replace or break something of the user's, one that cannot be written, and values
+    that cannot run are refused with an error line before training or attacking, and nothing is touched."""
+    import shutil
+
+    from detector import verify_bundle
+    from training.compare import main as compare_main
+    from training.evaluate import main as evaluate_main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle, bundle)
+    digest = verify_bundle(bundle)
+    webapp = tmp_path / "webapp"  # a folder with a manifest.json that is not a bundle's
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my app"}')
+    (webapp / "index.html").write_text("precious")
+    (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+    refused = [
+        (main, ["--out", str(webapp)], "not a bundle"),
+        (main, ["--out", "."], "working folder"),
+        (main, ["--out", str(bundle / "sub")], "inside the bundle"),
+        (main, ["--out", "afile/sub"], "cannot be written"),
+        (trajectory_main, ["--out", str(bundle)], "bundle"),
+        (evaluate_main, ["--bundle", str(bundle), "--out", str(bundle)], "--attach"),
+        (evaluate_main, ["--bundle", str(bundle), "--out", str(bundle / "ev")], "inside the bundle"),
+        (evaluate_main, ["--bundle", str(bundle), "--out", "afile"], "is a file"),
+        (evaluate_main, ["--bundle", str(bundle), "--target-fpr", "1.5"], "--target-fpr"),
+        (main, ["--arch", "byo_models:make_strict_net", "--arch-kwargs", '{"depth": 7}', "--out", "x"],
+         "AssertionError: depth must be 18 or 34"),
+    ]
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    for command, argv, message in refused:
+        with pytest.raises(SystemExit) as stop:
+            command([*argv, "--no-progress"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err, (argv, err)
+    for command, argv in ((main, ["--batch-size", "0"]), (main, ["--width", "0"]), (main, ["--eps", "nan"]),
+                          (main, ["--evaluate-images", "-5"]), (main, ["--seed", "-1"]),
+                          (trajectory_main, ["--batch-size", "-3"]),
+                          (evaluate_main, ["--bundle", str(bundle), "--eps", "0"]),
+                          (evaluate_main, ["--bundle", str(bundle), "--batch-size", "0"])):
+        with pytest.raises(SystemExit) as stop:  # argparse names the flag
+            command(argv)
+        assert stop.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err, argv
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", "y", "--no-progress"])
+    assert stop.value.code == 2 and "WORLD_SIZE='abc'" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert compare_main(["--data", "bogus"]) == 2 and "unknown dataset" in capsys.readouterr().err
+    assert compare_main(["--out", "afile/table.md"]) == 2 and "error" in capsys.readouterr().err
+    assert (webapp / "index.html").read_text() == "precious" and verify_bundle(bundle) == digest
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -26,15 +27,53 @@ from .fitting import CLEAN_VARIANTS, fit_sources
 from .options import DEFAULT_EPOCHS_OTHER, PipelineError, TrainOptions
 from .pipeline import run
 
-__all__ = ["add_trust_flag", "build_parser", "main", "options_from_args", "trajectory_main", "trusted_names"]
+__all__ = ["add_trust_flag", "build_parser", "count", "main", "options_from_args", "positive_int", "seed_int",
+           "trajectory_main", "trusted_names"]
 
 
 def _number(text: str) -> float:
-    """A float, also written as a fraction: ``8/255``."""
+    """A finite float, also written as a fraction: ``8/255``."""
     try:
-        return float(Fraction(text.strip())) if "/" in text else float(text)
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError) as exc:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _integer(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if high is None and value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {text!r}")
+    if high is not None and not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must lie in {low}…{high}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (batch sizes, steps, image counts)."""
+    return _integer(text, 1)
+
+
+def count(text: str) -> int:
+    """A whole number of at least 0 (epochs, images where 0 means none)."""
+    return _integer(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """A seed NumPy and PyTorch both take: 0 … 2³² − 1."""
+    return _integer(text, 0, 2**32 - 1)
 
 
 def _fit_sources(text: str) -> tuple[str, ...]:
@@ -105,8 +144,8 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("classifier")
     g.add_argument("--model", choices=sorted(MODELS), default=None,
                    help=f"built-in architecture (default {defaults.model})")
-    g.add_argument("--depth", type=int, help="WideResNet depth, 6n+4 (default 28)")
-    g.add_argument("--width", type=int, help="WideResNet widen factor (default 4) or cnn width (default 32)")
+    g.add_argument("--depth", type=positive_int, help="WideResNet depth, 6n+4 (default 28)")
+    g.add_argument("--width", type=positive_int, help="WideResNet widen factor (default 4) or cnn width (default 32)")
     g.add_argument("--arch", metavar="PACKAGE.MODULE:CALLABLE",
                    help="bring your own classifier: a factory returning an nn.Module (importable "
                         "from the current directory or the Python path)")
@@ -130,34 +169,34 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS",
                    help="folder: data only: resize every image to H W (or one size for both); default "
                         "the first training image's size")
-    g.add_argument("--train-samples", type=int, metavar="N",
+    g.add_argument("--train-samples", type=positive_int, metavar="N",
                    help="train on a random subset of N training images")
-    g.add_argument("--test-samples", type=int, metavar="N",
+    g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="use a random subset of N test images (clean accuracy and the detector set)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int,
+    g.add_argument("--epochs", type=count,
                    help=f"epochs to train the classifier (default: 0 with --weights, 10 on digits, "
                         f"else {DEFAULT_EPOCHS_OTHER}); 0 uses --weights as they are")
-    g.add_argument("--lr", type=_number, default=defaults.lr, help="peak learning rate (one-cycle)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    g.add_argument("--lr", type=_positive_number, default=defaults.lr, help="peak learning rate (one-cycle)")
+    g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                    help="batch size for training and for the attack")
     g.add_argument("--adversarial-training", choices=ADVERSARIAL_TRAINING, default=None,
                    help="train (or fine-tune --weights) on adversarial inputs: pgd, PGD-k from a random start "
                         "(Madry et al.); fast, one FGSM step from a random start (Wong et al.), about twice "
                         "the cost of standard training")
-    g.add_argument("--train-eps", type=_number,
+    g.add_argument("--train-eps", type=_positive_number,
                    help="adversarial-training radius, in the --norm of the attack (default: the attack's --eps)")
-    g.add_argument("--train-steps", type=int, default=None,
+    g.add_argument("--train-steps", type=positive_int, default=None,
                    help="PGD steps per batch of --adversarial-training pgd (default 7)")
     g = p.add_argument_group("attack (PGD)")
-    g.add_argument("--eps", type=_number, help="radius (default 8/255 L∞; 0.2 on digits); '8/255' works")
-    g.add_argument("--alpha", type=_number,
+    g.add_argument("--eps", type=_positive_number, help="radius (default 8/255 L∞; 0.2 on digits); '8/255' works")
+    g.add_argument("--alpha", type=_positive_number,
                    help="step size (default 2/255; 0.05 on digits; eps/4 when --eps is given)")
-    g.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    g.add_argument("--steps", type=positive_int, help="PGD steps (default 10)")
     g.add_argument("--norm", choices=("linf", "l2"), default=defaults.norm, help="the ball: L∞ or L2")
     g.add_argument("--random-start", action="store_true", help="start from a random point in the ball")
     g = p.add_argument_group("detector" if not trajectory else "inputs")
-    g.add_argument("--max-samples", type=int, default=500 if trajectory else defaults.max_samples,
+    g.add_argument("--max-samples", type=positive_int, default=500 if trajectory else defaults.max_samples,
                    help="correctly classified clean test images to attack")
     if not trajectory:
         g.add_argument("--detector", choices=sorted(DETECTORS), default=defaults.detector,
@@ -190,7 +229,7 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
                        help="share of the attacked images held out for evaluation")
         g.add_argument("--calibration-fraction", type=_number, default=defaults.calibration_fraction,
                        help="share of the remaining images kept apart (clean only) for the operating point")
-        g.add_argument("--calibration-images", type=int, default=defaults.calibration_images,
+        g.add_argument("--calibration-images", type=count, default=defaults.calibration_images,
                        help="clean calibration images in all: the --calibration-fraction of the attacked images, "
                             "topped up to this many (as far as the split has them) with correctly classified test "
                             "images that are neither attacked nor evaluated (no attack: one forward pass each per "
@@ -200,10 +239,10 @@ def build_parser(trajectory: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--evaluate", choices=("none", "quick", "full"), default=defaults.evaluate,
                        help="the attack suite run on held-out images after fitting (full: every attack, "
                             "as detector-evaluate runs it)")
-        g.add_argument("--evaluate-images", type=int, default=defaults.evaluate_images,
+        g.add_argument("--evaluate-images", type=count, default=defaults.evaluate_images,
                        help="held-out test images the attack suite runs on, at most")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=defaults.seed,
+    g.add_argument("--seed", type=seed_int, default=defaults.seed,
                    help="seeds the model's initialisation, training order, sampling and split")
     g.add_argument("--device", default=defaults.device, metavar="auto|cpu|cuda|cuda:N|mps",
                    help="auto: CUDA when torch sees a GPU")

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import count, positive_int, seed_int
 from .options import PipelineError, TrainOptions
 from .pipeline import run
 
@@ -40,6 +41,7 @@ def _pct(rate: dict | None) -> str:
 def compare(base: TrainOptions, combinations=COMBINATIONS, workdir: Path | None = None, log=print) -> str:
     """Run every combination and return the Markdown table."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="detector-compare-"))
+    log(f"bundles of every combination go to {workdir}")
     rows, attacks, first = [], None, None
     for detector, estimator in combinations:
         options = TrainOptions(**{**vars(base), "detector": detector, "estimator": estimator,
@@ -70,25 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="digits")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--model", default="cnn")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-samples", type=int, default=2000)
-    p.add_argument("--evaluate-images", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=count, default=None)
+    p.add_argument("--max-samples", type=positive_int, default=2000)
+    p.add_argument("--evaluate-images", type=count, default=500)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     base = TrainOptions(data=args.data, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
                         max_samples=args.max_samples, evaluate_images=args.evaluate_images, seed=args.seed,
                         progress=False)
+    command = "python -m training.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
+        if args.out:  # found out now, not after every run
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a"):
+                pass
         table = compare(base, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except PipelineError as exc:
+        text = f"Command: `{command}`\n\n{table}"
+        print(text)  # before writing: a file that cannot be written loses nothing
+        if args.out:
+            Path(args.out).write_text(text)
+    except (PipelineError, ValueError, OSError) as exc:
         print(f"python -m training.compare: error: {exc}", file=sys.stderr)
         return 2
-    command = "python -m training.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"Command: `{command}`\n\n{table}"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
     return 0
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from detector import BundleError, distributed, load_bundle, update_bundle
-from detector.datasets import DatasetNotFoundError
 from detector.evaluation import (
     HELD_OUT_DRAW,
     SUITE_LEVELS,
@@ -32,10 +31,19 @@ from detector.shifts import SHIFTS
 
 from . import report as reporting
 from .classifier import predict
-from .cli import HelpFormatter, _number, add_trust_flag, shift_names, trusted_names
+from .cli import (
+    HelpFormatter,
+    _number,
+    _positive_number,
+    add_trust_flag,
+    positive_int,
+    seed_int,
+    shift_names,
+    trusted_names,
+)
 from .fitting import seen_in_fitting
 from .options import PAPER_ATTACK, PipelineError, TrainOptions, resolve_device
-from .output import dump_json, json_safe
+from .output import check_results_dir, dump_json, json_safe
 from .pipeline import summarize_evaluation
 from .prepare import load_splits
 
@@ -82,18 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the natural shifts measured (default: " + ", ".join(SHIFTS) + "); any change "
                         "--clean-variants takes ('JPEG q30', 'noise sigma=0.04'): 'default,JPEG q60' keeps the list "
                         "and adds one, 'none' measures the clean images alone")
-    p.add_argument("--max-images", type=int, default=1000,
+    p.add_argument("--max-images", type=positive_int, default=1000,
                    help="held-out test images to evaluate on (at most; fewer, with a warning, when fewer are left): "
                         "drawn at random from those not used in fitting, with the classifier's share of mistakes on "
                         "the whole split")
     p.add_argument("--target-fpr", type=_number, default=0.05,
                    help="false-positive rate the baselines are thresholded at on clean calibration images")
-    p.add_argument("--eps", type=_number,
+    p.add_argument("--eps", type=_positive_number,
                    help="reference L∞ radius the suite's radii are scaled to (default: the bundle's PGD ε)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
     add_trust_flag(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", help="output directory (default, beside the bundle: <bundle>-evaluation for the full suite, "
                         "<bundle>-evaluation-quick or -shifts for the others)")
     p.add_argument("--attach", action="store_true",
@@ -107,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict:
     """Evaluate ``args.bundle`` and write the files; returns the evaluation as a dict."""
     bundle_dir = Path(args.bundle)
+    if not 0.0 <= args.target_fpr < 1.0:
+        raise PipelineError(f"--target-fpr must lie in [0, 1), got {args.target_fpr}")
+    out = Path(args.out) if args.out else default_out(bundle_dir, args.suite)
+    check_results_dir(out, attach_hint=True)  # before the suite runs, not after
     device = resolve_device(args.device)
     distributed.init(device)  # under torchrun every rank attacks its share of the images
     bundle = load_bundle(bundle_dir, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
@@ -167,7 +179,8 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
               f"{len(test)}, the detector was fitted or calibrated on {len(excluded)}, and the draw keeps the "
               f"classifier's share of mistakes", file=sys.stderr, flush=True)
     attack = report.get("attack", {})
-    eps = args.eps or (attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
+    eps = args.eps if args.eps is not None else (
+        attack.get("eps") if attack.get("norm", "linf") == "linf" else None) or PAPER_ATTACK["eps"]
     started = time.perf_counter()
     evaluation = evaluate(
         bundle, test, images, excluded=excluded, calibration=calibration if calibration.size >= 20 else None,
@@ -185,7 +198,6 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     evaluation["command"] = command
     evaluation["seen_in_fitting"] = seen_in_fitting(report, evaluation["attacks"])
     evaluation = json_safe(evaluation)
-    out = Path(args.out) if args.out else default_out(bundle_dir, args.suite)
     if not distributed.is_main():  # rank 0 writes
         return evaluation
     reporting.write_evaluation(out, evaluation, title=evaluation_title(bundle.architecture, evaluation), command=command)
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["detector-evaluate", *map(shlex.quote, argv)])
     try:
         evaluation = run_evaluation(args, command)
-    except (PipelineError, BundleError, DatasetNotFoundError, ValueError) as exc:
+    except (PipelineError, BundleError, ValueError, OSError) as exc:  # OSError: a file it cannot read or write
         parser.exit(2, f"detector-evaluate: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "detector-evaluate: interrupted\n")

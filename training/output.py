@@ -19,7 +19,8 @@ from detector import distributed
 
 from .options import PipelineError
 
-__all__ = ["check_out_dir", "dump_json", "json_safe", "log", "machine_info", "publish", "staging_dir"]
+__all__ = ["bundle_holding", "check_out_dir", "check_results_dir", "dump_json", "json_safe", "log", "machine_info",
+           "publish", "staging_dir"]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -49,14 +50,69 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def check_out_dir(out: Path) -> None:
-    """``out`` must be absent, empty or an earlier bundle: it is replaced as a whole, and nothing
-    else (a home directory, a project folder) may be replaced by mistake."""
+def bundle_holding(path: Path) -> Path | None:
+    """The bundle folder that is ``path`` or holds it (a folder whose ``manifest.json`` is a bundle's), or None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "format_version" in manifest:
+            return folder
+    return None
+
+
+def _check_writable(out: Path, flag: str) -> None:
+    """``out``'s folder can be made and written: found out before the work, not after it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise PipelineError(f"{flag} {str(out)!r} cannot be written: {exc.strerror or exc}") from exc
+
+
+def _check_not_here(out: Path, flag: str) -> None:
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if not out.name or out.name in (".", "..") or resolved == here or resolved in here.parents:
+        raise PipelineError(f"{flag} {str(out)!r} is the working folder or holds it: name a folder of its own")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """``out`` must be absent, empty or an earlier bundle and nothing more: it is replaced as a whole,
+    and nothing else (a home directory, a project folder, files added to a bundle) may go with it.
+    Checked before the work, with whether it can be written."""
+    from detector import BundleError, verify_bundle
+
+    _check_not_here(out, flag)
     if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {str(out)!r} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise PipelineError(f"--out {str(out)!r} holds other files and no bundle (no manifest.json); "
-                            f"the run replaces the whole directory, so give an empty or new one")
+        raise PipelineError(f"{flag} {str(out)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            verify_bundle(out)
+        except BundleError as exc:
+            raise PipelineError(f"{flag} {str(out)!r} holds files and is not a bundle as it was written ({exc}); the "
+                                f"run replaces the whole directory, so give an empty or new one") from None
+    inside = bundle_holding(out.parent)
+    if inside is not None:
+        raise PipelineError(f"{flag} {str(out)!r} lies inside the bundle {str(inside)!r}, which would no longer "
+                            f"load: give a folder outside it")
+    _check_writable(out, flag)
+
+
+def check_results_dir(out: Path, flag: str = "--out", attach_hint: bool = False) -> None:
+    """``out``, a folder that files are written into (an evaluation, a trajectory), is not a file, not a
+    bundle nor inside one (a file the manifest does not list makes a bundle unloadable), and can be written."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{flag} {str(out)!r} is a file, not a directory")
+    inside = bundle_holding(out)
+    if inside is not None:
+        hint = "; --attach writes an evaluation into its bundle" if attach_hint else ""
+        raise PipelineError(f"{flag} {str(out)!r} is or lies inside the bundle {str(inside)!r}, which would no longer "
+                            f"load with files its manifest does not list: give a folder outside it{hint}")
+    _check_writable(out, flag)
 
 
 def staging_dir(out: Path) -> Path:

@@ -167,11 +167,12 @@ def _model_config(options: TrainOptions) -> tuple[str, dict[str, Any]]:
     if options.arch_kwargs:
         raise PipelineError("--arch-kwargs applies to --arch (bring your own) only")
     if options.model == "wrn":
-        return "wrn", {"depth": options.depth or 28, "width": options.width or 4}
+        return "wrn", {"depth": 28 if options.depth is None else options.depth,
+                       "width": 4 if options.width is None else options.width}
     if options.depth is not None:
         raise PipelineError(f"--depth applies to wrn only, not {options.model}")
     if options.model == "cnn":
-        return "cnn", {"width": options.width or 32}
+        return "cnn", {"width": 32 if options.width is None else options.width}
     if options.width is not None:
         raise PipelineError(f"--width applies to wrn and cnn only, not {options.model}")
     return options.model, {}
@@ -295,8 +296,8 @@ def prepare(options: TrainOptions) -> Prepared:
     channels = train.input_shape[0]
     try:
         net = build_network(architecture, train.num_classes, channels, config)
-    except (ValueError, TypeError) as exc:
-        raise PipelineError(f"cannot build {architecture!r} with {config}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 -- a factory of the user's may raise anything on its arguments
+        raise PipelineError(f"cannot build {architecture!r} with {config}: {type(exc).__name__}: {exc}") from exc
     state = read_state_dict(options.weights) if options.weights else None
     mean, std, norm_source = _normalisation(options, train, epochs > 0, state)
     model = ImageClassifier(net, mean, std)

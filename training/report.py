@@ -284,7 +284,7 @@ def write_markdown(path: Path, report: dict) -> None:
                                       f"{_pct(det.get('calibration_fpr'))}"
                                       + (f"; on the images as they came: {_pct(det['calibration_fpr_as_given'])}"
                                          if det.get("calibration_fpr_as_given") is not None else "")
-                                      + ")" if det.get("target_fpr") else "")
+                                      + ")" if det.get("target_fpr") is not None else "")
         + f". Evaluated on {det['n_test']} rows ({det['n_test_adversarial']} adversarial: the final PGD iterate) "
         f"from {det['n_test_images']} other images; split {det['split']}.",
         "",
@@ -446,7 +446,7 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
     lines = [
         f"Detector: {named}`{det['features']}` features{_probed(det)}, {det['estimator']}, flagged at score ≥ "
         f"{_num(det['threshold'])}" + (f" (set for {_pct(det['target_fpr'])} false positives on clean calibration "
-                                         f"images)" if det.get("target_fpr") else " (fixed)") + ".",
+                                         f"images)" if det.get("target_fpr") is not None else " (fixed)") + ".",
         f"Evaluated on {clean['n']} held-out test images (clean accuracy {_pct(clean['accuracy'])}), none of them "
         f"seen in fitting or calibration. Baselines are thresholded at {_pct(fpr)} false positives on the same "
         f"calibration images.",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluations = {n: load(e) for n, e in zip(names, args.evaluations)}
         if args.matched_fpr is not None and not 0.0 <= args.matched_fpr < 1.0:
             raise ValueError(f"--matched-fpr must lie in [0, 1), got {args.matched_fpr}")
+        if args.up_to is not None and not (math.isfinite(args.up_to) and args.up_to > 0):
+            raise ValueError(f"--up-to must be a budget above 0 (in /255), got {args.up_to}")
         table = side_by_side(evaluations, args.matched_fpr)
     except (OSError, ValueError, KeyError, PipelineError) as exc:
         p.exit(2, f"python -m training.robustness: error: {exc}\n")

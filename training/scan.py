@@ -35,7 +35,7 @@ from detector import BundleError, distributed, load_bundle
 from detector.datasets import DatasetNotFoundError
 from detector.images import DEFAULT_MAX_PIXELS, image_files, read_image
 
-from .cli import HelpFormatter, add_trust_flag, trusted_names
+from .cli import HelpFormatter, add_trust_flag, positive_int, seed_int, trusted_names
 from .options import PipelineError, TrainOptions, resolve_device
 from .prepare import load_splits
 
@@ -349,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     p.add_argument("--split", choices=("test", "train"), default="test", help="dataset split (not for folder:)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_int, default=None,
                    help="the seed that draws the digits split (default: the bundle's own, from its report)")
     p.add_argument("--out", required=True, metavar="FILE", help="the output file (.jsonl or .parquet)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: parquet for a .parquet --out, else jsonl)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="folder: a file of more than N pixels (width × height) gets an error row, as the service "
                         "refuses it, instead of being decoded")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, map_location=device, trusted_architectures=trusted_names(args.trust_architecture))
         spec = bundle.input_spec
         shape = (spec.channels, spec.height, spec.width)
-        seed = 0
+        split_seed = 0
         if kind == "folder":
             if not path:
                 raise PipelineError("folder: needs a path, e.g. folder:/data/uploads")
@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             options = (bundle.report or {}).get("options")
             bundle_seed = options.get("seed", 0) if isinstance(options, dict) else 0
-            seed = int(args.seed if args.seed is not None else bundle_seed)
-            source = dataset_source(args.data, args.data_dir, args.split, shape, args.download, seed)
+            split_seed = int(args.seed if args.seed is not None else bundle_seed)
+            source = dataset_source(args.data, args.data_dir, args.split, shape, args.download, split_seed)
         source.keys = distributed.broadcast(source.keys)  # one listing of a folder, rank 0's
         if not source.keys:
             raise PipelineError(f"nothing to scan in {source.description}")
@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{distributed.world_size()} process(es)", file=sys.stderr, flush=True)
         identity = {"bundle_sha256": bundle.sha256, "data": args.data,
                     "split": None if kind == "folder" else args.split, "format": fmt}
-        if kind != "folder" and seed:
-            identity["seed"] = seed  # another seed draws another digits split
+        if kind != "folder" and split_seed:
+            identity["seed"] = split_seed  # another seed draws another digits split
         summary = scan(bundle, source, out, fmt=fmt, batch_size=args.batch_size, device=device,
                        progress=not args.no_progress, identity=identity,
                        log=lambda m: print(m, file=sys.stderr, flush=True))

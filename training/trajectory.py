@@ -18,7 +18,7 @@ from detector import distributed
 
 from .attacking import attack_paths, path_statistics, sample_correct, trajectory_summary
 from .options import PipelineError, TrainOptions, attack_settings, resolve_device
-from .output import dump_json, json_safe, machine_info
+from .output import check_results_dir, dump_json, json_safe, machine_info
 from .prepare import prepare
 from .report import FIGURE1, figure_title, plot_trajectory, write_trajectory_csv
 
@@ -46,6 +46,7 @@ def run_trajectory(options: TrainOptions) -> dict[str, Any]:
     total_start = time.perf_counter()
     if options.max_samples < 1:
         raise PipelineError(f"--max-samples must be at least 1, got {options.max_samples}")
+    check_results_dir(Path(options.out))
     attack = attack_settings(options)
     distributed.init(resolve_device(options.device))  # under torchrun: join the other ranks
     prepared = prepare(options)
