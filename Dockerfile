@@ -85,7 +85,7 @@ EXPOSE 8000
 # Liveness only (the process answers HTTP); compose checks readiness on top.  Plain Python, since
 # the slim base has no curl and installing one would add a tool the service does not need.  The
 # start period covers a plain `docker run` without DETECTOR_BUNDLE, where detector-serve first
-# trains the embedded default bundle (about a minute on a CPU) into the working directory.
+# trains the embedded default bundle (about 20 s on a CPU) into the working directory.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('DETECTOR_PORT', '8000'), timeout=4)"]
 

@@ -328,8 +328,8 @@ def run(device: torch.device = CPU, quick: bool = False, repeats: int | None = N
            "passes, 11 per path, which the closed form does not need when κ is recorded by the attack. On a GPU, "
            "where a batch-1 forward leaves the device mostly idle, batching is expected to gain far more (not "
            "measured here)." if device.type == "cpu" else "Measured on the GPU."),
-        f"The exact Hessian is per image in float64 (SCIENCE.md's reference): it builds the full (kd)×(kd) Hessian "
-        f"(d = 128 for the CNNs, 256 for WRN-28-4; k = 10), {fmt_seconds(min(auto_times))} … "
+        f"The exact Hessian is per image in float64 (the method's own definition, by autograd): it builds the "
+        f"full (kd)×(kd) Hessian (d = 128 for the CNNs, 256 for WRN-28-4; k = 10), {fmt_seconds(min(auto_times))} … "
         f"{fmt_seconds(max(auto_times))} per image here.",
         "Errors are measured on the same inputs: the exact Hessian (autograd, float64) is taken at exactly the logits "
         "and φ the float32 forward produced (a constant offset pins the logits), so the error is that of computing κ "

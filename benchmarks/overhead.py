@@ -387,5 +387,5 @@ def _notes(raw: list[dict[str, Any]], worst: dict[str, float], peers: bool) -> l
         "`check_input=False` on the already-checked array cast to float32 (what its own check does), same answers. "
         "The column 'before the fix' times the old validated path on the same inputs. Also `detector.analyze` looked "
         "the output layer up twice per call and `detector.pgd` once per step (a walk over all submodules, ~50–150 µs "
-        "on WRN-28-4); both now look it up once (`detector/features.py`, `detector/attacks.py`).")
+        "on WRN-28-4); both now look it up once (`detector/features.py`, `detector/attacks/pgd.py`).")
     return notes

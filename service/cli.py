@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detector-serve",
         description="Serve an uncanny-valley detector bundle over HTTP (FastAPI + uvicorn). "
-                    f"Every flag has an environment variable {ENV_PREFIX}<FLAG> (e.g. --max-wait-ms: "
-                    f"{ENV_PREFIX}MAX_WAIT_MS); flags win.",
+                    f"Every flag but --no-train has an environment variable {ENV_PREFIX}<FLAG> (e.g. "
+                    f"--max-wait-ms: {ENV_PREFIX}MAX_WAIT_MS); flags win.",
     )
     for flag, (field, kind, help_text) in _FLAGS.items():
         if flag == "--trusted-architectures":  # spelled as detector-evaluate and detector-scan spell it too

@@ -70,7 +70,9 @@ class Prediction(BaseModel):
     confidence: float = Field(description="Softmax probability of the predicted class, in [0, 1].")
     probabilities: list[float] = Field(description="Softmax over all classes, in class order.")
     adversarial: bool = Field(description="The detector flags the image as adversarial (score ≥ its threshold).")
-    adversarial_score: float = Field(description="P(adversarial | ψ) from the detector, in [0, 1].")
+    adversarial_score: float = Field(
+        description="P(adversarial) given the detector's features (ψ, κ and, for the default, earlier layers), "
+                    "in [0, 1].")
     uncanny_valley: bool = Field(
         description="Flagged adversarial AND at least as flat as typical clean data (κ ≤ τ): "
                     "confidently wrong in a flat region.")
