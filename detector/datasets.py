@@ -150,16 +150,16 @@ def _npz(path_str: str, train: bool) -> ImageDataset:
     path = Path(path_str).expanduser()
     split = "train" if train else "test"
     named = path.parent / f"{path.name}_{split}.npz"
-    if path.is_dir():
-        matches = sorted(path.glob(f"*{split}*.npz"))
-        if len(matches) != 1:
-            raise DatasetNotFoundError(
-                f"expected exactly one *{split}*.npz in {str(path)!r}, found {[m.name for m in matches]}; "
-                f"name a pair of files by their prefix, e.g. npz:{path / 'cifar10'} for cifar10_{split}.npz"
-            )
+    matches = sorted(path.glob(f"*{split}*.npz")) if path.is_dir() else []
+    if len(matches) == 1:
         file, keys = matches[0], ("x", "y")
-    elif named.is_file():  # a name prefix: DIR/NAME_train.npz and DIR/NAME_test.npz
+    elif not matches and named.is_file():  # a name prefix: DIR/NAME_train.npz and DIR/NAME_test.npz
         file, keys = named, ("x", "y")
+    elif path.is_dir():
+        raise DatasetNotFoundError(
+            f"expected exactly one *{split}*.npz in {str(path)!r}, found {[m.name for m in matches]}; "
+            f"name a pair of files by their prefix, e.g. npz:{path / 'cifar10'} for cifar10_{split}.npz"
+        )
     elif path.is_file():
         file, keys = path, (f"x_{split}", f"y_{split}")
     else:
@@ -243,7 +243,7 @@ def _folder(path_str: str, train: bool, test_fraction: float = 0.2, seed: int = 
     # stay grey, others become RGB, and images of another size are resized to it.
     try:
         with Image.open(reference) as im:
-            channels = 1 if im.mode in ("L", "LA", "La", "1", "I", "F") or im.mode.startswith("I;16") else 3
+            channels = 1 if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else 3
             width, height = upright(im).size
     except Exception as exc:  # noqa: BLE001 -- the message names the file
         raise ValueError(f"the first training image {str(reference)!r} is not a readable image: "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -105,8 +106,8 @@ def read_image(path: str | os.PathLike, channels: int, size: tuple[int, int] | N
 
 
 def image_files(root: str | os.PathLike) -> list[str]:
-    """The image files under ``root`` (by :data:`IMAGE_SUFFIXES`), as sorted ``/``-separated paths
-    relative to it.  Symbolic links to folders are followed, each real folder once (a link loop or a
+    """The image files under ``root`` (by :data:`IMAGE_SUFFIXES`), as ``/``-separated paths relative to
+    it, sorted by folder, then name.  Symbolic links to folders are followed, each real folder once (a link loop or a
     second link to the same folder adds nothing); hidden files and folders (``.name``, such as macOS's
     ``._photo.jpg`` resource forks) are not images and are left out."""
     root = os.fspath(root)
@@ -124,4 +125,6 @@ def image_files(root: str | os.PathLike) -> list[str]:
                 path = os.path.join(folder, name)
                 if os.path.isfile(path):  # not a dangling link
                     found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
-    return sorted(found)
+    # torchvision's ImageFolder order (a folder's own files, then each subfolder's): positions in a split
+    # stay what they were for bundles that recorded them.
+    return sorted(found, key=lambda rel: (posixpath.dirname(rel), posixpath.basename(rel)))

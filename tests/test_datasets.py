@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,5 +245,21 @@ def test_cifar_npz_copy_beside_another_datasets_files(tmp_path):
         for split in ("train", "test"):
             np.savez(tmp_path / f"{kind}_{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                      y=np.arange(n) % 10)
+    (tmp_path / "cifar10").mkdir()  # a folder named after the dataset, holding something else
     train, test, _, source = load_splits(TrainOptions(data="cifar10", data_dir=str(tmp_path)))
     assert len(train) == len(test) == 12 and train.classes == list(CIFAR10_CLASSES) and "npz copy" in source
+
+
+def test_image_files_are_listed_in_image_folder_order(tmp_path):
+    """Positions in a split are what split.json records: the listing keeps torchvision's ImageFolder order
+    (a folder's own files, then each subfolder's), so bundles made with it name the same images."""
+    from torchvision.datasets import ImageFolder
+
+    from detector.images import image_files
+
+    rng = np.random.default_rng(0)
+    for rel in ("a.png", "z.png", "sub/b.png", "a-b/c.png", "a b/d.png", "sub/deeper/e.png", "Zed.png"):
+        _png(tmp_path / "cat" / rel, rng, (4, 4, 3))
+    ours = [f"cat/{rel}" for rel in image_files(tmp_path / "cat")]
+    theirs = [Path(f).relative_to(tmp_path).as_posix() for f, _ in ImageFolder(str(tmp_path)).samples]
+    assert ours == theirs

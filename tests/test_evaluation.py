@@ -828,6 +828,28 @@ def test_detector_evaluate_attach_puts_the_evaluation_in_the_bundle(default_bund
     assert not {"evaluation_up", "evaluation_abs", "evaluation_odd"} & set(files) and "evaluation" in files
 
 
+def test_detector_evaluate_refuses_a_split_that_has_changed_since_fitting(default_bundle, tmp_path, capsys):
+    """split.json names positions in the test split: if the split has another size now (files added to a
+    folder:), those positions name other images, and held-out would no longer mean held out."""
+    import shutil
+
+    from detector import update_bundle
+    from training.evaluate import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(default_bundle, bundle)
+
+    def grow(stage):
+        report = json.loads((stage / "report.json").read_text())
+        report["data"]["n_test"] += 7
+        (stage / "report.json").write_text(json.dumps(report))
+
+    update_bundle(bundle, grow)
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(bundle), "--suite", "shifts", "--max-images", "40", "--no-progress"])
+    assert stop.value.code == 2 and "no longer name the images" in capsys.readouterr().err
+
+
 def test_side_by_side_finds_the_bundle_of_an_evaluation_from_another_folder(default_bundle, tmp_path, monkeypatch):
     """An evaluation that names its bundle relative to where detector-evaluate ran is read from elsewhere:
     the bundle beside the evaluation folder (where detector-evaluate puts it) is found."""

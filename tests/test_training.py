@@ -472,6 +472,9 @@ def test_calibration_images_do_not_depend_on_whether_the_suite_runs(default_bund
     assert quick["detection"]["threshold"] == silent["detection"]["threshold"]
     paper = run(replace(base, detector="paper", evaluate="none", out=str(tmp_path / "paper")))
     assert paper["detection"]["n_calibration_not_attacked"] == 0
+    # A rerun over a bundle it wrote (one that holds its evaluation too) replaces it.
+    again = run(replace(base, detector="paper", evaluate="none", out=str(tmp_path / "quick")))
+    assert again["detection"]["detector"] == "paper" and load_bundle(tmp_path / "quick").sha256
 
 
 def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):
@@ -826,6 +829,11 @@ def test_commands_refuse_what_would_lose_data_before_any_work(default_bundle, tm
         main(["--out", "y", "--no-progress"])
     assert stop.value.code == 2 and "WORLD_SIZE='abc'" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
+    from training.evaluate import default_out
+
+    monkeypatch.chdir(bundle)  # --bundle . : the default evaluation folder goes beside it, not into it
+    assert default_out(Path("."), "quick") == bundle.resolve().parent / "bundle-evaluation-quick"
+    monkeypatch.chdir(tmp_path)
     assert compare_main(["--data", "bogus"]) == 2 and "unknown dataset" in capsys.readouterr().err
     assert compare_main(["--out", "afile/table.md"]) == 2 and "error" in capsys.readouterr().err
     assert (webapp / "index.html").read_text() == "precious" and verify_bundle(bundle) == digest

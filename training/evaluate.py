@@ -154,6 +154,12 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
         raise PipelineError(f"the bundle was fitted on test images up to position {int(excluded.max())}, but {data} "
                             f"has {len(test)} test images: it is not the dataset the detector was fitted on "
                             f"({options.get('data', 'see its report')})")
+    data_info = report.get("data") if isinstance(report.get("data"), dict) else {}
+    if (data == options.get("data") and options.get("test_samples") is None
+            and isinstance(data_info.get("n_test"), int) and data_info["n_test"] != len(test)):
+        raise PipelineError(f"the bundle was fitted on a test split of {data_info['n_test']} images, {data} now has "
+                            f"{len(test)}: files were added or removed (or are read differently), so the ids in "
+                            f"split.json no longer name the images the detector was fitted on")
     if args.attach and options.get("data") and data != options["data"]:
         raise PipelineError(f"--attach: the bundle was fitted on {options['data']}; an evaluation on {data} is not "
                             f"its coverage")
@@ -212,6 +218,7 @@ def default_out(bundle_dir: Path, suite: str) -> Path:
     """Where an evaluation goes without ``--out``: ``<bundle>-evaluation`` for the full suite,
     ``<bundle>-evaluation-<suite>`` for the others, so that a cheaper run never replaces a fuller one."""
     suffix = "" if suite == "full" else f"-{suite}"
+    bundle_dir = bundle_dir.resolve()  # --bundle . names the folder, not its parent's child "."
     return bundle_dir.parent / f"{bundle_dir.name}-evaluation{suffix}"
 
 

@@ -94,7 +94,8 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
             verify_bundle(out)
         except BundleError as exc:
             raise PipelineError(f"{flag} {str(out)!r} holds files and is not a bundle as it was written ({exc}); the "
-                                f"run replaces the whole directory, so give an empty or new one") from None
+                                f"run replaces the whole directory, so give an empty or new one (if it is an earlier "
+                                f"bundle you mean to replace, delete it first)") from None
     inside = bundle_holding(out.parent)
     if inside is not None:
         raise PipelineError(f"{flag} {str(out)!r} lies inside the bundle {str(inside)!r}, which would no longer "
@@ -112,7 +113,7 @@ def check_results_dir(out: Path, flag: str = "--out", attach_hint: bool = False)
         hint = "; --attach writes an evaluation into its bundle" if attach_hint else ""
         raise PipelineError(f"{flag} {str(out)!r} is or lies inside the bundle {str(inside)!r}, which would no longer "
                             f"load with files its manifest does not list: give a folder outside it{hint}")
-    _check_writable(out, flag)
+    _check_writable(out / "files" if out.is_dir() else out, flag)  # files go inside it
 
 
 def staging_dir(out: Path) -> Path:

@@ -48,7 +48,12 @@ def load(path: str | Path) -> dict:
     named = evaluation.get("bundle", {}).get("path") if isinstance(evaluation.get("bundle"), dict) else None
     # As written (older evaluations wrote it relative to where detector-evaluate ran), or beside the
     # evaluation folder, where detector-evaluate puts it by default.
-    candidates = [here] if not named else [Path(named), here.parent / Path(named).name]
+    if not named:
+        candidates = [here]
+    elif Path(named).is_absolute():
+        candidates = [Path(named)]
+    else:  # relative to wherever detector-evaluate ran: beside the evaluation folder is the surer guess
+        candidates = [here.parent / Path(named).name, Path(named)]
     report_file = next((c / "report.json" for c in candidates if (c / "report.json").is_file()), here / "report.json")
     evaluation["_report"] = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return evaluation

@@ -181,7 +181,7 @@ def _open_parts(out: Path, parts: Path, identity: dict) -> str | None:
 
 def _remove_parts(parts: Path) -> None:
     """Delete what the scan wrote there (manifest, one file per rank), then the folder if nothing else is in it."""
-    for path in [parts / MANIFEST, *parts.glob("rank*.jsonl")]:
+    for path in [*parts.glob("rank*.jsonl"), parts / MANIFEST]:  # the manifest last: rows never lie unclaimed
         path.unlink(missing_ok=True)
     try:
         parts.rmdir()
