@@ -1251,6 +1251,8 @@ def test_a_full_disk_under_the_audit_log_does_not_fail_the_answer(default_bundle
                 tmp_path / "server.log", port)
     try:
         data = _flagged_png(library, digits)
+        wait_live(srv)
+        wait_ready(srv)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             r = c.post("/predict", files={"file": ("adv.png", data, "image/png")})
             assert r.status_code == 200 and r.json()["adversarial"], r.text
