@@ -56,8 +56,8 @@ from .layers import feature_rows, forward_probed, gram_layers
 from .models import MODELS, ImageClassifier, classifier_for_weights
 
 __all__ = [
-    "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "convert_pickled_bundle",
-    "load_bundle", "save_bundle", "update_bundle", "verify_bundle",
+    "BatchDetection", "Bundle", "BundleError", "InputSpec", "TRUSTED_TYPES", "bundle_holding",
+    "convert_pickled_bundle", "load_bundle", "save_bundle", "update_bundle", "verify_bundle",
 ]
 
 FORMAT_VERSION = 2
@@ -273,9 +273,8 @@ def update_bundle(path: str | os.PathLike, write: Callable[[Path], None], expect
     with _update_lock(root):
         bundle_hash = verify_bundle(root, expected_sha256)
         files, _, _ = _read_manifest(root)
-        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.update-", dir=root.parent))
-        try:
-            shutil.copytree(root, stage, dirs_exist_ok=True)  # links become files: writes stay in the copy
+
+        def edit(stage: Path) -> str:
             if verify_bundle(stage) != bundle_hash:
                 raise BundleError(f"bundle {str(root)!r} changed while it was copied; try again")
             write(stage)
@@ -287,9 +286,22 @@ def update_bundle(path: str | os.PathLike, write: Callable[[Path], None], expect
                 verify_bundle(stage)
             except BundleError as exc:
                 raise BundleError(f"the update would leave bundle {str(root)!r} unloadable: {exc}") from exc
-            _swap(stage, root)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)  # the update's copy, or after the swap the old bundle
+            return digest
+
+        return _replace_with_edited_copy(root, edit)
+
+
+def _replace_with_edited_copy(root: Path, edit: Callable[[Path], str]) -> str:
+    """Copy ``root`` beside it, let ``edit`` change the copy (returning its new hash), then swap the copy
+    into ``root``'s place (:func:`_swap`); whatever fails, ``root`` is left as it was and the copy goes.
+    Call it under :func:`_update_lock`."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.update-", dir=root.parent))
+    try:
+        shutil.copytree(root, stage, dirs_exist_ok=True)  # links become files: writes stay in the copy
+        digest = edit(stage)
+        _swap(stage, root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # the failed copy, or after the swap the old bundle
     return digest
 
 
@@ -329,6 +341,19 @@ def _swap(new: Path, old: Path) -> None:
         aside.rename(old)
         raise
     aside.rename(new)
+
+
+def bundle_holding(path: str | os.PathLike) -> Path | None:
+    """The bundle folder that is ``path`` or holds it (a folder with a well-formed bundle manifest), or
+    None: a file written there would be one the manifest does not list, and the bundle would not load."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        try:
+            _read_manifest(folder)
+        except BundleError:
+            continue
+        return folder
+    return None
 
 
 def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:
@@ -814,9 +839,8 @@ def convert_pickled_bundle(path: str | os.PathLike) -> str:
         if not isinstance(detector, UncannyValleyDetector):
             raise BundleError(f"{PICKLED_DETECTOR} holds a {type(detector).__name__}, not an UncannyValleyDetector")
         data = skops_io.dumps(detector)
-        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.update-", dir=root.parent))
-        try:
-            shutil.copytree(root, stage, dirs_exist_ok=True)
+
+        def edit(stage: Path) -> str:
             (stage / DETECTOR).write_bytes(data)
             config["format_version"] = FORMAT_VERSION
             (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -827,7 +851,6 @@ def convert_pickled_bundle(path: str | os.PathLike) -> str:
             except BundleError as exc:
                 raise BundleError(f"the converted bundle would not load, so {str(root)!r} was left as it was: "
                                   f"{exc}") from exc
-            _swap(stage, root)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)  # the failed copy, or after the swap the old bundle
-    return digest
+            return digest
+
+        return _replace_with_edited_copy(root, edit)

@@ -13,13 +13,13 @@ on the fitting attack. ::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from .cli import count, positive_int, seed_int
 from .options import PipelineError, TrainOptions
+from .output import check_writable
 from .pipeline import run
 
 __all__ = ["COMBINATIONS", "compare", "main"]
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m training.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         if args.out:  # found out now, not after every run
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
-            probe.touch()
-            probe.unlink()
+            check_writable(Path(args.out))
         table = compare(base, log=lambda m: print(m, file=sys.stderr, flush=True))
         text = f"Command: `{command}`\n\n{table}"
         print(text)  # before writing: a file that cannot be written loses nothing

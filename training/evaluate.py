@@ -144,9 +144,9 @@ def run_evaluation(args: argparse.Namespace, command: str | None = None) -> dict
     train, test, _, source = load_splits(TrainOptions(data=data, data_dir=args.data_dir or options.get("data_dir", "data"),
                                                       seed=options.get("seed", 0), download=args.download,
                                                       image_size=size))
-    if test.input_shape != (bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width):
+    if test.input_shape != (spec.channels, spec.height, spec.width):
         raise PipelineError(f"{data} images are {test.input_shape}, the bundle takes "
-                            f"{(bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width)}")
+                            f"{(spec.channels, spec.height, spec.width)}")
     excluded = np.union1d(fitted, calibration)
     # split.json names positions in the test split the detector was fitted on: they must exist here, and
     # the held-out check means something only on that same split.

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.distributed
 
-from detector import distributed
+from detector import BundleError, distributed, verify_bundle
+from detector.bundle import bundle_holding
 
 from .options import PipelineError
 
-__all__ = ["bundle_holding", "check_out_dir", "check_results_dir", "dump_json", "json_safe", "log", "machine_info",
+__all__ = ["check_out_dir", "check_results_dir", "check_writable", "dump_json", "json_safe", "log", "machine_info",
            "publish", "staging_dir"]
 
 
@@ -50,20 +51,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def bundle_holding(path: Path) -> Path | None:
-    """The bundle folder that is ``path`` or holds it (a folder whose ``manifest.json`` is a bundle's), or None."""
-    path = Path(path).resolve()
-    for folder in (path, *path.parents):
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "format_version" in manifest:
-            return folder
-    return None
-
-
-def _check_writable(out: Path, flag: str) -> None:
+def check_writable(out: Path, flag: str = "--out") -> None:
     """``out``'s folder can be made and written: found out before the work, not after it."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +72,6 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
     """``out`` must be absent, empty or an earlier bundle and nothing more: it is replaced as a whole,
     and nothing else (a home directory, a project folder, files added to a bundle) may go with it.
     Checked before the work, with whether it can be written."""
-    from detector import BundleError, verify_bundle
-
     _check_not_here(out, flag)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"{flag} {str(out)!r} is a file, not a directory")
@@ -100,7 +86,7 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
     if inside is not None:
         raise PipelineError(f"{flag} {str(out)!r} lies inside the bundle {str(inside)!r}, which would no longer "
                             f"load: give a folder outside it")
-    _check_writable(out, flag)
+    check_writable(out, flag)
 
 
 def check_results_dir(out: Path, flag: str = "--out", attach_hint: bool = False) -> None:
@@ -113,7 +99,7 @@ def check_results_dir(out: Path, flag: str = "--out", attach_hint: bool = False)
         hint = "; --attach writes an evaluation into its bundle" if attach_hint else ""
         raise PipelineError(f"{flag} {str(out)!r} is or lies inside the bundle {str(inside)!r}, which would no longer "
                             f"load with files its manifest does not list: give a folder outside it{hint}")
-    _check_writable(out / "files" if out.is_dir() else out, flag)  # files go inside it
+    check_writable(out / "files" if out.is_dir() else out, flag)  # files go inside it
 
 
 def staging_dir(out: Path) -> Path:
