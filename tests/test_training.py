@@ -465,6 +465,8 @@ def test_calibration_images_do_not_depend_on_whether_the_suite_runs(default_bund
     quick = run(replace(base, out=str(tmp_path / "quick")))
     silent = run(replace(base, evaluate="none", out=str(tmp_path / "none")))
     assert "evaluation" in quick and "evaluation" not in silent
+    n_adv = quick["detection"]["n_test_adversarial"]
+    assert n_adv < 100 and f"only {n_adv} held-out adversarials" in " ".join(quick["warnings"])
     test = load_dataset("digits", train=False)
     check_calibration_top_up(tmp_path / "quick", test, len(test), 100)
     splits = [json.loads((tmp_path / name / "split.json").read_text()) for name in ("quick", "none")]
@@ -475,6 +477,23 @@ def test_calibration_images_do_not_depend_on_whether_the_suite_runs(default_bund
     # A rerun over a bundle it wrote (one that holds its evaluation too) replaces it.
     again = run(replace(base, detector="paper", evaluate="none", out=str(tmp_path / "quick")))
     assert again["detection"]["detector"] == "paper" and load_bundle(tmp_path / "quick").sha256
+
+
+def test_run_warnings_name_what_should_not_be_trusted():
+    """Each warning fires on its own condition and only on it; the boundaries are where the messages say."""
+    from training.pipeline import SMALL_SET, run_warnings
+
+    fine = {"n_test_adversarial": SMALL_SET, "tpr_interval": [0.9, 0.97]}
+    assert run_warnings(0.19, 10, fine, 1.0) == []  # a tenth of the way from chance to perfect; 1.0 flags scores of 1
+    near_chance, small, nothing = (run_warnings(0.185, 10, fine, 0.5),
+                                   run_warnings(0.9, 10, {**fine, "n_test_adversarial": SMALL_SET - 1}, 0.5),
+                                   run_warnings(0.9, 10, fine, float(np.nextafter(1.0, 2.0))))
+    assert len(near_chance) == len(small) == len(nothing) == 1
+    assert "near chance (18.5% clean accuracy, 10 classes)" in near_chance[0]
+    assert small[0].startswith("only 99 held-out adversarials") and "90%–97%" in small[0]
+    assert nothing[0].startswith("the operating point flags nothing")
+    assert run_warnings(0.56, 2, fine, 0.5) == []  # two classes: twice chance would be 100%, met by none
+    assert "near chance" in run_warnings(0.54, 2, fine, 0.5)[0]
 
 
 def test_clean_variants_are_what_the_detector_is_fitted_and_calibrated_on(default_bundle, tmp_path):

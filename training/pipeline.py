@@ -56,7 +56,7 @@ from .output import (
     publish,
     staging_dir,
 )
-from .prepare import Prepared, prepare
+from .prepare import prepare
 
 __all__ = ["PipelineError", "TrainOptions", "evaluate_detector", "run"]
 
@@ -219,7 +219,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
     detection_rate_all = [float(detector.predict(fitted.path_rows[test_images, t]).mean())
                           for t in range(attack.steps + 1)]
     timing["evaluation"] = time.perf_counter() - start
-    warnings = run_warnings(prepared, metrics)
+    warnings = run_warnings(prepared.info["classifier"]["clean_accuracy"], prepared.test.num_classes, metrics,
+                            detector.operating_threshold)
     for warning in warnings:
         log(f"warning: {warning}")
 
@@ -397,17 +398,23 @@ def _estimator_size(estimator) -> dict[str, int]:
 SMALL_SET = 100
 
 
-def run_warnings(prepared: Prepared, metrics: dict[str, Any]) -> list[str]:
-    """What a user should know before trusting the figures."""
+def run_warnings(accuracy: float, num_classes: int, metrics: dict[str, Any], threshold: float) -> list[str]:
+    """What a user should know before trusting the figures: a classifier near chance, a held-out set too
+    small to trust, an operating point that flags nothing."""
     warnings = []
-    k = prepared.test.num_classes
-    accuracy = prepared.info["classifier"]["clean_accuracy"]
-    if accuracy < min(1.0, 2.0 / k):
-        warnings.append(f"the classifier is near chance ({accuracy:.1%} clean accuracy, {k} classes): "
+    chance = 1.0 / num_classes
+    # Twice chance, but never above a tenth of the way from chance to perfect (two classes: 55%, not 100%).
+    if accuracy < min(2.0 * chance, chance + 0.1 * (1.0 - chance)):
+        warnings.append(f"the classifier is near chance ({accuracy:.1%} clean accuracy, {num_classes} classes): "
                         f"train it longer (--epochs) before trusting the detector")
     n_adv = metrics["n_test_adversarial"]
     if n_adv < SMALL_SET:
         low, high = metrics["tpr_interval"]
         warnings.append(f"only {n_adv} held-out adversarials: the detection rate is known to "
                         f"{low:.0%}–{high:.0%} (95%); raise --max-samples")
+    # Scores are probabilities: above 1 nothing is ever flagged (more than the target share of clean
+    # calibration images scored exactly 1, so no threshold keeps to the target and flags anything).
+    if threshold > 1.0:
+        warnings.append("the operating point flags nothing: too many clean calibration images score 1.0 "
+                        "(raise --target-fpr or fit on more images)")
     return warnings
