@@ -160,8 +160,27 @@ class Bundle:
         """‖W‖_F of the output layer (κ's scale)."""
         return output_weight_norm(self.model, self.layer)
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """Refuse what is not a batch of the images this bundle was fitted on: ``[N, C, H, W]`` floating-point
+        pixels in [0, 1], with the input spec's channels and size.  Anything else would be scored, and the
+        score would mean nothing (the detector's statistics are those of such images)."""
+        spec = self.input_spec
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected a batch of images [N, C, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point pixels in [0, 1], got {x.dtype}")
+        if tuple(x.shape[1:]) != (spec.channels, spec.height, spec.width):
+            raise ValueError(f"expected images of {spec.channels}×{spec.height}×{spec.width} (the bundle's input "
+                             f"spec), got {'×'.join(map(str, x.shape[1:]))}")
+        if x.numel():
+            low, high = torch.aminmax(x.detach())
+            if not (low >= 0 and high <= 1):  # NaN fails both
+                raise ValueError(f"expected pixels in [0, 1], got values in [{float(low):g}, {float(high):g}]")
+
     def features(self, x: torch.Tensor) -> tuple[np.ndarray, Any]:
         """The detector's feature rows for a batch of [0, 1] images, and the forward pass's analysis."""
+        self.check_images(x)
         rows, out = self.features_with_grad(x, grad=False)
         return rows.cpu().numpy().astype(np.float64), out
 
@@ -376,9 +395,16 @@ def _read_manifest(root: Path) -> tuple[dict[str, str], str, int]:
         files = manifest["files"]
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise TypeError("files is not a mapping of names to hashes")
-        version = int(manifest.get("format_version", 1))
+        version = manifest.get("format_version", 1)
+        if type(version) is not int or version < 1:
+            raise ValueError(f"format_version {version!r} is not a whole number from 1")
+        if manifest.get("algorithm", "sha256") != "sha256":
+            raise ValueError(f"algorithm {manifest.get('algorithm')!r}: only sha256 is read")
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise BundleError(f"{MANIFEST} in {str(root)!r} is malformed: {type(exc).__name__}: {exc}") from exc
+    if version > FORMAT_VERSION:
+        raise BundleError(f"bundle {str(root)!r} is format {version}, written by a newer version of this package "
+                          f"(this one reads formats up to {FORMAT_VERSION}): upgrade the package to load it")
     for name, digest in files.items():
         if not _SHA256.match(digest.lower()):
             raise BundleError(f"{MANIFEST} in {str(root)!r} gives {name!r} a hash that is not 64 hex digits")

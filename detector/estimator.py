@@ -230,7 +230,7 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
             # none of check_array's conversions, which cost ~0.1 ms per call, more than the tree.
             X = X.astype(np.float64, copy=False)
         else:
-            X = check_array(X, dtype=np.float64)
+            X = check_array(X, dtype=np.float64, ensure_min_samples=0)  # an empty batch has empty answers
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"got {X.shape[1]} features, the detector was fitted on {self.n_features_in_}")
         return X
@@ -238,6 +238,8 @@ class UncannyValleyDetector(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """``[N, 2]``: P(clean), P(adversarial)."""
         X = self._check_X(X)
+        if not len(X):
+            return np.empty((0, 2))
         if type(self.estimator_) is DecisionTreeClassifier and self.estimator_.n_outputs_ == 1:
             # X is already checked (2-D, finite, n_features_in_ wide); the tree's own check would
             # only repeat that and cast to float32, which is done here: same answers, ~0.1 ms less.

@@ -270,7 +270,15 @@ def _estimator_name(estimator) -> str:
 
 
 def check_disjoint(evaluated: Sequence[int], excluded: Sequence[int]) -> None:
-    """Refuse to evaluate on any image the detector was fitted or calibrated on."""
+    """Refuse to evaluate on any image the detector was fitted or calibrated on.
+
+    Both are positions in the split, counted from 0: a negative one would name an image from the end,
+    which a comparison of the numbers as written would not see."""
+    for name, ids in (("evaluated", evaluated), ("excluded", excluded)):
+        ids = np.asarray(ids)
+        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0):
+            raise ValueError(f"{name} images must be positions in the split (integers ≥ 0), "
+                             f"got {ids[:5].tolist()}{'…' if ids.size > 5 else ''}")
     overlap = np.intersect1d(np.asarray(evaluated), np.asarray(excluded))
     if overlap.size:
         raise ValueError(f"{overlap.size} evaluated images were used to fit or calibrate the detector "
@@ -403,10 +411,12 @@ def evaluate(
     :data:`HELD_OUT_DRAW` for :func:`held_out_images`).
     """
     started = time.perf_counter()
-    images = np.asarray(images, dtype=np.int64)
     check_disjoint(images, excluded)
+    images = np.asarray(images, dtype=np.int64)
     if len(np.unique(images)) != len(images):
         raise ValueError("images must not repeat")
+    if images.size and images.max() >= len(data):
+        raise ValueError(f"images must be positions in the split of {len(data)}, got {int(images.max())}")
     device = next(bundle.model.parameters()).device
     if calibration is None:
         order = np.random.default_rng(seed).permutation(images)

@@ -49,6 +49,7 @@ from .features import (
     analysis_from,
     analyze,
     detector_features,
+    eval_mode,
     find_last_linear,
 )
 
@@ -145,10 +146,11 @@ def forward_probed(model: nn.Module, x: torch.Tensor, probes: Sequence[str], lay
     linear = find_last_linear(model, layer)
     captured: dict[tuple[str, str], torch.Tensor] = {}
     phi: list[torch.Tensor] = []
-    handles = [linear.register_forward_pre_hook(lambda _m, inputs: phi.append(inputs[0]))]
     wanted = [(name, "mean") for name in probes] + [(name, "gram") for name in gram_probes]
-    for name in dict.fromkeys(n for n, _ in wanted):
-        module = model.get_submodule(name)
+    # Every name is resolved before any hook goes on, so an unknown one leaves the model as it was.
+    modules = {name: model.get_submodule(name) for name in dict.fromkeys(n for n, _ in wanted)}
+    handles = [linear.register_forward_pre_hook(lambda _m, inputs: phi.append(inputs[0]))]
+    for name, module in modules.items():
 
         def hook(_m, _inputs, output, name=name):
             if (name, "mean") in wanted:
@@ -216,8 +218,12 @@ class LayerGaussians:
 
     @torch.no_grad()
     def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
-        """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels``."""
-        model.eval()
+        """Fit on clean ``images`` (``[N, C, H, W]`` in [0, 1]) the model classifies as ``labels`` (read in
+        eval mode; the model's mode is restored)."""
+        with eval_mode(model):
+            return self._fit(model, images, labels, batch_size)
+
+    def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
         device = next(model.parameters()).device
         k = 0  # classes: the model's logits, so that every class it can predict has a mean row
         rows: list[list[torch.Tensor]] = []
@@ -403,7 +409,7 @@ def feature_rows(model: nn.Module, x: torch.Tensor, *, feature_set: str, weight_
     if gaussians is None and not grad:
         out = analyze(model, x, layer)
         return detector_features(feature_set, out.logits, out.phi_sq, weight_norm), out
-    with torch.enable_grad() if grad else torch.inference_mode():
+    with eval_mode(model), torch.enable_grad() if grad else torch.inference_mode():
         if gaussians is not None:
             logits, phi, acts = forward_probed(model, x, gaussians.probes, layer, gaussians.gram_probes,
                                                gaussians.rectified)

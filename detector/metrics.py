@@ -69,6 +69,8 @@ def tpr_at_fpr(y_true, score, fpr: float = 0.05) -> float:
     Between two vertices the rate is interpolated: the usual reading for scores with ties (a tree),
     reached by randomising between the two thresholds.
     """
+    if not 0.0 <= fpr <= 1.0:  # NaN fails too
+        raise ValueError(f"fpr must be a rate in [0, 1], got {fpr!r}")
     y_true = np.asarray(y_true).ravel()
     if np.unique(y_true).size < 2:
         return float("nan")
@@ -81,6 +83,8 @@ def roc_point(x: np.ndarray, y: np.ndarray, at: float) -> float:
     vertical stretch at exactly ``at`` the largest y.  A tree scores in few distinct values, so the
     curve has few vertices; points between two vertices are reached by randomising between their
     thresholds, the usual reading of TPR at a fixed FPR."""
+    if not 0.0 <= at <= 1.0:  # NaN fails too
+        raise ValueError(f"the point must be a rate in [0, 1], got {at!r}")
     i = int(np.searchsorted(x, at, side="right")) - 1  # last vertex with x ≤ at
     if i >= len(x) - 1 or x[i] == at:
         return float(y[i])

@@ -31,6 +31,8 @@ def _per_image(fn: Callable[[Image.Image], Image.Image]) -> Callable[[torch.Tens
 
     def shift(x: torch.Tensor) -> torch.Tensor:
         c, h, w = x.shape[1:]
+        if not len(x):
+            return x.clone()
         out = [to_model_array(fn(_to_pil(image)), c, (h, w)) for image in x]
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype).div_(255)
 

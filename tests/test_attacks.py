@@ -134,6 +134,29 @@ def test_bad_arguments_are_refused(digits_model, batch):
         pgd(digits_model, x, y, norm="l1")
     with pytest.raises(ValueError, match="examples"):
         pgd(digits_model, x, y[:3])
+    # A NaN or infinite budget would make NaN pixels (NaN < 0 is False: plain comparisons let it by).
+    for budget, match in ((dict(eps=float("nan")), "eps must be a finite"), (dict(alpha=float("nan")), "alpha"),
+                          (dict(alpha=float("inf")), "alpha"), (dict(steps=2.5), "whole"),
+                          (dict(eps=-0.1), "eps >= 0")):
+        with pytest.raises(ValueError, match=match):
+            pgd(digits_model, x, y, **budget)
+    # Pixels outside [0, 1] would be moved off the ε-ball by the attack's own clamp.
+    in_range = r"in \[0, 1\], got values in"
+    for bad, match in ((x * 2, in_range + r" \[0, 2\]"), (x.masked_fill(x > 0.5, float("nan")), in_range),
+                       ((x * 255).to(torch.uint8), "floating-point"), (x.double().sub(1), in_range)):
+        with pytest.raises((ValueError, TypeError), match=match):
+            pgd(digits_model, bad, y)
+    with pytest.raises(TypeError, match="integer class labels"):
+        pgd(digits_model, x, y.float())
+    # Any integer labels do: int32 ones are the same attack.
+    assert torch.equal(pgd(digits_model, x, y.int(), steps=2), pgd(digits_model, x, y, steps=2))
+
+
+def test_no_steps_is_the_clean_input_with_or_without_a_random_start(digits_model, batch):
+    x, y = batch
+    path = pgd(digits_model, x, y, steps=0, random_start=True, seed=0, record=True, keep_iterates=True)
+    assert torch.equal(path.x_adv, x) and torch.equal(path.iterates[:, 0], x) and path.sharpness.shape == (len(x), 1)
+    assert torch.equal(pgd(digits_model, x, y, steps=0, random_start=True, seed=0), x)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -156,3 +179,21 @@ def test_agrees_with_adversarial_robustness_toolbox(digits_model, batch, norm):
     # Measured: L∞ bit-identical; L2 max |Δ| 3.7e-6 (the two normalise gradients with different ε).
     assert agree == 1.0
     assert max_diff <= (0.0 if norm == "linf" else 1e-4), max_diff
+
+
+def test_library_attacks_leave_the_global_random_stream_alone(digits_model, batch):
+    """torchattacks' APGD and Square reseed torch's global generators with their own seed; the caller's
+    stream must go on as if no attack had run."""
+    from detector.attacks import apgd_ce, square
+
+    x, y = batch[0][:8], batch[1][:8]
+    for attack, params in ((apgd_ce, dict(eps=0.2, steps=1)), (square, dict(eps=0.2, n_queries=2))):
+        torch.manual_seed(1)
+        expected = torch.rand(3)
+        torch.manual_seed(1)
+        attack(digits_model, x, y, **params)
+        assert torch.equal(torch.rand(3), expected), attack.__name__
+    with pytest.raises(ValueError, match="norm must be 'linf' or 'l2'"):
+        apgd_ce(digits_model, x, y, norm="l1")
+    with pytest.raises(ValueError, match="eps must be a finite"):
+        square(digits_model, x, y, eps=float("nan"))

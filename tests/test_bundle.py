@@ -55,6 +55,38 @@ def test_round_trip_is_exact(bundle_dir, digits_model, digits_test):
     assert set(manifest["files"]) == {"config.json", "weights.pt", "detector.skops", "report.json", "figure.png"}
 
 
+@pytest.mark.parametrize("which", ["psi tree", "default"])
+def test_detect_takes_the_bundles_own_images_only_and_reads_them_in_eval_mode(which, bundle_dir, default_bundle,
+                                                                             digits_test):
+    """What is not a batch of the images the bundle was fitted on is refused with what was wrong (it would
+    be scored, meaninglessly); an empty batch has empty answers; a model left in train mode still answers
+    as in eval mode, and neither its mode nor its batch-norm statistics change."""
+    bundle = load_bundle(bundle_dir if which == "psi tree" else default_bundle)
+    x, _ = digits_test.batch(slice(0, 16))
+    for bad, error, match in (
+            (x[0], ValueError, r"batch of images \[N, C, H, W\], got \(1, 8, 8\)"),
+            (x.numpy(), ValueError, "got ndarray"),
+            ((x * 255).to(torch.uint8), TypeError, "floating-point pixels"),
+            (torch.nn.functional.interpolate(x, size=16), ValueError,
+             r"1×8×8 \(the bundle's input spec\), got 1×16×16"),
+            (x.expand(-1, 3, -1, -1), ValueError, "got 3×8×8"),
+            (x * 255, ValueError, r"pixels in \[0, 1\], got values in \[0, 255\]"),
+            (x.masked_fill(x > 0.5, float("inf")), ValueError, r"pixels in \[0, 1\]"),
+            (x.masked_fill(x > 0.5, float("nan")), ValueError, r"pixels in \[0, 1\]")):
+        with pytest.raises(error, match=match):
+            bundle.detect(bad)
+    empty = bundle.detect(x[:0])
+    assert len(empty) == 0 and empty.probabilities.shape == (0, 10) and empty.adversarial.dtype == bool
+    expected = bundle.detect(x)
+    statistics = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    bundle.model.train()
+    answer = bundle.detect(x)
+    assert bundle.model.training, "the caller's mode is restored"
+    assert all(torch.equal(statistics[k], v) for k, v in bundle.model.state_dict().items())
+    np.testing.assert_array_equal(answer.adversarial_score, expected.adversarial_score)
+    np.testing.assert_array_equal(answer.probabilities, expected.probabilities)
+
+
 @pytest.mark.parametrize("name", ["weights.pt", "detector.skops", "config.json", "figure.png", "report.json"])
 def test_tampered_file_is_named_and_refused(bundle_dir, name):
     with open(bundle_dir / name, "ab") as f:
@@ -424,6 +456,14 @@ def _tree_with_a_loop(bundle_dir):
     _rehash(bundle_dir, "detector.skops")
 
 
+def _manifest(**changes):
+    def rewrite(bundle_dir):
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        manifest.update(changes)
+        (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    return rewrite
+
+
 def _config(**changes):
     def rewrite(bundle_dir):
         config = json.loads((bundle_dir / "config.json").read_text())
@@ -448,6 +488,11 @@ def _report(text: str):
     (_schema_of_shared_nodes, r"detector\.skops has a schema of [0-9,]+ nodes once its references are followed"),
     (_alias_in_manifest, r"lists 'x/\.\./figure\.png', which is not a plain path in the bundle"),
     (_tree_with_a_loop, r"a decision tree has nodes that point outside it, backwards"),
+    (_manifest(format_version=3), r"is format 3, written by a newer version of this package \(this one reads "
+                                  r"formats up to 2\): upgrade"),
+    (_manifest(format_version="2"), r"manifest\.json .* is malformed: ValueError: format_version '2' is not a whole"),
+    (_manifest(format_version=True), r"manifest\.json .* is malformed: ValueError: format_version True"),
+    (_manifest(algorithm="md5"), r"manifest\.json .* is malformed: ValueError: algorithm 'md5': only sha256"),
     (_config(classes=[]), r"config\.json is malformed: ValueError: classes must be a list of at least two"),
     (_config(input_spec={"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [float("nan")]}),
      r"config\.json is malformed: .*std above 0"),
@@ -456,7 +501,8 @@ def _report(text: str):
     (_report('["detection"]'), r"report\.json is malformed: a JSON list, not an object"),
     # /model could not serialise it (pydantic stops at some hundred levels): every request would fail
     (_report('{"detection": ' + '{"k": ' * 300 + "1" + "}" * 301), r"report\.json is malformed: nested deeper"),
-], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "shared nodes", "alias", "tree loop", "no classes",
+], ids=["stride-0 weights", "deflated weights", "deflated detector", "two directories", "shared nodes", "alias",
+        "tree loop", "newer format", "format as text", "format as bool", "md5", "no classes",
         "nan std", "thresholds list", "no such layer", "report list", "report nested"])
 def test_a_crafted_bundle_is_refused_with_the_file_named(bundle_dir, tamper, message):
     """Unchecked, each of these loads (and then exhausts memory, hangs or crashes at the first

@@ -99,6 +99,9 @@ def test_auroc_and_tpr_at_fpr():
     score = np.r_[np.arange(10), np.arange(5, 15)]
     assert tpr_at_fpr(y, score, 0.0) == pytest.approx(0.5)
     assert tpr_at_fpr(y, score, 0.1) == pytest.approx(0.6)
+    for impossible in (-0.1, 1.5, float("nan")):  # would read off a rate outside the curve
+        with pytest.raises(ValueError, match="rate in"):
+            tpr_at_fpr(y, score, impossible)
 
 
 def test_flagging_threshold_is_at_or_above_and_keeps_the_rate():
@@ -390,6 +393,7 @@ def test_shifts_keep_shape_and_range(batch, name):
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     if name != "downscaled ×0.5":
         assert (out - x).abs().mean() < 0.2
+    assert apply_shift(name, x[:0]).shape == (0, *x.shape[1:])  # an empty batch stays one
 
 
 def test_shift_names_read_typed_symbols_and_any_magnitude(batch):
@@ -434,6 +438,15 @@ def test_evaluation_refuses_images_the_detector_saw(bundle_and_split):
         evaluate(bundle, test, np.array(split["fit"][:50]), excluded=excluded, suite=[], progress=False)
     with pytest.raises(ValueError, match="fit or calibrate"):
         check_disjoint([1, 2, 3], [3, 4])
+    # A negative position names an image from the end: -1 is the last image, which the numbers as written hide.
+    last = len(test) - 1
+    for evaluated, held in (([-1], [last]), ([0, 1], [-3])):
+        with pytest.raises(ValueError, match="positions in the split"):
+            check_disjoint(evaluated, held)
+    with pytest.raises(ValueError, match="positions in the split"):
+        evaluate(bundle, test, np.array([-1, 0]), excluded=excluded, suite=[], progress=False)
+    with pytest.raises(ValueError, match=f"positions in the split of {len(test)}, got {len(test)}"):
+        evaluate(bundle, test, np.array([0, len(test)]), excluded=[], suite=[], progress=False)
 
 
 def test_held_out_images_keep_the_split_share_of_mistakes():

@@ -47,14 +47,28 @@ def test_probed_pass_is_the_plain_pass(digits_model, digits_test):
     torch.testing.assert_close(phi, plain.phi)
     # channel means of each probed layer's output
     assert [a.shape for a in acts] == [(16, digits_model.get_submodule(n).out_channels) for n in probes]
-    with pytest.raises(AttributeError):
-        forward_probed(digits_model, x, ["no.such.layer"])
+    for unknown in (["no.such.layer"], [probes[0], "no.such.layer"]):  # a known name first: its hook must go too
+        with pytest.raises(AttributeError):
+            forward_probed(digits_model, x, unknown)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in digits_model.modules())
 
 
 @pytest.fixture(scope="module")
 def gaussians(digits_model, digits_train):
     x, y = digits_train.batch(slice(None))
     return LayerGaussians(probe_layers(digits_model)).fit(digits_model, x, y)
+
+
+def test_fitting_reads_the_model_in_eval_mode_and_restores_its_mode(digits_model, digits_train, gaussians):
+    x, y = digits_train.batch(slice(None))
+    digits_model.train()
+    try:
+        refit = LayerGaussians(probe_layers(digits_model)).fit(digits_model, x, y)
+        assert digits_model.training
+    finally:
+        digits_model.eval()
+    for a, b in zip(refit.means_, gaussians.means_):
+        torch.testing.assert_close(a, b)
 
 
 def test_clean_images_sit_near_their_class_and_adversarials_far(digits_model, digits_test, gaussians):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._base import check_batch, eval_mode
+from ._base import check_batch, check_budget, eval_mode
 from .pgd import _project, pgd
 
 __all__ = ["backoff_pgd", "feature_matching_pgd", "margin_capped_pgd", "score_descent_pgd"]
@@ -42,10 +42,9 @@ def margin_capped_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     Once the wrong class leads by ``margin`` logits the loss is flat and the input stays put: a
     misclassification with the confidence of a typical clean input (pass the clean median margin).
     """
-    if eps < 0 or alpha <= 0 or steps < 0 or margin <= 0:
-        raise ValueError(f"need eps >= 0, alpha > 0, steps >= 0 and margin > 0 (got {eps}, {alpha}, {steps}, {margin})")
+    check_budget(eps=eps, alpha=alpha, steps=steps, margin=margin)
     check_batch(x, y)
-    x0, y = x.detach(), y.to(x.device)
+    x0, y = x.detach(), y.to(x.device, torch.long)
     with eval_mode(model):
         x_adv = x0.clone()
         for _ in range(steps):
@@ -91,7 +90,7 @@ def feature_matching_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     the answer is the misclassified iterate with the lowest ``score`` seen (the final iterate when
     none was misclassified).
     """
-    if eps < 0 or alpha <= 0 or steps < 1 or lam < 0:
+    if eps < 0 or alpha <= 0 or steps < 1 or not lam >= 0:  # the budget's finiteness: _least_suspicious_pgd
         raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1 and lam >= 0 (got {eps}, {alpha}, {steps}, {lam})")
     target, scale = target.to(x.device), scale.to(x.device).clamp_min(1e-6)
 
@@ -116,7 +115,7 @@ def score_descent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     where the attack is the margin-capped PGD that keeps its least suspicious misclassified iterate.
     Per input the answer is the misclassified iterate with the lowest ``score`` seen.
     """
-    if eps < 0 or alpha <= 0 or steps < 1 or lam < 0 or margin <= 0:
+    if eps < 0 or alpha <= 0 or steps < 1 or not lam >= 0 or not margin > 0:
         raise ValueError(f"need eps >= 0, alpha > 0, steps >= 1, lam >= 0 and margin > 0 "
                          f"(got {eps}, {alpha}, {steps}, {lam}, {margin})")
 
@@ -138,8 +137,9 @@ def _least_suspicious_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """L∞ PGD up ``loss(logits, rows, wrong_margin)`` (per input; ``wrong_margin`` = max_{j≠y} z_j − z_y)
     that keeps, per input, the misclassified iterate with the lowest ``score`` (the final iterate
     when none was misclassified)."""
+    check_budget(eps=eps, alpha=alpha, steps=steps)
     check_batch(x, y)
-    x0, y = x.detach(), y.to(x.device)
+    x0, y = x.detach(), y.to(x.device, torch.long)
     best = x0.clone()
     best_score = torch.full((x0.shape[0],), float("inf"), device=x.device)
     with eval_mode(model):

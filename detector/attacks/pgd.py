@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import _forward_at, find_last_linear, psi, sharpness_from_psi
-from ._base import check_batch, eval_mode, per_example_norm
+from ._base import check_batch, check_budget, eval_mode, per_example_norm
 
 __all__ = ["PGDResult", "fgsm", "pgd"]
 
@@ -95,13 +95,12 @@ def pgd(
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    if eps < 0 or alpha <= 0 or steps < 0:
-        raise ValueError(f"need eps >= 0, alpha > 0 and steps >= 0 (got {eps}, {alpha}, {steps})")
+    check_budget(eps=eps, alpha=alpha, steps=steps)
     if keep_iterates and not record:
         raise ValueError("keep_iterates=True needs record=True")
     check_batch(x, y)
     x0 = x.detach()
-    y = y.to(x0.device)
+    y = y.to(x0.device, torch.long)
     linear = find_last_linear(model, layer) if record else None  # looked up once, not per step
     weight = linear.weight if record else None
     path: dict[str, list[torch.Tensor]] = {k: [] for k in (
@@ -120,12 +119,12 @@ def pgd(
 
     with eval_mode(model):
         x_adv = x0.clone()
-        started_away = random_start and eps > 0
+        started_away = random_start and eps > 0 and steps > 0  # no steps: the clean input, as without a start
         if started_away:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             x_adv = (x0 + _random_start(x0, eps, norm, generator)).clamp(0.0, 1.0)
             x_adv = x0 + _project(x_adv - x0, eps, norm)
-            if record and steps:  # the path starts at the clean input; the random start is not one of its points
+            if record:  # the path starts at the clean input; the random start is not one of its points
                 with torch.no_grad():
                     logits, phi = _forward_at(model, linear, x0)
                     record_step(x0, logits, phi, F.cross_entropy(logits.float(), y, reduction="none"))
