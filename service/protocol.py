@@ -4,7 +4,8 @@ uvicorn's httptools protocol reads request heads of any size and any number of h
 for a head or a body that trickles in a byte at a time (or never comes), and accepts connections until
 the process runs out of file descriptors. :class:`GuardedHttpToolsProtocol` is that protocol with:
 
-- a cap on the request head's bytes and on its number of headers: 431;
+- a cap on the request head's bytes and on its number of headers, and on a chunked body's trailer
+  section (header fields after the last chunk): 431;
 - a deadline for the head, counted from the connection's first moment (or, on a kept-alive connection,
   from the next request's first byte): 408 and close;
 - a deadline for the body, counted from the end of the head: 408 (when no answer has started) and close;
@@ -73,6 +74,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_fields = 0  # header name/value bytes and URL bytes the parser handed over
         self._headers_seen = 0
         self._body_done = True  # the current request's body has been read whole
+        self._began = False  # a request started inside the chunk being parsed
+        self._maybe_trailer = False  # after a chunk-size line, before its data: the last chunk's trailer?
+        self._trailer_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._client_key: str | None = None
@@ -111,7 +115,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         # Only a chunk that arrives inside a head counts as head bytes: after an early 413 the chunk
         # that ends the refused body also ends in the head state, yet is mostly that body's tail.
-        head_before = self._in_head
+        head_before, trailer_before = self._in_head, self._maybe_trailer
+        self._began = False
         if self._in_head and self._head_timer is None:
             self._arm_head_timer()  # the first byte of a request on a kept-alive connection
         try:
@@ -134,16 +139,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if head_before and self._in_head and not self.transport.is_closing():
-            # The parser keeps a partial header in memory until it is complete: count the raw bytes.
+        if self.transport.is_closing():
+            return
+        # The parser keeps a partial header in memory until it is complete: count the raw bytes of a
+        # chunk that is all head. One in which a request began may also hold earlier, complete
+        # requests (pipelined): its part of the new head goes uncounted, at most one read, and the
+        # reads after it count whole.
+        if head_before and self._in_head and not self._began:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._head_too_large()
+        # Trailer fields after a chunked body's last chunk are kept in memory the same way (and grown
+        # by copying, at a cost quadratic in their size): a chunk that is all trailer counts too.
+        elif trailer_before and self._maybe_trailer:
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > self.limits.max_header_bytes:
+                self._trailer_too_large()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._began = True
+        self._maybe_trailer = False
         self._head_bytes = self._head_fields = self._headers_seen = 0
+
+    # -- a chunked body's trailer -----------------------------------------------------------------
+    def on_chunk_header(self) -> None:
+        self._maybe_trailer, self._trailer_bytes = True, 0  # until data comes: size 0 has none
+
+    def on_body(self, body: bytes) -> None:
+        self._maybe_trailer = False
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._maybe_trailer = False
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -168,7 +196,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._body_done = True
+        self._body_done, self._maybe_trailer = True, False
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -191,6 +219,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_too_large(self) -> None:
         self._refuse(431, "headers_too_large",
                      f"the request head is over {self.limits.max_header_bytes} bytes (DETECTOR_MAX_HEADER_BYTES)")
+
+    def _trailer_too_large(self) -> None:
+        if self.cycle is not None:  # the app sees the client gone: its reads end, its writes are dropped
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        detail = (f"the chunked body's trailer fields are over {self.limits.max_header_bytes} bytes "
+                  f"(DETECTOR_MAX_HEADER_BYTES)")
+        if self.cycle is None or not self.cycle.response_started:
+            self._refuse(431, "headers_too_large", detail)
+        else:
+            self._cancel_timers()
+            self.transport.close()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()

@@ -891,6 +891,40 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline(guarded)
     assert GUARD["header_timeout_s"] - 0.2 <= time.monotonic() - started < GUARD["header_timeout_s"] + 3
 
 
+def test_pipelined_requests_are_not_counted_as_one_head(guarded):
+    """Many complete requests and the start of another in one read: only the unfinished head is a head.
+    Counting the whole read against the head cap answered a 431 and none of them."""
+    n = 200  # 7.6 KB of complete requests, the head cap is 4 KB
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(guarded) as s:
+        s.sendall(head * n + b"GET /health/live HTTP/1.1\r\nHo")
+        time.sleep(0.3)
+        s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        answer = _answer(s)
+    assert answer.count(b"HTTP/1.1 200") == n + 1 and b"HTTP/1.1 431" not in answer, answer[:300]
+
+
+def test_a_chunked_bodys_trailer_is_capped_like_a_head(guarded):
+    """Trailer fields after the last chunk are held in memory (and grown by copying) until they end: past
+    the head cap the connection gets a 431 at once, not after the body deadline, and the server answers
+    others meanwhile."""
+    start = (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n5\r\n--b\r\n\r\n0\r\nX-Trailer: ")
+    started = time.monotonic()
+    with _connect(guarded) as s:
+        s.sendall(start)
+        try:
+            for _ in range(16):  # 64 KB of one trailer value, in reads of their own
+                time.sleep(0.05)
+                s.sendall(b"a" * 4096)
+        except OSError:  # refused and closed mid-way
+            pass
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 431") and b"trailer fields are over 4096 bytes" in answer, answer[:300]
+    assert time.monotonic() - started < GUARD["body_timeout_s"], "answered before the body deadline"
+    assert httpx.get(f"{guarded.url}/health/live", timeout=5).status_code == 200
+
+
 def test_a_head_sent_a_byte_at_a_time_is_cut_off(guarded):
     started = time.monotonic()
     with _connect(guarded) as s:
