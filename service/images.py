@@ -9,7 +9,9 @@ Order of checks, cheapest first, so that nothing expensive happens to a hostile 
    file: zero sizes, and width × height against the pixel cap; checked again on what PIL's lazy
    ``open`` (header only) reports, with PIL's own decompression-bomb guard as a last line;
    for JPEG also a file too short for the frame it announces, and more scans than
-   :data:`JPEG_MAX_SCANS` (each a decoding pass over the image);
+   :data:`JPEG_MAX_SCANS` (each a decoding pass over the image); for every format the count of the
+   container's parts that PIL reads one at a time in Python (:data:`MAX_PARTS`), and RLE-compressed
+   BMP, which PIL decodes pixel by pixel in Python;
 5. decoding (first frame only), where truncated or corrupt data fails;
 6. conversion to the model's input spec by :func:`detector.images.to_model_array`.
 
@@ -34,9 +36,11 @@ from detector.images import to_model_array, upright
 __all__ = [
     "ALLOWED_FORMATS",
     "JPEG_MAX_SCANS",
+    "MAX_PARTS",
     "ImageRejected",
     "UploadInfo",
     "check_format",
+    "container_parts",
     "decode_image",
     "decode_upload",
     "header_dimensions",
@@ -56,6 +60,11 @@ ALLOWED_FORMATS: dict[str, tuple[str, ...]] = {
 # Progressive JPEGs have about ten scans; each one more costs the decoder a pass over the image. The
 # limit is nvImageCodec's default (NVIMGCODEC_MAX_JPEG_SCANS), set after an audit of libjpeg-turbo.
 JPEG_MAX_SCANS = 256
+
+# PIL reads PNG chunks, the JPEG segments before the first scan (and the bytes it skips between them)
+# and GIF blocks before the first image one at a time in Python, at 3–8 µs each: a 10 MB file of empty
+# ones held a decode thread for 6–16 s. Images have tens of them, a large PNG a few thousand.
+MAX_PARTS = 10_000
 
 # Content types that make no claim about the format.
 _NEUTRAL_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/x-www-form-urlencoded"}
@@ -163,34 +172,77 @@ _JPEG_STANDALONE = (0x01, *range(0xD0, 0xD8))  # TEM, RSTn: markers without a le
 _JPEG_ANY_MARKER = re.compile(rb"\xff(?=[^\x00])")
 
 
-def _jpeg_frame_header(data: bytes) -> int | None:
-    """Where the JPEG's frame header (SOFn marker) starts, walking the segments as libjpeg reads them
-    (bytes between segments skipped as it skips them), or ``None`` when a scan, the end of the image, a
-    length below 2 or the end of the data comes first."""
-    i = 2
-    while i + 4 <= len(data):
+def _jpeg_walk(data: bytes, stop_after: int = MAX_PARTS) -> tuple[int | None, int]:
+    """Where the JPEG's frame header (its first SOFn marker) starts, or ``None``, and how many parts come
+    before the first scan: segments, and bytes skipped between them (counted no further than
+    ``stop_after + 1``).  The segments are walked as libjpeg reads them, bytes between segments skipped as
+    it skips them; the walk ends at a scan, the end of the image, a length below 2 or the end of the data."""
+    i, frame, parts = 2, None, 0
+    while i + 4 <= len(data) and parts <= stop_after:
         if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: skipped, as libjpeg does (with a warning)
             found = _JPEG_ANY_MARKER.search(data, i + 1)
             if found is None:
-                return None
+                break
+            parts += found.start() - i  # PIL steps over them a byte at a time
             i = found.start()
             continue
         marker = data[i + 1]
+        parts += 1
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
-            return None
+        if marker in (0xD9, 0xDA):  # end of image, or the first scan
+            break
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         if length < 2:
-            return None
-        if marker in _JPEG_FRAMES:
-            return i
+            break
+        if marker in _JPEG_FRAMES and frame is None:
+            frame = i
         i += 2 + length
-    return None
+    return frame, min(parts, stop_after + 1)
+
+
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan, the end of the image,
+    a length below 2 or the end of the data comes first."""
+    return _jpeg_walk(data)[0]
+
+
+def container_parts(data: bytes, fmt: str, stop_after: int = MAX_PARTS) -> int:
+    """At least as many as the parts of the file PIL reads one at a time in Python before (PNG: and
+    after) the pixel data, counting no further than ``stop_after + 1``: PNG chunks, JPEG segments and
+    skipped bytes before the first scan, GIF extension sub-blocks and stray bytes before the first image."""
+    if fmt == "PNG":
+        i, parts = 8, 0
+        while i + 8 <= len(data) and parts <= stop_after:
+            parts += 1
+            if data[i + 4:i + 8] == b"IEND":
+                break
+            i += 12 + int.from_bytes(data[i:i + 4], "big")
+        return min(parts, stop_after + 1)
+    if fmt == "JPEG":
+        return _jpeg_walk(data, stop_after)[1]
+    if fmt == "GIF" and len(data) >= 13:
+        i, parts = 13, 0
+        if data[10] & 0x80:  # a global colour table
+            i += 3 * (2 << (data[10] & 7))
+        while i < len(data) and parts <= stop_after:
+            if data[i] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+                i += 2
+                while i < len(data) and parts <= stop_after:
+                    size = data[i]
+                    i, parts = i + 1 + size, parts + 1
+                    if size == 0:
+                        break
+            elif data[i] in (0x2C, 0x3B):  # the first image, or the end
+                break
+            else:  # a stray byte, which PIL reads and passes over
+                i, parts = i + 1, parts + 1
+        return min(parts, stop_after + 1)
+    return 0
 
 
 def jpeg_min_bytes(data: bytes) -> int | None:
@@ -311,6 +363,17 @@ def decode_upload(
     """:func:`decode_image`, and what the upload was: format, size and mode, and whether it was
     resized or converted on the way."""
     fmt = check_format(data, content_type)
+    if fmt == "BMP" and len(data) >= 34 and int.from_bytes(data[14:18], "little") >= 40 \
+            and int.from_bytes(data[30:34], "little") in (1, 2):
+        raise ImageRejected(415, "unsupported_format",
+                            "RLE-compressed BMP images are not supported: the decoder expands them pixel by pixel "
+                            "in Python (a 17 kB file held it for 6 s); send the BMP uncompressed, or a PNG")
+    if container_parts(data, fmt) > MAX_PARTS:
+        part = {"PNG": "chunks", "JPEG": "segments and skipped bytes before its first scan",
+                "GIF": "blocks before its first image"}[fmt]
+        raise ImageRejected(400, "too_many_parts",
+                            f"the {fmt} has more than {MAX_PARTS:,} {part} (an image has tens, a large PNG a few "
+                            f"thousand); the decoder reads each one on its own, so it was not decoded")
     announced = header_dimensions(data, fmt)
     if announced is not None:  # the pixel cap, before PIL touches the file
         _check_dimensions(fmt, *announced, max_pixels, "header")
@@ -327,8 +390,10 @@ def decode_upload(
                                 "each one costs a pass over the whole image, so it was not decoded")
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected(413, "image_too_large", f"the {fmt} image is too large: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # frames that enlarge a GIF's screen, past twice the cap
+        raise ImageRejected(413, "image_too_large",
+                            f"the {fmt} image's frames make it larger than the limit of {max_pixels:,} pixels "
+                            f"(DETECTOR_MAX_PIXELS); it was not decoded") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageRejected(400, "corrupt_image",
                             f"the data starts like a {fmt} image but its header is invalid") from exc

@@ -123,3 +123,25 @@ def jpeg_with_scans(n: int, side: int = 64) -> bytes:
     last = data.rfind(b"\xff\xda")
     assert data.endswith(b"\xff\xd9") and n >= scans
     return data[:-2] + data[last:-2] * (n - scans) + b"\xff\xd9"
+
+
+def with_parts(data: bytes, fmt: str, n: int) -> bytes:
+    """A real ``fmt`` image with ``n`` empty parts of the kind PIL reads one at a time added: PNG chunks
+    (unknown, ancillary, CRC-valid), JPEG comment segments before the frame, GIF comment sub-blocks."""
+    if fmt == "PNG":
+        return data[:33] + _chunk(b"zzZz", b"") * n + data[33:]  # after IHDR
+    if fmt == "JPEG":
+        return data[:2] + b"\xff\xfe\x00\x02" * n + data[2:]
+    if fmt == "GIF":
+        start = 13 + (3 * (2 << (data[10] & 7)) if data[10] & 0x80 else 0)
+        return data[:start] + b"\x21\xfe" + b"\x01c" * (n - 1) + b"\x00" + data[start:]
+    raise ValueError(fmt)
+
+
+def rle_bmp() -> bytes:
+    """A 2×2 8-bit BMP compressed with RLE8 (two runs of two pixels)."""
+    pixels = b"\x02\x00\x00\x00" + b"\x02\x01\x00\x01"  # 2 × index 0, end of line; 2 × index 1, end of bitmap
+    palette = b"\x00\x00\x00\x00" + b"\xff\xff\xff\x00" + b"\x00" * 4 * 254
+    info = struct.pack("<IiiHHIIiiII", 40, 2, 2, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels

@@ -33,8 +33,10 @@ from images_util import (
     jpeg_with_scans,
     jpeg_with_size,
     png_header,
+    rle_bmp,
     to_mode,
     webp_header,
+    with_parts,
 )
 from launch import free_port
 from PIL import Image, PngImagePlugin
@@ -42,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detector import analyze, load_bundle, load_dataset, pgd, verify_bundle
 from detector.images import to_model_array
+from service.images import MAX_PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_UPLOAD = 256 * 1024
@@ -394,6 +397,12 @@ def _cut_jpeg() -> bytes:
     return full.getvalue()[:1024] + b"\xff\xd9"
 
 
+def _gif_frame_at(left: int, top: int) -> bytes:
+    """A GIF of an 8×8 screen whose one 8×8 frame sits at (left, top): PIL grows the image to hold it."""
+    screen = b"GIF89a" + struct.pack("<HH", 8, 8) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
+    return screen + b"\x2c" + struct.pack("<HHHH", left, top, 8, 8) + b"\x00\x02\x02\x4c\x01\x00\x3b"
+
+
 def _bomb_png() -> bytes:
     """A real PNG: 8000×8000 black, 64 MP, a few tens of kB compressed."""
     return encode(Image.new("L", (8000, 8000)), "PNG", optimize=False, compress_level=9)
@@ -424,6 +433,8 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
         "jpeg frame without components": ("/predict", one(b"\xff\xd8\xff\xc0\x00\x08\x08\x00\x08\x00\x08\x00\xff\xd9"),
                                          400, "corrupt_image"),
         "jpeg of 300 scans": ("/predict", one(jpeg_with_scans(300)), 400, "too_many_scans"),
+        "png of 10,001 chunks": ("/predict", one(with_parts(good_png, "PNG", MAX_PARTS)), 400, "too_many_parts"),
+        "rle bmp": ("/predict", one(rle_bmp()), 415, "unsupported_format"),
         "corrupt png data": ("/predict", one(_bad_crc_png(good_png)), 400, "corrupt_image"),
         "png signature only": ("/predict", one(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), 400, "corrupt_image"),
         "tiff": ("/predict", one(encode(Image.fromarray(digit), "TIFF"), "image/tiff"), 415, "unsupported_format"),
@@ -437,6 +448,7 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
         "jpeg 0 wide": ("/predict", one(jpeg_with_size(jpeg, 0, 8)), 400, "invalid_dimensions"),
         "png header 100k x 100k": ("/predict", one(png_header(100_000, 100_000)), 413, "image_too_large"),
         "gif header 65535 x 65535": ("/predict", one(gif_header(65535, 65535)), 413, "image_too_large"),
+        "gif frame far off an 8 x 8 screen": ("/predict", one(_gif_frame_at(60_000, 60_000)), 413, "image_too_large"),
         "bmp header 50k x 50k": ("/predict", one(bmp_header(50_000, -50_000)), 413, "image_too_large"),
         "webp header 16384 x 16384": ("/predict", one(webp_header(16384, 16384)), 413, "image_too_large"),
         "jpeg header 60k x 60k": ("/predict", one(jpeg_with_size(jpeg, 60_000, 60_000)), 413, "image_too_large"),
@@ -458,9 +470,10 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
 BAD = [
     "no body", "json body", "multipart without parts", "missing field", "field is text", "garbled multipart",
     "empty file", "not an image", "html posing as png", "truncated png", "truncated jpeg", "jpeg cut short but closed",
-    "jpeg frame without components", "jpeg of 300 scans", "corrupt png data",
+    "jpeg frame without components", "jpeg of 300 scans", "png of 10,001 chunks", "rle bmp", "corrupt png data",
     "png signature only", "tiff", "ico", "png declared jpeg", "png declared text", "jpeg declared gif",
     "png 0 wide", "gif 0 high", "bmp 0x0", "jpeg 0 wide", "png header 100k x 100k", "gif header 65535 x 65535",
+    "gif frame far off an 8 x 8 screen",
     "bmp header 50k x 50k", "webp header 16384 x 16384", "jpeg header 60k x 60k", "real png bomb 8000 x 8000",
     "body over the cap", "two files on /predict", "too many files", "batch without files", "one bad file in a batch",
 ]
@@ -481,7 +494,8 @@ def test_bad_request_gets_4xx_json_and_server_keeps_serving(client, good_png, ba
     body = r.json()
     assert body["code"] == code
     assert isinstance(body["detail"], str) and len(body["detail"]) > 10
-    for internal in ("not processed", "OSError", "SyntaxError", "Error:"):  # the decoder's words stay inside
+    # the decoder's words stay inside
+    for internal in ("not processed", "OSError", "SyntaxError", "Error:", "DOS attack"):
         assert internal not in body["detail"], body["detail"]
     assert_serving(client, good_png)
 

@@ -18,7 +18,9 @@ from images_util import (
     jpeg_with_scans,
     jpeg_with_size,
     png_header,
+    rle_bmp,
     webp_header,
+    with_parts,
 )
 from launch import free_port
 from PIL import Image
@@ -28,7 +30,9 @@ from service.batching import MicroBatcher, Overloaded
 from service.cli import build_parser, ensure_default_bundle, main, settings_from_args
 from service.images import (
     JPEG_MAX_SCANS,
+    MAX_PARTS,
     ImageRejected,
+    container_parts,
     decode_image,
     header_dimensions,
     jpeg_min_bytes,
@@ -357,6 +361,46 @@ def test_jpeg_scans_are_counted_and_capped():
                      max_pixels=1_000_000)
     assert (info.value.status, info.value.code) == (400, "too_many_scans")
     decode_image(jpeg_with_scans(JPEG_MAX_SCANS), "image/jpeg", channels=1, size=(8, 8), max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
+def test_files_of_many_empty_parts_are_refused_before_decoding(fmt):
+    """PIL reads PNG chunks, JPEG segments and GIF blocks one at a time in Python: a 10 MB file of empty
+    ones held a decode thread for 6–16 s. Up to the cap they decode (PIL reads them all), one more is refused."""
+    base = encode(Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)), fmt)
+    room = MAX_PARTS - container_parts(base, fmt)
+    assert 0 < room <= MAX_PARTS
+    full = with_parts(base, fmt, room)
+    assert container_parts(full, fmt) == MAX_PARTS
+    assert decode_image(full, None, channels=1, size=(8, 8), max_pixels=1_000_000).shape == (8, 8, 1)
+    with pytest.raises(ImageRejected) as info:
+        decode_image(with_parts(base, fmt, room + 1), None, channels=1, size=(8, 8), max_pixels=1_000_000)
+    assert (info.value.status, info.value.code) == (400, "too_many_parts")
+    assert f"more than {MAX_PARTS:,}" in info.value.message
+    # The count stops once past the cap: a flood costs the walk no more than the cap.
+    assert container_parts(with_parts(base, fmt, 10 * MAX_PARTS), fmt) == MAX_PARTS + 1
+
+
+def test_jpeg_bytes_skipped_between_segments_count_as_parts():
+    base = encode(Image.new("L", (8, 8)), "JPEG")
+    first = 4 + int.from_bytes(base[4:6], "big")  # the end of the segment after start-of-image
+    junk = base[:first] + b"\x00" * MAX_PARTS + base[first:]  # PIL steps over them a byte at a time
+    Image.open(io.BytesIO(junk)).load()  # PIL and libjpeg read it
+    with pytest.raises(ImageRejected) as info:
+        decode_image(junk, None, channels=1, size=(8, 8), max_pixels=1_000_000)
+    assert info.value.code == "too_many_parts"
+
+
+def test_rle_bmp_is_refused_though_pil_reads_it():
+    """PIL expands RLE-compressed BMP pixel by pixel in Python: a 17 kB file of 4096×4096 held it for 6 s."""
+    data = rle_bmp()
+    assert np.array(Image.open(io.BytesIO(data))).tolist() == [[1, 1], [0, 0]]
+    with pytest.raises(ImageRejected) as info:
+        decode_image(data, "image/bmp", channels=1, size=(8, 8), max_pixels=1_000_000)
+    assert (info.value.status, info.value.code) == (415, "unsupported_format")
+    assert "RLE-compressed BMP" in info.value.message
+    plain = encode(Image.new("P", (8, 8)), "BMP")  # uncompressed, with a palette, as the RLE one
+    assert decode_image(plain, None, channels=1, size=(8, 8), max_pixels=1_000_000).shape == (8, 8, 1)
 
 
 def test_a_jpeg_frame_without_components_is_corrupt_not_an_error():
