@@ -106,6 +106,11 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
+            if declared is not None and declared > limit:
+                # Refused before the app runs, whatever the route: one that reads no body would answer,
+                # and the connection would then have to swallow the declared bytes.
+                exceeded = True
+                raise _BodyTooLarge
             await self.app(scope, limited_receive, guarded_send)
         except (_BodyTooLarge, _TooMuchInFlight):
             pass

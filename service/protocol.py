@@ -162,6 +162,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._maybe_trailer = False
         self._head_bytes = self._head_fields = self._headers_seen = 0
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers requests the parser refuses in plain text; every error here is JSON.
+        self._refuse(400, "bad_request",
+                     "the request is not valid HTTP/1.1 (its request line, a header, the body's length or its "
+                     "chunking) and was not read")
+
     # -- a chunked body's trailer -----------------------------------------------------------------
     def on_chunk_header(self) -> None:
         self._maybe_trailer, self._trailer_bytes = True, 0  # until data comes: size 0 has none

@@ -557,6 +557,20 @@ def test_declared_oversized_body_is_refused_before_it_is_sent(server, client, go
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"request_too_large"' in answer and b"104,857,600 bytes" in answer
     assert_serving(client, good_png)
+    # On a route that reads no body too: it would answer, and the connection then hold the declared bytes.
+    answer = _raw_request(server, b"GET /model HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n", b"")
+    assert answer.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in answer, answer[:200]
+
+
+def test_requests_that_are_not_http_get_a_json_400(server, client, good_png):
+    for head in (b"GET /model HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                 b"GET /model HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"BREW /model HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET /model HTTP/1.1\r\nX-Bad: a\x01b\r\n\r\n"):
+        answer = _raw_request(server, head, b"")
+        assert answer.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in answer, answer[:300]
+        assert b'"code": "bad_request"' in answer and b"not valid HTTP/1.1" in answer, answer
+    assert_serving(client, good_png)
 
 
 def _one_response(s: socket.socket, buffer: bytes = b"") -> tuple[bytes, bytes]:
