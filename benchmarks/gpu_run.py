@@ -22,7 +22,10 @@ Steps, each a subprocess with its own time limit, in this order:
    archive, beside the default's), if the deadline leaves them their time.
 
 A step starts only if the run's deadline (``--budget-s``, 11.5 minutes by default) leaves it its minimum
-time, and is stopped at its own limit or at the deadline, whichever comes first; what finished is kept.
+time, and is stopped at its own limit or at the deadline, whichever comes first (SIGTERM, then SIGKILL
+10 s later: ``python -m benchmarks`` then stops the servers it started, and has written every item it
+finished); what finished is kept. The benchmark steps are sized to their limits (item 1 with 3 samples a
+cell and without the reference detectors, the service with 6 s of load per mode and a 10 s soak).
 Each step's time and outcome go to ``summary.json`` and the printed summary, so that a later run can
 move what did not fit. The figures that come back are copied flat into ``--out`` (a GPU lease returns
 at most 8 files): ``summary.json``, ``gpu_run.log``, ``report.md``, ``evaluation.md``,
@@ -51,6 +54,8 @@ __all__ = ["Step", "main", "plan"]
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SIZE = 50_000
+#: Seconds a step stopped at its limit gets between SIGTERM and SIGKILL.
+STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -141,12 +146,15 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("train", _entry("training.cli") + train, 30 * 60 if dry else args.train_seconds + 150, 60 if dry else 200),
         Step("evaluate", _entry("training.evaluate") + evaluate, 300 if dry else 150, 20 if dry else 60, ("train",)),
         Step("bench-overhead", bench_module + bench + ["--only", "overhead"]
-             + (["--quick", "--archs", "cnn"] if dry else ["--amp", "none,bf16", "--batch-sizes", "1,32,256,1024"]),
+             # Sized to its limit: 16 cells of 3 samples, without the reference detectors (≈ 3 s a cell).
+             + (["--quick", "--archs", "cnn"] if dry else ["--amp", "none,bf16", "--batch-sizes", "1,32,256,1024",
+                                                           "--repeats", "3", "--no-reference-detectors"]),
              300 if dry else 120, 10 if dry else 45),
         Step("bench-kappa-pgd", bench_module + bench + ["--only", "kappa,pgd"] + (["--quick"] if dry else []),
              300 if dry else 90, 10 if dry else 40),
         Step("bench-service", bench_module + bench + ["--only", "service", "--bundle", str(bundle)]
-             + (["--quick"] if dry else ["--service-seconds", "10", "--service-clients", "64"]),
+             + (["--quick"] if dry else ["--service-seconds", "6", "--service-soak-seconds", "10",
+                                         "--service-clients", "64"]),
              300 if dry else 120, 10 if dry else 60, ("train",)),
         # Per-image cost of a ResNet-50 forward and forward+backward pass: docs/DEPLOY.md's sizing table.
         Step("bench-scaling", [sys.executable, "-m", "benchmarks.scaling", "--device", device, "--json",
@@ -158,7 +166,8 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("bench-overhead-every-layer", bench_module + bench_options(work / "benchmarks-every-layer")
              + ["--only", "overhead", "--detector", "every-layer"]
              + (["--quick", "--archs", "cnn"] if dry else ["--archs", "wrn", "--amp", "none,bf16",
-                                                           "--batch-sizes", "32,256,1024"]),
+                                                           "--batch-sizes", "32,256,1024", "--repeats", "3",
+                                                           "--no-reference-detectors"]),
              300 if dry else 90, 10 if dry else 40),
         Step("fit-every-layer", _entry("training.cli") + fit_every_layer, 600 if dry else 240, 20 if dry else 60,
              ("train",)),
@@ -179,16 +188,24 @@ def run_step(step: Step, deadline: float, log_file, env: dict[str, str]) -> dict
     left = deadline - time.monotonic()
     if left < step.min_s:
         return {"status": "skipped", "why": f"{left:.0f} s left, it needs at least {step.min_s:.0f} s", "seconds": 0.0}
-    limit = min(step.limit_s, left)
+    limit = max(1.0, min(step.limit_s, left - STOP_GRACE_S))  # room for a stopped step to wind down
     _log(f"{step.name}: started (limit {limit:.0f} s)", log_file)
     started = time.monotonic()
-    try:
-        proc = subprocess.run(step.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=limit)
-        output, status = proc.stdout, ("passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})")
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        status = "stopped at its time limit"
+    with subprocess.Popen(step.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=limit)
+            status = "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the step's own exit path stops the servers it started and keeps what it has
+            # measured (python -m benchmarks writes its results after every item); SIGKILL if it lingers.
+            proc.terminate()
+            try:
+                output, _ = proc.communicate(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            status = "stopped at its time limit"
     seconds = time.monotonic() - started
     log_file.write(output)
     _log(f"{step.name}: {status} in {seconds:.0f} s", log_file)

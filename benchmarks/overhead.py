@@ -186,7 +186,7 @@ def run(
         load_before=load_before,
     )
     columns = ["model", "precision", "batch", "repeats × calls", "forward", "detect", "detect / forward",
-               f"detect ({label})", f"{label} / forward"]
+               f"detect ({label})", f"{label} / forward", "forward again / forward"]
     if peers:
         columns += ["squeeze (4 fwd)", "squeeze / forward", "mahalanobis (1 layer)", "mahalanobis / forward"]
     table = Table("Time per batch: median (IQR) over repeats; ratios per round, median (IQR)", columns)
@@ -232,7 +232,10 @@ def run(
                     with amp_ctx():
                         return default_bundle.detect(x)
 
-                fns = {"forward": forward, "detect": detect, "default": detect_default}
+                # The same forward timed twice: how far apart two identical calls read here, the noise
+                # floor the detectors' ratios are read against.
+                fns = {"forward": forward, "detect": detect, "default": detect_default,
+                       "forward again": lambda forward=forward: forward()}
                 if peers:
                     fns["squeeze"] = lambda x=x: squeeze(x)
                     fns["mahalanobis"] = lambda x=x: maha(x)
@@ -246,12 +249,14 @@ def run(
                 st = {name: Stats.of(v) for name, v in samples.items()}
                 ratio = ratios(samples, "detect", "forward")
                 ratio_default = ratios(samples, "default", "forward")
+                ratio_again = ratios(samples, "forward again", "forward")
                 row = [arch, precision, batch, f"{repeats} × {number}",
                        fmt_time_stats(st["forward"]), fmt_time_stats(st["detect"]), fmt_ratio_stats(ratio),
-                       fmt_time_stats(st["default"]), fmt_ratio_stats(ratio_default)]
+                       fmt_time_stats(st["default"]), fmt_ratio_stats(ratio_default), fmt_ratio_stats(ratio_again)]
                 entry = {"arch": arch, "amp": amp, "batch": batch, "repeats": repeats, "number": number,
                          "times": {k: v.to_dict() for k, v in st.items()}, "detect/forward": ratio.to_dict(),
-                         "default/forward": ratio_default.to_dict()}
+                         "default/forward": ratio_default.to_dict(), "forward again/forward": ratio_again.to_dict(),
+                         "samples": {k: list(v) for k, v in samples.items()}}
                 if peers:
                     r_sq = ratios(samples, "squeeze", "forward")
                     r_ma = ratios(samples, "mahalanobis", "forward")
@@ -324,6 +329,12 @@ def run(
             "CPU's time; the device's own rows measure it.")
     big = [r for r in raw if r["batch"] >= TARGET_MIN_BATCH]
     which = "default" if kind == DEFAULT_DETECTOR else "selectable"
+    if big:
+        again = [r["forward again/forward"]["median"] for r in big]
+        section.notes.insert(0, (
+            f"The noise floor: the same forward pass timed twice reads {min(again):.3f}–{max(again):.3f}× itself at "
+            f"batch ≥ {TARGET_MIN_BATCH} (column 'forward again / forward'). A detector ratio within that far of 1 "
+            f"is not told apart from the bare forward pass by this run, whichever side of {TARGET_RATIO} it falls."))
     if big:
         section.notes.insert(0, (
             "The {which} ({name}) detector at batch ≥ {b}: {lo:.3f}–{hi:.3f}× the bare forward pass, against "

@@ -19,6 +19,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="item 4: serve this bundle instead of building the default one with training.pipeline")
     p.add_argument("--service-seconds", type=float, default=None,
                    help="item 4: seconds of load per mode (default 20; 2 with --quick)")
+    p.add_argument("--service-soak-seconds", type=float, default=None,
+                   help="item 4: seconds of extra load for the memory check (default 100; 0 with --quick)")
+    p.add_argument("--no-reference-detectors", dest="peers", action="store_false",
+                   help="item 1: leave out the feature-squeezing- and Mahalanobis-style reference points")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="item 1: samples per cell, each at least 0.1 s (default: set per model, batch and device)")
     p.add_argument("--service-clients", type=int, default=None,
                    help="item 4: concurrent clients (default 64; 8 with --quick)")
     p.add_argument("--out", default=None,
@@ -80,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> list[Section]:
+def run_sections(args: argparse.Namespace, device: torch.device, log=print,
+                 done: Callable[[list[Section]], None] | None = None) -> list[Section]:
+    """Run the items of ``args.only`` in order; ``done(sections so far)`` after each one, so that what was
+    measured is kept when a later item is stopped."""
     sections: list[Section] = []
     cuda = device.type == "cuda"
     amps = args.amp or (("none", "bf16", "fp16") if cuda else ("none",))
@@ -96,8 +106,11 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
         if item == "overhead":
             from . import overhead
 
+            repeats = getattr(args, "repeats", None)
+            plan = (lambda arch, batch, quick, dev: (repeats, 0.1, 1)) if repeats else None
             sections.append(overhead.run(device, archs=archs, batch_sizes=batch_sizes, amps=amps,
-                                         quick=args.quick, detector=getattr(args, "detector", None), log=log))
+                                         quick=args.quick, detector=getattr(args, "detector", None), plan=plan,
+                                         peers=getattr(args, "peers", True), log=log))
         elif item == "kappa":
             from . import kappa
 
@@ -112,6 +125,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
             sections.append(service_load.run(device, quick=args.quick, bundle=args.bundle,
                                              threads=torch.get_num_threads(), log=log,
                                              duration_s=getattr(args, "service_seconds", None),
+                                             soak_s=getattr(args, "service_soak_seconds", None),
                                              concurrency=getattr(args, "service_clients", None)))
         elif item == "decode":
             from . import decode_cost
@@ -123,6 +137,8 @@ def run_sections(args: argparse.Namespace, device: torch.device, log=print) -> l
         s.raw["foreign_cores"] = common.foreign_cores(snapshot, common.CpuSnapshot.take())
         log(f"    done in {s.seconds:.0f} s (other processes used {s.raw['foreign_cores']:.2f} cores); targets: "
             + "; ".join(f"{t.name}: {'met' if t.met else 'MISSED' if t.met is False else 'n/a'}" for t in s.targets))
+        if done is not None:
+            done(sections)
     return sections
 
 
@@ -200,7 +216,9 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
             out.append(f"### {s.title} ({kind})\n")
             out.append(s.description + "\n")
             if s.command and s.command != run["command"]:
-                out.append(f"Measured by an earlier run: `{s.command}`.\n")
+                when = s.raw.get("measured") or {}
+                at = f" at {when['commit']} on {when['date']}" if when.get("commit") and when.get("date") else ""
+                out.append(f"Measured by an earlier run{at}: `{s.command}`.\n")
             foreign = s.raw.get("foreign_cores")
             out.append(f"Load average before / after: {', '.join(map(str, s.load_before or ()))} / "
                        f"{', '.join(map(str, s.load_after or ()))}"
@@ -282,39 +300,47 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = common.load_average()
     machine = common.machine_info(device)
-    sections = run_sections(args, device)
-    for s in sections:
-        s.command = command
-    run = {"command": command, "machine": machine, "load_start": load_start, "load_end": common.load_average(),
-           "seconds": time.perf_counter() - started, "quick": args.quick,
-           "sections": [asdict(s) for s in sections]}
-    results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{kind}.json"
-    if path.is_file():  # the service's throughput beside the previous run's: a change must not cost it
-        previous = json.loads(path.read_text())
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    measured = {"commit": machine.get("git commit"), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run: dict[str, Any] = {}
+
+    def write(sections: list[Section]) -> None:
+        """The results file and the document, as they stand: rewritten after every item."""
         for s in sections:
-            before = next((p for p in previous.get("sections", []) if p["key"] == s.key == "service"), None)
-            if before is not None:
-                table = compare_service(before, asdict(s), before.get("command") or previous.get("command", "?"))
-                if table is not None:
-                    s.tables.append(table)
-                    run["sections"] = [asdict(x) for x in sections]
-    # Keep the sections of items not re-run this time (e.g. --only service) from the previous run.
-    if path.is_file() and set(args.only) != set(ITEMS):
-        previous = json.loads(path.read_text())
-        kept = [s for s in previous.get("sections", []) if s["key"] not in {s.key for s in sections}]
-        run["sections"] = kept + run["sections"]
-        run["sections"].sort(key=lambda s: ITEMS.index(s["key"]) if s["key"] in ITEMS else 99)
-        for kept_section in kept:  # each section names the command that measured it
-            kept_section["command"] = kept_section.get("command") or previous.get("command", "?")
-    path.write_text(json.dumps(run, indent=1, default=str) + "\n")
-    runs = {}
-    for k in ("cpu", "cuda"):
-        p = results_dir / f"{k}.json"
-        if p.is_file():
-            runs[k] = json.loads(p.read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(runs))
+            s.command = command
+            s.raw.setdefault("measured", measured)
+        run.update({"command": command, "machine": machine, "load_start": load_start,
+                    "load_end": common.load_average(), "seconds": time.perf_counter() - started,
+                    "quick": args.quick, "sections": [asdict(s) for s in sections]})
+        if previous is not None:
+            for s in sections:  # the service's throughput beside the previous run's: a change must not cost it
+                before = next((p for p in previous.get("sections", []) if p["key"] == s.key == "service"), None)
+                if before is not None and not any(t.title.startswith("Compared with") for t in s.tables):
+                    table = compare_service(before, asdict(s), before.get("command") or previous.get("command", "?"))
+                    if table is not None:
+                        s.tables.append(table)
+            run["sections"] = [asdict(s) for s in sections]
+            # Keep the sections of items not run (yet) this time from the previous run, each naming the
+            # command that measured it.
+            kept = [dict(p) for p in previous.get("sections", []) if p["key"] not in {s.key for s in sections}]
+            for kept_section in kept:
+                kept_section["command"] = kept_section.get("command") or previous.get("command", "?")
+            run["sections"] = sorted(kept + run["sections"],
+                                     key=lambda s: ITEMS.index(s["key"]) if s["key"] in ITEMS else 99)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run, indent=1, default=str) + "\n")
+        runs = {}
+        for k in ("cpu", "cuda"):
+            p = results_dir / f"{k}.json"
+            if p.is_file():
+                runs[k] = json.loads(p.read_text())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(runs))
+
+    sections = run_sections(args, device, done=write)
+    if not sections:
+        write(sections)
     print(f"wrote {out} and {path} in {run['seconds'] / 60:.1f} min")
     missed = [t for s in sections for t in s.targets if t.met is False]
     if missed:

@@ -541,14 +541,15 @@ def _bundles(quick: bool, bundle: str | None, workdir: Path, log) -> list[tuple[
 def run(device: torch.device = CPU, quick: bool = False, bundle: str | None = None,
         threads: int | None = None, workdir: str | None = None, concurrency: int | None = None,
         duration_s: float | None = None, warmup_s: float | None = None, light_s: float | None = None,
-        modes: tuple[str, ...] | None = None, log=print) -> Section:
+        modes: tuple[str, ...] | None = None, soak_s: float | None = None, log=print) -> Section:
     started = time.perf_counter()
     load_before = load_average()
     workdir_path = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="detector-bench-"))
     concurrency = concurrency or (8 if quick else 64)
     duration_s = duration_s or (2.0 if quick else 20.0)
     warmup_s = warmup_s if warmup_s is not None else (1.0 if quick else 5.0)
-    soak_s = 0.0 if quick else 100.0  # extra load for the memory check of the default configuration
+    # extra load for the memory check of the default configuration
+    soak_s = soak_s if soak_s is not None else (0.0 if quick else 100.0)
     modes = modes or (("off", "on", "batch") if quick else ("off", "on", "on-2w", "batch"))
     light_s = light_s if light_s is not None else (1.0 if quick else 5.0)
     max_requests = 2_000 if quick else 50_000

@@ -4,6 +4,7 @@ checked is the κ error against the exact Hessian, which is correctness, not spe
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -51,9 +52,26 @@ def test_overhead_smallest_mode():
     _well_formed(section)
     (row,) = section.raw["rows"]
     assert row["batch"] == 2 and row["repeats"] == 2
-    for name in ("forward", "detect", "default", "squeeze", "mahalanobis"):
+    for name in ("forward", "detect", "default", "squeeze", "mahalanobis", "forward again"):
         assert row["times"][name]["median"] > 0
     assert math.isfinite(row["detect/forward"]["median"]) and math.isfinite(row["default/forward"]["median"])
+    # the noise floor: the same forward timed again, in the table beside the detectors' ratios
+    assert math.isfinite(row["forward again/forward"]["median"]) and "forward again / forward" in section.tables[0].columns
+    assert len(row["samples"]["forward"]) == 2  # the raw samples, so that the ratios can be derived again
+
+
+def test_each_item_is_written_as_it_finishes(tmp_path):
+    """A run stopped after its first item (here by an unknown second one; on a GPU lease by its time limit)
+    keeps what the first measured, with the commit and date it was measured at."""
+    args = ["--quick", "--only", "overhead,nonsense", "--archs", "cnn", "--batch-sizes", "2", "--repeats", "2",
+            "--no-reference-detectors", "--results-dir", str(tmp_path), "--out", str(tmp_path / "B.md")]
+    with pytest.raises(SystemExit, match="unknown item 'nonsense'"):
+        run_all.main(args)
+    (section,) = json.loads((tmp_path / "cpu.json").read_text())["sections"]
+    assert section["key"] == "overhead" and section["raw"]["measured"]["date"]
+    assert [r["repeats"] for r in section["raw"]["rows"]] == [2]  # --repeats
+    assert "squeeze (4 fwd)" not in section["tables"][0]["columns"]  # --no-reference-detectors
+    assert "### 1. Detection overhead" in (tmp_path / "B.md").read_text()
 
 
 def test_overhead_times_the_detector_kind_it_is_given():

@@ -79,6 +79,32 @@ def test_a_step_that_does_not_fit_the_budget_is_skipped_and_said_so(tmp_path):
         result = run_step(Step("slow", [sys.executable, "-c", "import time; time.sleep(30)"], limit_s=1, min_s=0),
                           deadline=time.monotonic() + 60, log_file=log, env={})
         assert result["status"] == "stopped at its time limit" and result["seconds"] < 10
+        # Stopped with SIGTERM first: its exit path runs (python -m benchmarks stops its servers there).
+        wound_down = tmp_path / "wound-down"
+        script = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                  f"try:\n    time.sleep(30)\nfinally:\n    open({str(wound_down)!r}, 'w').write('yes')\n")
+        result = run_step(Step("graceful", [sys.executable, "-c", script], limit_s=2, min_s=0),
+                          deadline=time.monotonic() + 60, log_file=log, env={})
+        assert result["status"] == "stopped at its time limit" and wound_down.read_text() == "yes"
+
+
+def test_the_gpu_steps_options_are_ones_their_commands_take(tmp_path):
+    """The dry run takes the CPU's options; the GPU's own (sizes, repeats, soak) are parsed here, so that a
+    lease is not spent on a typo."""
+    from benchmarks import run_all, scaling
+    from benchmarks.gpu_run import build_parser, plan
+    from training.cli import build_parser as train_parser
+    from training.evaluate import build_parser as evaluate_parser
+
+    steps = plan(build_parser().parse_args(["--data-dir", str(tmp_path)]), tmp_path / "work")
+    parsers = {"bench-overhead": run_all.build_parser(), "bench-kappa-pgd": run_all.build_parser(),
+               "bench-service": run_all.build_parser(), "bench-overhead-every-layer": run_all.build_parser(),
+               "bench-scaling": scaling.build_parser(), "train": train_parser(), "fit-every-layer": train_parser(),
+               "evaluate": evaluate_parser(), "evaluate-every-layer": evaluate_parser()}
+    for step in steps:
+        if step.name in parsers:  # [python, -m module | -c entry, *options]
+            parsers.pop(step.name).parse_args(step.argv[3:])
+    assert not parsers, f"steps not in the plan: {sorted(parsers)}"
 
 
 def test_cifar_packed_for_the_trip_comes_back_with_its_labels_and_nearly_its_pixels(tmp_path):
