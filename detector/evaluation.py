@@ -294,6 +294,8 @@ def held_out_images(correct: np.ndarray, excluded: Sequence[int], n: int, rng: n
     the images left over hold more of its mistakes than the split does; a plain draw from them would
     read its accuracy low and put more wrong images into every rate taken over all held-out images.
     """
+    if n < 0:
+        raise ValueError(f"n must be at least 0, got {n}")
     correct = np.asarray(correct, dtype=bool)
     pool = np.setdiff1d(np.arange(len(correct)), np.asarray(excluded, dtype=np.int64))
     right, wrong = pool[correct[pool]], pool[~correct[pool]]

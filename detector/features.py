@@ -150,7 +150,9 @@ def relative_sharpness(
 
 
 def sharpness_from_psi(psi_values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """κ from ψ already computed: ‖W‖_F · Σ_j ψ_j, in ψ's dtype."""
+    """κ from ψ already computed: ‖W‖_F · Σ_j ψ_j, in ψ's dtype, or float32 when that is narrower."""
+    if psi_values.is_floating_point() and torch.finfo(psi_values.dtype).bits < 32:
+        psi_values = psi_values.float()
     norm = torch.linalg.vector_norm(weight.detach().to(psi_values.dtype))
     return norm * psi_values.sum(dim=1)
 

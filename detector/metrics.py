@@ -19,6 +19,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     """Wilson score interval for a binomial proportion; ``(0, 1)`` when ``n`` is 0."""
     if n < 0 or not 0 <= successes <= max(n, 0):
         raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
     if n == 0:
         return 0.0, 1.0
     from statistics import NormalDist
@@ -27,7 +29,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n successes a bound is exactly 0 or 1; the formula leaves a rounding error there.
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 
 class Rate(dict):
@@ -35,7 +38,10 @@ class Rate(dict):
 
     @classmethod
     def of(cls, flags) -> "Rate":
-        flags = np.asarray(flags, dtype=bool).ravel()
+        flags = np.asarray(flags)
+        if flags.dtype.kind == "f" and not np.isfinite(flags).all():  # NaN would count as true
+            raise ValueError("flags must be true or false, not NaN or infinite")
+        flags = flags.astype(bool).ravel()
         k, n = int(flags.sum()), int(flags.size)
         low, high = wilson_interval(k, n)
         return cls(rate=(k / n) if n else float("nan"), k=k, n=n, low=low, high=high)

@@ -148,6 +148,8 @@ def test_bad_arguments_are_refused(digits_model, batch):
             pgd(digits_model, bad, y)
     with pytest.raises(TypeError, match="integer class labels"):
         pgd(digits_model, x, y.float())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside it"):
+        pgd(digits_model, x, y)
     # Any integer labels do: int32 ones are the same attack.
     assert torch.equal(pgd(digits_model, x, y.int(), steps=2), pgd(digits_model, x, y, steps=2))
 

@@ -56,7 +56,8 @@ def test_overhead_smallest_mode():
         assert row["times"][name]["median"] > 0
     assert math.isfinite(row["detect/forward"]["median"]) and math.isfinite(row["default/forward"]["median"])
     # the noise floor: the same forward timed again, in the table beside the detectors' ratios
-    assert math.isfinite(row["forward again/forward"]["median"]) and "forward again / forward" in section.tables[0].columns
+    assert math.isfinite(row["forward again/forward"]["median"])
+    assert "forward again / forward" in section.tables[0].columns
     assert len(row["samples"]["forward"]) == 2  # the raw samples, so that the ratios can be derived again
 
 

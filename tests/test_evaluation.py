@@ -49,8 +49,12 @@ def test_wilson_interval_known_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0  # exactly, not 2.8e-17 off
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+    for confidence in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="confidence"):
+            wilson_interval(5, 10, confidence)
 
 
 def test_rates_count_what_they_say():
@@ -63,6 +67,9 @@ def test_rates_count_what_they_say():
     assert (ev["k"], ev["n"]) == (2, 5)
     with pytest.raises(ValueError):
         evasion_rate(success, flagged[:3])
+    with pytest.raises(ValueError, match="not NaN"):  # NaN is truthy: it would count as flagged
+        rate(np.array([np.nan, 0.0]))
+    assert rate(np.array([1.0, 0.0]))["k"] == 1
 
 
 def test_evasion_budget_is_the_cheapest_evading_attack():
@@ -458,6 +465,8 @@ def test_held_out_images_keep_the_split_share_of_mistakes():
     assert correct[left].mean() == pytest.approx(600 / 700)  # what a plain draw from the rest reads
     drawn = held_out_images(correct, excluded, 10_000, np.random.default_rng(1))
     assert correct[drawn].mean() == pytest.approx(0.9, abs=0.002)
+    with pytest.raises(ValueError, match="at least 0"):  # a slice to -1 would drop one image silently
+        held_out_images(correct, excluded, -1, np.random.default_rng(1))
     assert len(drawn) == 600 + 67 and not np.intersect1d(drawn, excluded).size
     assert (np.diff(drawn) > 0).all()
     some = held_out_images(correct, excluded, 100, np.random.default_rng(2))

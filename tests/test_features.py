@@ -111,6 +111,12 @@ def test_statistics_are_float32_or_better_for_low_precision_models(dtype):
     assert low.psi.dtype == torch.float32 and low.sharpness.dtype == torch.float32
     tolerance = 1e-5 if dtype == torch.float32 else 0.1
     assert torch.allclose(low.sharpness, reference.sharpness, rtol=tolerance)
+    # κ from a ψ the caller kept in the model's precision is still float32 or better
+    from detector.features import sharpness_from_psi
+
+    kappa = sharpness_from_psi(reference.psi.to(dtype), model.fc.weight)
+    assert kappa.dtype == torch.float32 and torch.allclose(kappa, reference.sharpness, rtol=tolerance)
+    assert sharpness_from_psi(reference.psi.double(), model.fc.weight.float()).dtype == torch.float64
 
 
 def test_analyze_agrees_with_the_functions_it_composes():

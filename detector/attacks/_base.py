@@ -13,6 +13,8 @@ __all__ = ["check_batch", "check_budget", "eval_mode", "per_example_norm"]
 
 def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     """``x`` a batch of [0, 1] images ``[N, C, H, W]`` and ``y`` their ``N`` integer labels."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attacks follow gradients, which torch.inference_mode() turns off: call them outside it")
     if x.ndim != 4:
         raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
     if y.ndim != 1 or x.shape[0] != y.shape[0]:
