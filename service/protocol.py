@@ -76,7 +76,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_done = True  # the current request's body has been read whole
         self._began = False  # a request started inside the chunk being parsed
         self._maybe_trailer = False  # after a chunk-size line, before its data: the last chunk's trailer?
-        self._trailer_bytes = 0
+        self._trailer_bytes = 0  # raw bytes of reads that were all trailer, then the fields' own
+        self._trailer_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._client_key: str | None = None
@@ -151,7 +152,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_too_large()
         # Trailer fields after a chunked body's last chunk are kept in memory the same way (and grown
         # by copying, at a cost quadratic in their size): a chunk that is all trailer counts too.
-        elif trailer_before and self._maybe_trailer:
+        elif trailer_before and self._maybe_trailer and not self._began:
             self._trailer_bytes += len(data)
             if self._trailer_bytes > self.limits.max_header_bytes:
                 self._trailer_too_large()
@@ -170,7 +171,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- a chunked body's trailer -----------------------------------------------------------------
     def on_chunk_header(self) -> None:
-        self._maybe_trailer, self._trailer_bytes = True, 0  # until data comes: size 0 has none
+        self._maybe_trailer, self._trailer_bytes, self._trailer_fields = True, 0, 0  # size 0 has no data
 
     def on_body(self, body: bytes) -> None:
         self._maybe_trailer = False
@@ -184,6 +185,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # a trailer field, after a chunked body: counted on its own, as a head is
+            self._trailer_bytes += len(name) + len(value) + 4
+            self._trailer_fields += 1
+            if self._trailer_bytes > self.limits.max_header_bytes or self._trailer_fields > self.limits.max_headers:
+                self._trailer_too_large()
+                raise _HeadTooLarge
+            super().on_header(name, value)
+            return
         self._headers_seen += 1
         if self._headers_seen > self.limits.max_headers:
             self._refuse(431, "too_many_headers",
@@ -231,7 +240,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         detail = (f"the chunked body's trailer fields are over {self.limits.max_header_bytes} bytes "
-                  f"(DETECTOR_MAX_HEADER_BYTES)")
+                  f"(DETECTOR_MAX_HEADER_BYTES) or {self.limits.max_headers} fields (DETECTOR_MAX_HEADERS)")
         if self.cycle is None or not self.cycle.response_started:
             self._refuse(431, "headers_too_large", detail)
         else:

@@ -953,6 +953,43 @@ def test_a_chunked_bodys_trailer_is_capped_like_a_head(guarded):
     assert httpx.get(f"{guarded.url}/health/live", timeout=5).status_code == 200
 
 
+def _chunked_upload(png: bytes, trailer: bytes = b"") -> tuple[bytes, bytes]:
+    """A chunked POST /predict of ``png``: the request up to and including its last chunk's size line,
+    and the trailer with the final CRLF."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\n")
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+    return head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n", trailer + b"\r\n"
+
+
+def test_trailer_fields_are_counted_apart_from_the_head_and_from_the_next_request(guarded, good_png):
+    """Under the cap each on its own, a head and a trailer are served; so are two pipelined chunked uploads
+    whose second arrives whole in the read that ends the first's trailer."""
+    big_head = b"X-Pad: " + b"a" * 3000 + b"\r\n"
+    start, end = _chunked_upload(good_png, trailer=b"X-Trailer: " + b"t" * 1000 + b"\r\n")
+    start = start.replace(b"Host: x\r\n", b"Host: x\r\n" + big_head)
+    first, first_end = _chunked_upload(good_png)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8)
+    second, second_end = _chunked_upload(encode(Image.fromarray(noise, "L"), "PNG"))  # over the 4 KB cap, one read
+    assert len(second) > 2 * GUARD["max_header_bytes"]
+    with _connect(guarded) as s:
+        s.sendall(start)
+        time.sleep(0.2)
+        s.sendall(end)
+        answer, _ = _one_response(s)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        s.sendall(first)
+        time.sleep(0.2)
+        s.sendall(first_end + second)
+        time.sleep(0.2)
+        s.sendall(second_end)
+        answer, rest = _one_response(s)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        answer, _ = _one_response(s, rest)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_a_head_sent_a_byte_at_a_time_is_cut_off(guarded):
     started = time.monotonic()
     with _connect(guarded) as s:
