@@ -29,18 +29,21 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from detector.images import to_model_array, upright
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "JPEG_MAX_METADATA_BYTES",
     "JPEG_MAX_SCANS",
+    "MAX_EXIF_BYTES",
     "MAX_PARTS",
     "ImageRejected",
     "UploadInfo",
     "check_format",
     "container_parts",
+    "jpeg_header",
     "decode_image",
     "decode_upload",
     "header_dimensions",
@@ -65,6 +68,14 @@ JPEG_MAX_SCANS = 256
 # and GIF blocks before the first image one at a time in Python, at 3–8 µs each: a 10 MB file of empty
 # ones held a decode thread for 6–16 s. Images have tens of them, a large PNG a few thousand.
 MAX_PARTS = 10_000
+
+# PIL parses EXIF whole (a JPEG's on open, every format's to turn the image upright), a Python step per
+# entry: 0.79 MB of entries held a decode thread for 4.5 s. One APP1 segment, the JPEG standard's room for
+# EXIF, holds 64 kB.
+MAX_EXIF_BYTES = 65_536
+# Metadata before a JPEG's first scan (EXIF, ICC profile, XMP, Photoshop blocks, tables), some of which PIL
+# parses byte by byte in Python: 10 MB of Photoshop records or quantisation tables held it 1.6 s.
+JPEG_MAX_METADATA_BYTES = 2 * 1024 * 1024
 
 # Content types that make no claim about the format.
 _NEUTRAL_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/x-www-form-urlencoded"}
@@ -166,49 +177,82 @@ def header_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
     return None
 
 
+# PIL's own table: which markers its JPEG reader knows, and which of them carry a segment.
+_PIL_JPEG_MARKERS = JpegImagePlugin.MARKER
 _JPEG_FRAMES = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # SOFn
 _JPEG_STANDALONE = (0x01, *range(0xD0, 0xD8))  # TEM, RSTn: markers without a length
 # Between segments, any 0xFF not followed by 0x00 is a marker; libjpeg (and PIL) skip other bytes.
 _JPEG_ANY_MARKER = re.compile(rb"\xff(?=[^\x00])")
 
 
-def _jpeg_walk(data: bytes, stop_after: int = MAX_PARTS) -> tuple[int | None, int]:
-    """Where the JPEG's frame header (its first SOFn marker) starts, or ``None``, and how many parts come
-    before the first scan: segments, and bytes skipped between them (counted no further than
-    ``stop_after + 1``).  The segments are walked as libjpeg reads them, bytes between segments skipped as
-    it skips them; the walk ends at a scan, the end of the image, a length below 2 or the end of the data."""
-    i, frame, parts = 2, None, 0
-    while i + 4 <= len(data) and parts <= stop_after:
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Where the JPEG's frame header (SOFn marker) starts, walking the segments as libjpeg reads them
+    (bytes between segments skipped as it skips them), or ``None`` when a scan, the end of the image, a
+    length below 2 or the end of the data comes first."""
+    i, steps = 2, 0
+    while i + 4 <= len(data) and steps <= MAX_PARTS:  # past the cap the upload is refused anyway
+        steps += 1
         if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: skipped, as libjpeg does (with a warning)
             found = _JPEG_ANY_MARKER.search(data, i + 1)
             if found is None:
-                break
-            parts += found.start() - i  # PIL steps over them a byte at a time
+                return None
             i = found.start()
             continue
         marker = data[i + 1]
-        parts += 1
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image, or the first scan
-            break
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         if length < 2:
-            break
-        if marker in _JPEG_FRAMES and frame is None:
-            frame = i
+            return None
+        if marker in _JPEG_FRAMES:
+            return i
         i += 2 + length
-    return frame, min(parts, stop_after + 1)
+    return None
 
 
-def _jpeg_frame_header(data: bytes) -> int | None:
-    """Where the JPEG's frame header (SOFn marker) starts, or ``None`` when a scan, the end of the image,
-    a length below 2 or the end of the data comes first."""
-    return _jpeg_walk(data)[0]
+@dataclass(frozen=True)
+class JpegHeader:
+    """What PIL's JPEG reader walks before the first scan, one step at a time in Python."""
+
+    steps: int  # markers, and bytes skipped between them (counted no further than the cap + 1)
+    metadata_bytes: int  # bytes from the start of the file to the first scan
+    exif_bytes: int  # of the APP1 Exif segments, which PIL joins and parses whole
+
+
+def jpeg_header(data: bytes, stop_after: int = MAX_PARTS) -> JpegHeader:
+    """The walk PIL's JPEG reader makes to the first scan (``JpegImagePlugin._open``, with PIL's own table
+    of which markers carry a segment), counting its steps no further than ``stop_after + 1``."""
+    i, steps, exif = 2, 0, 0
+    while i + 1 < len(data) and steps <= stop_after:
+        if data[i] != 0xFF:  # junk: PIL reads it a byte at a time
+            found = data.find(b"\xff", i)
+            if found < 0:
+                i = len(data)
+                break
+            steps, i = steps + found - i, found
+            continue
+        marker = data[i + 1]
+        steps += 1
+        if marker in (0xFF, 0x00):  # fill byte, or an escaped 0xFF
+            i += 1 if marker == 0xFF else 2
+            continue
+        entry = _PIL_JPEG_MARKERS.get(0xFF00 | marker)
+        if entry is None or marker == 0xDA:  # not a marker PIL knows (it stops there), or the first scan
+            break
+        if entry[2] is None:  # a marker without a segment: SOI, EOI, RSTn, JPGn (PIL reads on past EOI)
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            exif += max(length - 2, 0)
+        i += 2 + max(length, 2)
+    return JpegHeader(min(steps, stop_after + 1), min(i, len(data)), exif)
 
 
 def container_parts(data: bytes, fmt: str, stop_after: int = MAX_PARTS) -> int:
@@ -216,15 +260,16 @@ def container_parts(data: bytes, fmt: str, stop_after: int = MAX_PARTS) -> int:
     after) the pixel data, counting no further than ``stop_after + 1``: PNG chunks, JPEG segments and
     skipped bytes before the first scan, GIF extension sub-blocks and stray bytes before the first image."""
     if fmt == "PNG":
-        i, parts = 8, 0
+        i, parts, seen_data = 8, 0, False
         while i + 8 <= len(data) and parts <= stop_after:
-            parts += 1
-            if data[i + 4:i + 8] == b"IEND":
+            kind = data[i + 4:i + 8]
+            if kind == b"IEND" or (kind == b"fcTL" and seen_data):  # the end, or an animation's next frame
                 break
+            parts, seen_data = parts + 1, seen_data or kind == b"IDAT"
             i += 12 + int.from_bytes(data[i:i + 4], "big")
         return min(parts, stop_after + 1)
     if fmt == "JPEG":
-        return _jpeg_walk(data, stop_after)[1]
+        return jpeg_header(data, stop_after).steps
     if fmt == "GIF" and len(data) >= 13:
         i, parts = 13, 0
         if data[10] & 0x80:  # a global colour table
@@ -368,6 +413,14 @@ def decode_upload(
         raise ImageRejected(415, "unsupported_format",
                             "RLE-compressed BMP images are not supported: the decoder expands them pixel by pixel "
                             "in Python (a 17 kB file held it for 6 s); send the BMP uncompressed, or a PNG")
+    if fmt == "JPEG":
+        header = jpeg_header(data)
+        if header.exif_bytes > MAX_EXIF_BYTES or header.metadata_bytes > JPEG_MAX_METADATA_BYTES:
+            raise ImageRejected(400, "metadata_too_large",
+                                f"the JPEG carries {header.exif_bytes:,} bytes of EXIF and {header.metadata_bytes:,} "
+                                f"bytes before its image data; at most {MAX_EXIF_BYTES:,} and "
+                                f"{JPEG_MAX_METADATA_BYTES:,} are read (the decoder parses them in Python): "
+                                "strip the metadata and send it again")
     if container_parts(data, fmt) > MAX_PARTS:
         part = {"PNG": "chunks", "JPEG": "segments and skipped bytes before its first scan",
                 "GIF": "blocks before its first image"}[fmt]
@@ -402,6 +455,12 @@ def decode_upload(
     try:
         # Again as PIL read it (GIF frames may enlarge the screen; a header we could not parse).
         _check_dimensions(fmt, *im.size, max_pixels, "image")
+        exif = len(im.info.get("exif") or b"")
+        raw_exif = len(im.info.get("Raw profile type exif") or "") // 2  # hex digits, as some PNG writers keep it
+        if max(exif, raw_exif) > MAX_EXIF_BYTES:
+            raise ImageRejected(400, "metadata_too_large",
+                                f"the {fmt} carries {max(exif, raw_exif):,} bytes of EXIF; at most {MAX_EXIF_BYTES:,} "
+                                "are read (the decoder parses them in Python): strip the metadata and send it again")
         original, mode = im.size, im.mode  # before JPEG draft mode shrinks them
         try:
             if fmt == "JPEG":

@@ -435,6 +435,8 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
         "jpeg of 300 scans": ("/predict", one(jpeg_with_scans(300)), 400, "too_many_scans"),
         "png of 10,001 chunks": ("/predict", one(with_parts(good_png, "PNG", MAX_PARTS)), 400, "too_many_parts"),
         "rle bmp": ("/predict", one(rle_bmp()), 415, "unsupported_format"),
+        "jpeg with 120 kB of exif": ("/predict", one(jpeg[:2] + (b"\xff\xe1\xea\x68Exif\x00\x00" + bytes(60_000)) * 2
+                                                     + jpeg[2:]), 400, "metadata_too_large"),
         "corrupt png data": ("/predict", one(_bad_crc_png(good_png)), 400, "corrupt_image"),
         "png signature only": ("/predict", one(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), 400, "corrupt_image"),
         "tiff": ("/predict", one(encode(Image.fromarray(digit), "TIFF"), "image/tiff"), 415, "unsupported_format"),
@@ -470,7 +472,8 @@ def _bad_requests(good_png: bytes, digit: np.ndarray):
 BAD = [
     "no body", "json body", "multipart without parts", "missing field", "field is text", "garbled multipart",
     "empty file", "not an image", "html posing as png", "truncated png", "truncated jpeg", "jpeg cut short but closed",
-    "jpeg frame without components", "jpeg of 300 scans", "png of 10,001 chunks", "rle bmp", "corrupt png data",
+    "jpeg frame without components", "jpeg of 300 scans", "png of 10,001 chunks", "rle bmp",
+    "jpeg with 120 kB of exif", "corrupt png data",
     "png signature only", "tiff", "ico", "png declared jpeg", "png declared text", "jpeg declared gif",
     "png 0 wide", "gif 0 high", "bmp 0x0", "jpeg 0 wide", "png header 100k x 100k", "gif header 65535 x 65535",
     "gif frame far off an 8 x 8 screen",

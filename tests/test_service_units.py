@@ -391,6 +391,62 @@ def test_jpeg_bytes_skipped_between_segments_count_as_parts():
     assert info.value.code == "too_many_parts"
 
 
+def test_the_jpeg_walk_counts_what_pil_walks():
+    """PIL's JPEG reader steps over SOI, EOI, RSTn and JPGn markers two bytes at a time and reads on past an
+    EOI: a walk that took their next bytes for a length, or stopped at EOI, missed 9 MB of them (3.9 s)."""
+    base = encode(Image.new("L", (8, 8)), "JPEG")
+    for filler in (b"\xff\xd8", b"\xff\xf0", b"\xff\xd9"):
+        flood = base[:2] + filler * MAX_PARTS + base[2:]
+        assert container_parts(flood, "JPEG") == MAX_PARTS + 1, filler
+        with pytest.raises(ImageRejected) as info:
+            decode_image(flood, None, channels=1, size=(8, 8), max_pixels=1_000_000)
+        assert info.value.code == "too_many_parts"
+    junk_after_end = base[:2] + b"\xff\xd9" + b"\x00" * MAX_PARTS + base[2:]
+    assert container_parts(junk_after_end, "JPEG") > MAX_PARTS
+
+
+def test_metadata_the_decoder_parses_in_python_is_capped():
+    """EXIF is parsed whole, one Python step per entry (0.79 MB held a decode thread 4.5 s), and some JPEG
+    segments byte by byte: past 64 kB of EXIF or 2 MB before a JPEG's image data, refused; real ones pass."""
+    from service.images import JPEG_MAX_METADATA_BYTES, MAX_EXIF_BYTES, jpeg_header
+
+    im = Image.new("L", (8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the decoder turns it upright, parsing the EXIF
+    real = encode(im, "JPEG", exif=exif.tobytes())
+    assert 0 < jpeg_header(real).exif_bytes < MAX_EXIF_BYTES
+    assert decode_image(real, None, channels=1, size=(8, 8), max_pixels=1_000_000).shape == (8, 8, 1)
+
+    def app(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    exif_segment = app(0xE1, b"Exif\x00\x00" + b"\x00" * 60_000)  # PIL joins several into one block
+    for data, what in ((real[:2] + exif_segment * 2 + real[2:], "EXIF"),
+                       (real[:2] + app(0xED, b"Photoshop 3.0\x00" + b"\x00" * 60_000) * 40 + real[2:], "before")):
+        header = jpeg_header(data)
+        assert header.exif_bytes > MAX_EXIF_BYTES or header.metadata_bytes > JPEG_MAX_METADATA_BYTES
+        with pytest.raises(ImageRejected) as info:
+            decode_image(data, None, channels=1, size=(8, 8), max_pixels=1_000_000)
+        assert (info.value.status, info.value.code) == (400, "metadata_too_large") and what in info.value.message
+    for fmt in ("PNG", "WEBP"):  # EXIF read on open, parsed when the image is turned upright
+        big = encode(im, fmt, exif=b"Exif\x00\x00" + b"II*\x00\x08\x00\x00\x00" + b"\x00" * MAX_EXIF_BYTES)
+        with pytest.raises(ImageRejected) as info:
+            decode_image(big, None, channels=1, size=(8, 8), max_pixels=1_000_000)
+        assert info.value.code == "metadata_too_large", fmt
+        fine = encode(im, fmt, exif=exif.tobytes())
+        assert decode_image(fine, None, channels=1, size=(8, 8), max_pixels=1_000_000).shape == (8, 8, 1)
+
+
+def test_an_animated_png_of_many_frames_is_not_counted_past_its_first():
+    """PIL reads an APNG up to its second frame's control chunk: the frames after it cost nothing."""
+    frames = [Image.new("L", (8, 8), i % 256) for i in range(MAX_PARTS // 2 + 100)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    assert data.count(b"fcTL") > MAX_PARTS // 2 and container_parts(data, "PNG") < 10
+    assert decode_image(data, None, channels=1, size=(8, 8), max_pixels=1_000_000).shape == (8, 8, 1)
+
+
 def test_rle_bmp_is_refused_though_pil_reads_it():
     """PIL expands RLE-compressed BMP pixel by pixel in Python: a 17 kB file of 4096×4096 held it for 6 s."""
     data = rle_bmp()
