@@ -86,6 +86,9 @@ def pgd(
     runs in eval mode (its previous mode is restored afterwards) and gradients are taken with
     respect to the input only, so nothing accumulates in its parameters.
 
+    ``random_start`` starts each example at a random point of the ball, drawn from a generator seeded
+    with ``seed`` (torch's global generator when ``seed`` is None); with no steps there is no start.
+
     ``early_stop=True`` freezes each example at the first iterate the model misclassifies: the
     minimal-effort variant, which stops near the decision boundary instead of overshooting.
 
